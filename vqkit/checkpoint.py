@@ -1,0 +1,217 @@
+"""Run folders: weights as safetensors, configuration as JSON, atomic checkpoints.
+
+Layout of a run folder::
+
+    config.json                      {"kind": "vqvae", "model": {...}, "train": {...}}
+    latest                           name of the newest complete checkpoint
+    checkpoints/step-00001000/
+        model.safetensors            weights and buffers (codebook, EMA statistics)
+        training.safetensors         optimizer tensors and RNG state, for resuming
+        state.json                   step, optimizer hyperparameters, fingerprint, metrics
+
+A checkpoint is written into a temporary folder, renamed into place, and only then named in
+``latest``; killing the process at any instant leaves the previous checkpoint loadable.
+Nothing is unpickled: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .fsutil import atomic_path, atomic_write_text
+from .model import VQVAE, VQVAEConfig
+
+FORMAT_VERSION = 1
+KEEP_CHECKPOINTS = 2
+
+
+class CheckpointError(ValueError):
+    """A run folder or checkpoint that cannot be used; the message names the file."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: where it lives, its step and the JSON state saved with it."""
+
+    path: Path
+    step: int
+    state: dict
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of a weights file: identifies the exact model that produced codes or files."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_config(run_dir: Path, model_config: VQVAEConfig, train_config: dict) -> None:
+    data = {"format_version": FORMAT_VERSION, "kind": "vqvae",
+            "model": model_config.to_dict(), "train": train_config}
+    atomic_write_text(Path(run_dir) / "config.json", json.dumps(data, indent=2) + "\n")
+
+
+def read_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / "config.json"
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"{run_dir}: no such run folder")
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; {run_dir} is not a vqkit run folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("kind") != "vqvae" or "model" not in data:
+        raise CheckpointError(f"{path}: not a VQ-VAE run configuration")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {data.get('format_version')} is not "
+                              f"supported (this vqkit reads version {FORMAT_VERSION})")
+    return data
+
+
+def model_config_of(run_dir: Path) -> VQVAEConfig:
+    path = Path(run_dir) / "config.json"
+    try:
+        return VQVAEConfig.from_dict(read_config(run_dir)["model"])
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: invalid model configuration ({e})") from None
+
+
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    step: int, metrics: dict | None = None) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, prune old ones."""
+    root = Path(run_dir) / "checkpoints"
+    name = f"step-{step:08d}"
+    final = root / name
+    tmp = root / f".tmp-{name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    opt_tensors, opt_json = _flatten_optimizer(optimizer.state_dict())
+    opt_tensors["rng.torch"] = torch.get_rng_state()
+    save_file(opt_tensors, str(tmp / "training.safetensors"))
+    state = {"step": step, "fingerprint": fingerprint(tmp / "model.safetensors"),
+             "training_fingerprint": fingerprint(tmp / "training.safetensors"),
+             "optimizer": opt_json, "metrics": metrics or {}}
+    (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(Path(run_dir) / "latest", name + "\n")
+    older = sorted(p for p in root.glob("step-*") if p.name != name)
+    for old in older[: max(0, len(older) - (KEEP_CHECKPOINTS - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint:
+    run_dir = Path(run_dir)
+    pointer = run_dir / "latest"
+    if not pointer.exists():
+        raise CheckpointError(f"{run_dir}: no checkpoint yet ({pointer} is missing)")
+    name = pointer.read_text().strip()
+    path = run_dir / "checkpoints" / name
+    state_path = path / "state.json"
+    try:
+        state = json.loads(state_path.read_text())
+        step = int(state["step"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{state_path}: missing (checkpoint named in {pointer})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{state_path}: unreadable checkpoint state ({e})") from None
+    return Checkpoint(path=path, step=step, state=state)
+
+
+def _load_tensors(path: Path, expected_fingerprint: str | None) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing")
+    if expected_fingerprint is not None and fingerprint(path) != expected_fingerprint:
+        raise CheckpointError(f"{path}: contents do not match the fingerprint in state.json "
+                              "(the file is corrupt or was replaced)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[VQVAE, Checkpoint]:
+    """Rebuild the model from ``config.json`` and load the latest weights, in eval mode."""
+    config = model_config_of(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    model = VQVAE(config)
+    weights_path = ckpt.path / "model.safetensors"
+    weights = _load_tensors(weights_path, ckpt.state.get("fingerprint"))
+    _load_state(model, weights, weights_path)
+    return model.to(device).eval(), ckpt
+
+
+def _load_state(model: torch.nn.Module, weights: dict, path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(part for part in (
+            f"missing {', '.join(missing[:5])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:5])}" if unexpected else "",
+            "shape mismatch for " + ", ".join(
+                f"{k} {tuple(weights[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:5])
+            if wrong else "") if part)
+        raise CheckpointError(f"{path}: weights do not fit the model in config.json ({detail})")
+    model.load_state_dict(weights)
+
+
+def load_training_state(run_dir: Path, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer) -> Checkpoint:
+    """Restore weights, optimizer state and RNG state of the latest checkpoint for resuming."""
+    ckpt = latest_checkpoint(run_dir)
+    weights_path = ckpt.path / "model.safetensors"
+    _load_state(model, _load_tensors(weights_path, ckpt.state.get("fingerprint")), weights_path)
+    training_path = ckpt.path / "training.safetensors"
+    tensors = _load_tensors(training_path, ckpt.state.get("training_fingerprint"))
+    try:
+        torch.set_rng_state(tensors.pop("rng.torch"))
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, ckpt.state["optimizer"]))
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{training_path}: optimizer state does not fit this model ({e})") from None
+    return ckpt
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for index, slots in state_dict["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for index, slots in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(slots)
+    return {"state": state, "param_groups": meta["param_groups"]}

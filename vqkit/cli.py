@@ -1,0 +1,244 @@
+"""The ``vqkit`` command: parses arguments and calls the library; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .data import DataError, find_fashion_mnist, from_model, load_dataset, to_model
+from .evaluate import evaluate
+from .fsutil import atomic_path, atomic_write_text
+from .images import ImageError, load_image, make_grid, save_png
+from .model import PRESETS, VQVAEConfig, preset
+from .train import TrainConfig, TrainingError, train
+
+log = logging.getLogger("vqkit")
+
+
+def _model_config(args) -> VQVAEConfig:
+    if args.config:
+        path = Path(args.config)
+        try:
+            return VQVAEConfig.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such config file") from None
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: invalid model config ({e})") from None
+    return preset(args.preset)
+
+
+def cmd_train(args) -> None:
+    model_config = _model_config(args)
+    config = TrainConfig(data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         seed=args.seed, time_budget=args.time_budget,
+                         checkpoint_every=args.checkpoint_every, image_size=args.image_size,
+                         skip_bad=args.skip_bad)
+    result = train(args.out, model_config, config, resume=args.resume,
+                   tensorboard=not args.no_tensorboard)
+    why = "time budget reached" if result.stopped_by_time else "done"
+    print(f"{why}: step {result.step} in {result.seconds:.0f} s, loss {result.last_loss:.4f}; "
+          f"checkpoint in {args.out}")
+
+
+def _eval_data(args, run: Path) -> str:
+    return args.data or ckpt.read_config(run)["train"]["data"]
+
+
+def _image_size(run: Path) -> int | None:
+    return ckpt.read_config(run).get("train", {}).get("image_size")
+
+
+def cmd_eval(args) -> None:
+    model, _ = ckpt.load_model(args.run)
+    data = load_dataset(_eval_data(args, args.run), args.split, image_size=_image_size(args.run))
+    result = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json)
+    if args.json:
+        print(json.dumps({"data": data.spec, "split": args.split, **result.to_dict()}, indent=2))
+    else:
+        print(f"{data.spec} ({args.split}): {result.summary()}")
+
+
+def cmd_reconstruct(args) -> None:
+    model, _ = ckpt.load_model(args.run)
+    data = load_dataset(_eval_data(args, args.run), args.split, image_size=_image_size(args.run))
+    images, _ = data.batch(torch.arange(min(args.n, len(data))))
+    recon = from_model(model.decode(model.encode(to_model(images))))
+    save_png(make_grid(torch.cat([images, recon]), nrow=args.nrow or len(images)), args.out)
+    print(f"wrote {args.out}: {len(images)} originals (top) and reconstructions (bottom)")
+
+
+def _images_from_args(args, run: Path) -> torch.Tensor:
+    config = ckpt.model_config_of(run)
+    if args.data:
+        data = load_dataset(args.data, args.split, image_size=_image_size(run))
+        n = len(data) if args.limit is None else min(args.limit, len(data))
+        return data.batch(torch.arange(n))[0]
+    if not args.images:
+        raise ValueError("give image files or --data SPEC")
+    return torch.stack([load_image(p, args.image_size or _image_size(run), config.in_channels)
+                        for p in args.images])
+
+
+def cmd_encode(args) -> None:
+    model, _ = ckpt.load_model(args.run)
+    images = _images_from_args(args, args.run)
+    codes = torch.cat([model.encode(to_model(images[i:i + 256])) for i in range(0, len(images), 256)])
+    with atomic_path(args.out) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, codes.numpy().astype(np.uint16 if model.config.codebook_size <= 65536 else np.int64))
+    print(f"wrote {args.out}: {len(codes)} code maps of {tuple(codes.shape[1:])}, "
+          f"K = {model.config.codebook_size}")
+
+
+def _read_codes(path: Path, codebook_size: int) -> torch.Tensor:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a .npy code file ({e})") from None
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{path}: expected integer code maps (N, h, w), got {array.dtype} {array.shape}")
+    if array.size and (array.min() < 0 or array.max() >= codebook_size):
+        raise ValueError(f"{path}: codes must lie in [0, {codebook_size}), found "
+                         f"[{array.min()}, {array.max()}]")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def cmd_decode(args) -> None:
+    model, _ = ckpt.load_model(args.run)
+    codes = _read_codes(Path(args.codes), model.config.codebook_size)
+    images = torch.cat([from_model(model.decode(codes[i:i + 256])) for i in range(0, len(codes), 256)])
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        save_png(make_grid(images, nrow=args.nrow or min(len(images), 16)), out)
+        print(f"wrote {out}: grid of {len(images)} images")
+    else:
+        for i, image in enumerate(images):
+            save_png(image, out / f"{i:06d}.png")
+        print(f"wrote {len(images)} images to {out}/")
+
+
+def cmd_demo(args) -> None:
+    spec, description = find_fashion_mnist(args.data)
+    print(f"demo data: {description}")
+    out = Path(args.out)
+    config = TrainConfig(data=spec, steps=args.steps, batch_size=64, lr=args.lr, seed=0,
+                         time_budget=args.time_budget, checkpoint_every=500, image_every=500)
+    result = train(out, preset("demo"), config, resume=args.resume)
+    model, _ = ckpt.load_model(out)
+    test = load_dataset(spec, "test")
+    metrics = evaluate(model, test, limit=2000)
+    images, _ = test.batch(torch.arange(16))
+    recon = from_model(model.decode(model.encode(to_model(images))))
+    grid_path = out / "reconstructions.png"
+    save_png(make_grid(torch.cat([images, recon]), nrow=16), grid_path)
+    atomic_write_text(out / "metrics.json", json.dumps(
+        {"data": spec, "steps": result.step, "seconds": round(result.seconds, 1), **metrics.to_dict()},
+        indent=2) + "\n")
+    print(f"trained {result.step} steps in {result.seconds:.0f} s")
+    print(f"test: {metrics.summary()}")
+    print(f"wrote {grid_path} (originals above reconstructions) and {out / 'metrics.json'}")
+    print(f"TensorBoard curves: tensorboard --logdir {out / 'tensorboard'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vqkit", description="VQ-VAE: discrete latent image models")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    data_help = ("dataset as KIND:DIR with KIND one of mnist, fashion-mnist, cifar10, folder "
+                 "(e.g. cifar10:../shared/data/cifar10)")
+
+    t = sub.add_parser("train", help="train a VQ-VAE (stage 1)")
+    t.add_argument("--data", required=True, help=data_help)
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--preset", default="cifar10", choices=sorted(PRESETS))
+    g.add_argument("--config", help="model config JSON (the 'model' part of a run's config.json)")
+    t.add_argument("-o", "--out", required=True, type=Path, help="run folder")
+    t.add_argument("--steps", type=int, default=10_000)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--time-budget", type=float, help="stop after this many seconds (and save)")
+    t.add_argument("--checkpoint-every", type=int, default=1000)
+    t.add_argument("--image-size", type=int, help="centre-crop and resize folder images to this size")
+    t.add_argument("--skip-bad", action="store_true", help="skip unreadable image files (counted in the log)")
+    t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    t.add_argument("--no-tensorboard", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    def run_and_data(sp, need_data=False):
+        sp.add_argument("run", type=Path, help="run folder written by vqkit train")
+        sp.add_argument("--data", required=need_data,
+                        help=data_help + "; default: the run's training data")
+        sp.add_argument("--split", default="test", choices=["train", "test", "all"])
+
+    e = sub.add_parser("eval", help="test MSE, PSNR, bits/dim and codebook usage")
+    run_and_data(e)
+    e.add_argument("--limit", type=int, help="evaluate only the first N images")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--json", action="store_true", help="print machine-readable results")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("reconstruct", help="grid of originals above reconstructions")
+    run_and_data(r)
+    r.add_argument("-n", type=int, default=16)
+    r.add_argument("--nrow", type=int)
+    r.add_argument("-o", "--out", required=True, type=Path)
+    r.set_defaults(func=cmd_reconstruct)
+
+    en = sub.add_parser("encode", help="images to integer code maps (.npy, N x h x w)")
+    run_and_data(en)
+    en.add_argument("images", nargs="*", help="image files (instead of --data)")
+    en.add_argument("--limit", type=int)
+    en.add_argument("--image-size", type=int)
+    en.add_argument("-o", "--out", required=True, type=Path)
+    en.set_defaults(func=cmd_encode)
+
+    d = sub.add_parser("decode", help="code maps (.npy) back to images")
+    d.add_argument("run", type=Path)
+    d.add_argument("codes", type=Path)
+    d.add_argument("-o", "--out", required=True, help="a .png grid, or a folder for one PNG per map")
+    d.add_argument("--nrow", type=int)
+    d.set_defaults(func=cmd_decode)
+
+    m = sub.add_parser("demo", help="train a small VQ-VAE on Fashion-MNIST and show reconstructions")
+    m.add_argument("--data", help="Fashion-MNIST folder (IDX files); default: search, then the embedded sample")
+    m.add_argument("-o", "--out", default="runs/demo", help="run folder (default runs/demo)")
+    m.add_argument("--steps", type=int, default=1500)
+    m.add_argument("--lr", type=float, default=1e-3)
+    m.add_argument("--time-budget", type=float, default=240.0, help="seconds (default 240)")
+    m.add_argument("--resume", action="store_true")
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        args.func(args)
+    except (DataError, ImageError, ckpt.CheckpointError, TrainingError, ValueError, OSError) as e:
+        print(f"vqkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vqkit: interrupted; the last checkpoint is kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,571 @@
+"""Dataset readers for MNIST, Fashion-MNIST, CIFAR-10 (original binary formats) and image folders.
+
+Pixel convention (the one place it is defined): datasets yield **uint8** pixels in (C, H, W)
+layout, 0..255. Models see ``to_model(x) = x / 127.5 - 1``, float32 in [-1, 1];
+``from_model(y)`` maps model output back to uint8 (``(y + 1) * 127.5``, rounded, clamped to
+0..255). ``from_model(to_model(x)) == x`` exactly for every uint8 ``x``.
+
+Every problem with the input (bad spec, missing or truncated file, bad checksum, corrupt
+image) raises ``DataError`` with a message that names the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import math
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vqkit.images import ImageError, load_image, read_image_size
+
+log = logging.getLogger("vqkit")
+
+
+class DataError(ValueError):
+    """Unusable input data; the message names the file (or spec) and the problem."""
+
+
+def to_model(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any shape) -> float32 in [-1, 1]."""
+    return x.to(torch.float32) / 127.5 - 1.0
+
+
+def from_model(y: torch.Tensor) -> torch.Tensor:
+    """Model output in [-1, 1] (any shape, any float dtype) -> uint8 pixels, rounded and clamped."""
+    return ((y.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+# md5 of the official distribution files, keyed by (file name, size in bytes). The size is in
+# the key because MNIST and Fashion-MNIST share file names; a file with an official name but
+# another size (e.g. a re-compressed copy) is not a known file and is not checked.
+OFFICIAL_MD5: dict[tuple[str, int], str] = {
+    # MNIST
+    ("train-images-idx3-ubyte.gz", 9_912_422): "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    ("train-labels-idx1-ubyte.gz", 28_881): "d53e105ee54ea40749a09fcbcd1e9432",
+    ("t10k-images-idx3-ubyte.gz", 1_648_877): "9fb629c4189551a2d022fa330f9573f3",
+    ("t10k-labels-idx1-ubyte.gz", 4_542): "ec29112dd5afa0611ce80d1b7f02629c",
+    # Fashion-MNIST
+    ("train-images-idx3-ubyte.gz", 26_421_880): "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    ("train-labels-idx1-ubyte.gz", 29_515): "25c81989df183df01b3e8a0aad5dffbe",
+    ("t10k-images-idx3-ubyte.gz", 4_422_102): "bef4ecab320f06d8554ea6380940ec79",
+    ("t10k-labels-idx1-ubyte.gz", 5_148): "bb300cfdad3c16e7a12a480ee83cd310",
+    # CIFAR-10, binary version (only these two batches have published per-file md5s)
+    ("data_batch_1.bin", 30_730_000): "5dd7e06a14cb22eb9f671a540d1b7c25",
+    ("test_batch.bin", 30_730_000): "803d5f7f4d78ea53de84dbe85f74fb6d",
+}
+
+MNIST_CLASSES = [str(d) for d in range(10)]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+]  # fmt: skip
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+# spec prefix -> canonical kind
+_KINDS = {
+    "mnist": "mnist",
+    "fashion-mnist": "fashion-mnist",
+    "fashion": "fashion-mnist",
+    "cifar10": "cifar10",
+    "folder": "folder",
+}
+_SPEC_HELP = (
+    "expected KIND:DIR with KIND one of mnist, fashion-mnist (or fashion), cifar10, folder, "
+    "e.g. 'fashion-mnist:data/fashion' or 'folder:photos/'"
+)
+_CIFAR_RECORD = 1 + 3 * 32 * 32  # label byte + R, G, B planes
+_IDX_NAMES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """A labelled image dataset: item i is (uint8 tensor (C, H, W), int label).
+
+    Attributes: ``spec`` (the spec it was loaded from), ``channels``, ``height``, ``width``
+    (every item has this shape), ``num_classes`` and ``class_names`` (None for unlabelled
+    folders, where every label is 0), ``skipped`` (unreadable files dropped by
+    ``skip_bad=True``).
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        channels: int,
+        height: int,
+        width: int,
+        class_names: list[str] | None,
+        skipped: int = 0,
+    ):
+        self.spec = spec
+        self.channels = channels
+        self.height = height
+        self.width = width
+        self.class_names = class_names
+        self.num_classes = None if class_names is None else len(class_names)
+        self.skipped = skipped
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items at ``indices`` (1-D int tensor of length N): uint8 (N, C, H, W), int64 (N,)."""
+        items = [self[i] for i in indices.tolist()]
+        images = torch.stack([x for x, _ in items])
+        labels = torch.tensor([y for _, y in items], dtype=torch.int64)
+        return images, labels
+
+    def __repr__(self) -> str:
+        classes = "unlabelled" if self.num_classes is None else f"{self.num_classes} classes"
+        return (
+            f"{type(self).__name__}({self.spec!r}, {len(self)} images of "
+            f"{self.channels}x{self.height}x{self.width}, {classes})"
+        )
+
+
+class TensorImageSet(ImageSet):
+    """An in-memory dataset: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,)."""
+
+    def __init__(
+        self, spec: str, images: torch.Tensor, labels: torch.Tensor, class_names: list[str]
+    ):
+        _, c, h, w = images.shape
+        super().__init__(spec, c, h, w, class_names)
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[indices], self.labels[indices]
+
+
+class FolderImageSet(ImageSet):
+    """Image files decoded lazily, one per item, as RGB (3, H, W).
+
+    With ``image_size`` set, each image is centre-cropped and resized to image_size x
+    image_size; otherwise all files have the same size (checked by ``load_dataset``).
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        files: list[Path],
+        labels: list[int],
+        class_names: list[str] | None,
+        height: int,
+        width: int,
+        image_size: int | None,
+        skipped: int = 0,
+    ):
+        super().__init__(spec, 3, height, width, class_names, skipped)
+        self.files = files
+        self.labels = labels
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        try:
+            return load_image(self.files[i], self.image_size, channels=3), self.labels[i]
+        except ImageError as e:
+            raise DataError(str(e)) from e
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def load_dataset(
+    spec: str, split: str = "train", image_size: int | None = None, skip_bad: bool = False
+) -> ImageSet:
+    """Open the dataset named by ``spec`` (``mnist:DIR``, ``fashion-mnist:DIR`` (alias
+    ``fashion:DIR``), ``cifar10:DIR`` or ``folder:DIR``).
+
+    ``split`` is "train" or "test" (folders also accept "all"). ``image_size`` resizes every
+    image to image_size x image_size: folders centre-crop then resize each file (required when
+    their files differ in size); MNIST/CIFAR images (square) are resized in memory, bilinear
+    with antialiasing. ``skip_bad`` applies to folders only: every file is decoded once up
+    front and unreadable ones are dropped (counted in ``skipped``, logged as a warning); with
+    ``skip_bad=False`` a corrupt file raises DataError when its item is read.
+    MNIST/CIFAR files are read and fully validated (sizes, magic numbers, labels, checksums of
+    official files) here.
+    """
+    kind, root = _parse_spec(spec)
+    splits = ("train", "test", "all") if kind == "folder" else ("train", "test")
+    if split not in splits:
+        raise DataError(f"{spec}: unknown split {split!r}; {kind} has splits {', '.join(splits)}")
+    if image_size is not None and image_size < 1:
+        raise DataError(f"image size must be a positive number of pixels, got {image_size}")
+
+    if kind == "folder":
+        return _load_folder(spec, root, split, image_size, skip_bad)
+    if kind == "cifar10":
+        images, labels = _load_cifar10(root, split)
+        class_names = _cifar10_class_names(root)
+    else:
+        images, labels = _load_idx_pair(root, split)
+        class_names = MNIST_CLASSES if kind == "mnist" else FASHION_MNIST_CLASSES
+    if image_size is not None and image_size != images.shape[-1]:
+        images = _resize(images, image_size)
+    return TensorImageSet(spec, images, labels, class_names)
+
+
+def _parse_spec(spec: str) -> tuple[str, Path]:
+    kind, colon, path = spec.partition(":")
+    if not colon:
+        raise DataError(f"bad dataset spec {spec!r} (no 'KIND:' prefix): {_SPEC_HELP}")
+    if kind.lower() not in _KINDS:
+        raise DataError(f"bad dataset spec {spec!r}: unknown kind {kind!r}; {_SPEC_HELP}")
+    if not path:
+        raise DataError(f"bad dataset spec {spec!r}: no directory after the colon; {_SPEC_HELP}")
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{spec}: {root} is not an existing directory")
+    return _KINDS[kind.lower()], root
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), bilinear with antialiasing."""
+    out = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8)
+    chunk = 4096  # bounds the float32 temporaries (CIFAR at 256 px would otherwise need ~40 GB)
+    for s in range(0, images.shape[0], chunk):
+        x = images[s : s + chunk].float()
+        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        out[s : s + chunk] = y.round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Raw files
+
+
+def _read_checked(path: Path) -> bytes:
+    """Whole file contents; an official file (known name and size) must match its md5."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({e.strerror})") from e
+    expected = OFFICIAL_MD5.get((path.name, len(data)))
+    if expected is not None:
+        got = hashlib.md5(data).hexdigest()
+        if got != expected:
+            raise DataError(
+                f"{path}: checksum mismatch: expected md5 {expected}, got {got} "
+                "(the file is corrupt or modified; download it again)"
+            )
+    return data
+
+
+def _gunzip(path: Path, data: bytes) -> bytes:
+    try:
+        return gzip.decompress(data)
+    except EOFError as e:
+        raise DataError(f"{path}: truncated gzip file (incomplete download?)") from e
+    # BadGzipFile covers a bad header and a CRC or length mismatch; zlib.error a corrupt stream.
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: corrupt gzip file ({e})") from e
+
+
+# --------------------------------------------------------------------------------------------
+# IDX (MNIST, Fashion-MNIST)
+
+
+def _find_idx(root: Path, name: str) -> Path:
+    for path in (root / f"{name}.gz", root / name):
+        if path.is_file():
+            return path
+    raise DataError(f"{root}: missing {name}.gz (or uncompressed {name})")
+
+
+def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
+    """Parse an IDX file of uint8 data with ``ndim`` dimensions (gzip-compressed if *.gz)."""
+    data = _read_checked(path)
+    if path.suffix == ".gz":
+        data = _gunzip(path, data)
+    header = 4 + 4 * ndim
+    # Magic first: a wrong file (labels for images, say) is a clearer error than its length.
+    got_magic = int.from_bytes(data[:4], "big")
+    if len(data) >= 4 and got_magic != magic:
+        raise DataError(
+            f"{path}: not an IDX file of this kind: magic number {got_magic}, expected {magic}"
+        )
+    if len(data) < header:
+        raise DataError(f"{path}: truncated: {len(data)} bytes, shorter than the IDX header")
+    dims = list(struct.unpack_from(f">{ndim}I", data, 4))
+    if 0 in dims[1:]:
+        raise DataError(f"{path}: bad IDX dimensions {dims}")
+    expected = header + math.prod(dims)
+    if len(data) != expected:
+        problem = "truncated" if len(data) < expected else "trailing bytes"
+        shape = " x ".join(map(str, dims))
+        raise DataError(
+            f"{path}: {problem}: expected {expected} bytes ({header}-byte header + {shape}), "
+            f"got {len(data)}"
+        )
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+def _check_labels(path: Path, labels: np.ndarray, num_classes: int = 10) -> None:
+    bad = np.flatnonzero(labels >= num_classes)
+    if bad.size:
+        raise DataError(
+            f"{path}: label {labels[bad[0]]} at record {bad[0]} is out of range "
+            f"0..{num_classes - 1} ({bad.size} bad labels)"
+        )
+
+
+def _load_idx_pair(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images uint8 (N, 1, H, W) and labels int64 (N,) of an IDX image/label file pair."""
+    image_name, label_name = _IDX_NAMES[split]
+    image_path, label_path = _find_idx(root, image_name), _find_idx(root, label_name)
+    images = _read_idx(image_path, magic=2051, ndim=3)
+    labels = _read_idx(label_path, magic=2049, ndim=1)
+    if len(images) != len(labels):
+        raise DataError(
+            f"{root}: {image_path.name} has {len(images)} images but {label_path.name} "
+            f"has {len(labels)} labels"
+        )
+    _check_labels(label_path, labels)
+    # Copy: frombuffer arrays are read-only views of the file bytes.
+    return torch.from_numpy(images[:, None].copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10 (binary version)
+
+
+def _load_cifar10(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images uint8 (N, 3, 32, 32) and labels int64 (N,) from the CIFAR-10 batch files."""
+    if split == "train":
+        paths = [root / f"data_batch_{k}.bin" for k in range(1, 6)]
+        paths = [p for p in paths if p.is_file()]
+        if not paths:
+            raise DataError(
+                f"{root}: no CIFAR-10 training batch (data_batch_1.bin ... data_batch_5.bin)"
+            )
+    else:
+        paths = [root / "test_batch.bin"]
+        if not paths[0].is_file():
+            raise DataError(f"{root}: missing test_batch.bin")
+
+    images, labels = [], []
+    for path in paths:
+        data = _read_checked(path)
+        if len(data) == 0 or len(data) % _CIFAR_RECORD:
+            raise DataError(
+                f"{path}: truncated or not a CIFAR-10 batch: {len(data)} bytes is not a "
+                f"multiple of the {_CIFAR_RECORD}-byte record"
+            )
+        records = np.frombuffer(data, np.uint8).reshape(-1, _CIFAR_RECORD)
+        _check_labels(path, records[:, 0])
+        labels.append(records[:, 0].astype(np.int64))
+        images.append(records[:, 1:].reshape(-1, 3, 32, 32))
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def _cifar10_class_names(root: Path) -> list[str]:
+    """Class names from batches.meta.txt if present (one per line), else the standard ten."""
+    meta = root / "batches.meta.txt"
+    if not meta.is_file():
+        return CIFAR10_CLASSES
+    names = [line.strip() for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(names) != 10:
+        raise DataError(f"{meta}: expected 10 class names, one per line, found {len(names)}")
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# Image folders
+
+
+def _is_image(path: Path) -> bool:
+    # Names starting with "." are skipped: macOS "._x.jpg" resource forks are not images.
+    return (
+        path.suffix.lower() in IMAGE_SUFFIXES
+        and not path.name.startswith(".")
+        and path.is_file()
+    )
+
+
+def _image_files(root: Path) -> list[Path]:
+    """Image files under ``root`` (recursively), sorted."""
+    return sorted(p for p in root.rglob("*") if _is_image(p))
+
+
+def _class_names(roots: list[Path]) -> list[str] | None:
+    """Sorted names of the direct subfolders (of any of ``roots``) that contain images, or None."""
+    names = {
+        d.name
+        for root in roots
+        for d in root.iterdir()
+        if d.is_dir() and not d.name.startswith(".") and any(_is_image(p) for p in d.rglob("*"))
+    }
+    return sorted(names) or None
+
+
+def _labelled_files(root: Path, class_names: list[str] | None) -> list[tuple[Path, int]]:
+    if class_names is None:
+        return [(p, 0) for p in _image_files(root)]
+    loose = [p for p in root.iterdir() if _is_image(p)]
+    if loose:
+        log.warning("%s: ignoring %d image(s) outside the class subfolders", root, len(loose))
+    return [
+        (p, label)
+        for label, name in enumerate(class_names)
+        if (root / name).is_dir()
+        for p in _image_files(root / name)
+    ]
+
+
+def _load_folder(
+    spec: str, root: Path, split: str, image_size: int | None, skip_bad: bool
+) -> FolderImageSet:
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        split_roots = {"train": [root / "train"], "test": [root / "test"]}
+        split_roots["all"] = split_roots["train"] + split_roots["test"]
+        # Classes from both splits, so that a label means the same class in either.
+        class_names = _class_names(split_roots["all"])
+        files = [f for r in split_roots[split] for f in _labelled_files(r, class_names)]
+    else:
+        class_names = _class_names([root])
+        files = _labelled_files(root, class_names)
+        if split == "test":
+            files = files[::10]
+        elif split == "train":
+            files = [f for i, f in enumerate(files) if i % 10]
+    if not files:
+        raise DataError(f"{root}: no image files ({' '.join(IMAGE_SUFFIXES)}) for split {split!r}")
+
+    # Sizes are needed when no image_size is given (all must agree); skip_bad must decode every
+    # file, because a truncated JPEG has a readable header and only fails when decoded.
+    sizes: set[tuple[int, int]] = set()
+    bad: list[Path] = []
+    if skip_bad or image_size is None:
+        good = []
+        for path, label in files:
+            try:
+                if skip_bad:
+                    hw = tuple(load_image(path, None, channels=3).shape[1:])
+                else:
+                    hw = read_image_size(path)
+            except ImageError as e:
+                if not skip_bad:
+                    raise DataError(str(e)) from e
+                bad.append(path)
+                continue
+            good.append((path, label))
+            sizes.add(hw)
+        files = good
+    if bad:
+        log.warning("%s: skipped %d unreadable image file(s), e.g. %s", root, len(bad), bad[0])
+    if not files:
+        raise DataError(f"{root}: none of the {len(bad)} image files could be decoded")
+
+    if image_size is not None:
+        height = width = image_size
+    elif len(sizes) > 1:
+        examples = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:4])
+        raise DataError(
+            f"{root}: images have different sizes ({examples}, ...); pass --image-size N "
+            "(image_size=N) to centre-crop and resize them all to N x N"
+        )
+    else:
+        height, width = sizes.pop()
+    paths = [p for p, _ in files]
+    labels = [label for _, label in files]
+    return FolderImageSet(spec, paths, labels, class_names, height, width, image_size, len(bad))
+
+
+# --------------------------------------------------------------------------------------------
+# Finding Fashion-MNIST for the demo
+
+_IDX_FILE_NAMES = [name for pair in _IDX_NAMES.values() for name in pair]
+# Where Debian's dataset-fashion-mnist package and common system layouts put the files.
+_SYSTEM_FASHION_DIRS = (
+    "/usr/share/dataset-fashion-mnist",
+    "/usr/share/dataset-fashion-mnist/data/fashion",
+    "/usr/share/datasets/fashion-mnist",
+    "/usr/share/fashion-mnist",
+    "/usr/local/share/fashion-mnist",
+)
+
+
+def sample_dir() -> Path:
+    """Folder of the embedded Fashion-MNIST sample (1,500 train + 500 test images, IDX .gz)."""
+    return Path(__file__).parent / "sample_data" / "fashion-mnist"
+
+
+def _has_idx_files(d: Path) -> bool:
+    return all((d / f"{n}.gz").is_file() or (d / n).is_file() for n in _IDX_FILE_NAMES)
+
+
+def find_fashion_mnist(explicit: str | None = None) -> tuple[str, str]:
+    """Locate Fashion-MNIST for the demo; returns (spec, human-readable description).
+
+    Tries, in order: ``explicit`` (a directory, or any dataset spec), the ``VQKIT_DATA``
+    environment variable (a directory holding the IDX files, or its ``fashion-mnist/``
+    subfolder), ``shared/data/fashion-mnist`` in the current directory or any parent, the
+    Debian package ``dataset-fashion-mnist`` and similar system folders, and finally the small
+    sample embedded in vqkit. Only ``explicit`` is an error if wrong; a ``VQKIT_DATA`` without
+    the files is logged and passed over.
+    """
+    if explicit:
+        d = Path(explicit).expanduser()
+        if d.is_dir():
+            for cand in (d, d / "fashion-mnist"):
+                if _has_idx_files(cand):
+                    return f"fashion-mnist:{cand}", f"Fashion-MNIST from {cand}"
+            names = ", ".join(_IDX_FILE_NAMES)
+            raise DataError(f"{d}: no Fashion-MNIST IDX files ({names}, .gz or raw)")
+        _parse_spec(explicit)  # raises DataError explaining what is wrong with it
+        return explicit, explicit
+
+    env = os.environ.get("VQKIT_DATA")
+    if env:
+        for cand in (Path(env), Path(env) / "fashion-mnist"):
+            if _has_idx_files(cand):
+                return f"fashion-mnist:{cand}", f"Fashion-MNIST from {cand} (VQKIT_DATA)"
+        log.warning("VQKIT_DATA=%s holds no Fashion-MNIST IDX files; looking elsewhere", env)
+
+    cwd = Path.cwd()
+    for parent in (cwd, *cwd.parents):
+        cand = parent / "shared" / "data" / "fashion-mnist"
+        if _has_idx_files(cand):
+            return f"fashion-mnist:{cand}", f"Fashion-MNIST from {cand}"
+
+    for cand in map(Path, _SYSTEM_FASHION_DIRS):
+        if _has_idx_files(cand):
+            return f"fashion-mnist:{cand}", f"Fashion-MNIST from {cand} (system package)"
+
+    return (
+        f"fashion-mnist:{sample_dir()}",
+        "the Fashion-MNIST sample embedded in vqkit: 2,000 images (1,500 train, 500 test), "
+        "enough for a quick demo only; for the full 70,000-image set pass --data DIR or set "
+        "VQKIT_DATA=DIR (a folder holding the four Fashion-MNIST *-ubyte.gz files)",
+    )
