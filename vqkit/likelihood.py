@@ -5,8 +5,8 @@ Pixels are in [-1, 1] (see ``vqkit.data``): the 256 values of a subpixel are bin
 (the end bins absorb the tails), so their negative log-likelihood is a true code length.
 
 * ``GaussianLikelihood``: the decoder predicts the mean; training uses the mean squared error,
-  as the paper and its reproductions do (a Gaussian with fixed variance). A learned scale per
-  channel, fitted with the mean held fixed, turns the same prediction into a discretised
+  as the paper and its reproductions do (a Gaussian with fixed variance). A per-channel
+  variance tracked from the training error turns the same prediction into a discretised
   Gaussian whose NLL can be reported.
 * ``LogisticMixtureLikelihood``: a discretised mixture of logistics per subpixel (Salimans et
   al. 2017, PixelCNN++ without the channel coupling); training minimises its NLL directly.
@@ -71,12 +71,15 @@ def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale
 
 
 class GaussianLikelihood(nn.Module):
-    """Decoder output (B, C, H, W) is the mean; one learned log-scale per channel."""
+    """Decoder output (B, C, H, W) is the mean. Training minimises the MSE; the variance per
+    channel is the maximum-likelihood estimate given the mean, a running average of the
+    training MSE (decay 0.99), so the NLL it reports needs no learning rate of its own."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, decay: float = 0.99):
         super().__init__()
         self.channels = channels
-        self.log_scale = nn.Parameter(torch.full((channels,), math.log(0.1)))
+        self.decay = decay
+        self.register_buffer("variance", torch.full((channels,), -1.0))
 
     @staticmethod
     def decoder_channels(channels: int) -> int:
@@ -84,12 +87,18 @@ class GaussianLikelihood(nn.Module):
 
     def forward(self, params: torch.Tensor, x: torch.Tensor) -> LikelihoodOutput:
         params = params.float()
-        mse = F.mse_loss(params, x)
-        # The scale is fitted to the detached mean so that it reports an NLL without
-        # changing the mean-squared-error objective the encoder and decoder train on.
-        log_p = discretized_gaussian_log_prob(x, params.detach(), self.log_scale.view(1, -1, 1, 1))
-        nll = -log_p.flatten(1).sum(1)
-        return LikelihoodOutput(loss=mse + nll.mean() / x[0].numel(), nll=nll.detach(), mean=params)
+        sq = (params - x).square()
+        if self.training:
+            with torch.no_grad():
+                batch_var = sq.detach().mean(dim=(0, 2, 3))
+                if bool((self.variance < 0).any()):
+                    self.variance.copy_(batch_var)
+                else:
+                    self.variance.mul_(self.decay).add_(batch_var, alpha=1 - self.decay)
+        log_scale = 0.5 * torch.log(self.variance.clamp(min=1e-8)).view(1, -1, 1, 1)
+        with torch.no_grad():
+            nll = -discretized_gaussian_log_prob(x, params, log_scale).flatten(1).sum(1)
+        return LikelihoodOutput(loss=sq.mean(), nll=nll, mean=params)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return params.float()

@@ -148,7 +148,7 @@ def train(run_dir: str | Path, model_config: VQVAEConfig, config: TrainConfig, r
                 break
             images, _ = dataset.batch(batch_indices(step, len(dataset), config.batch_size, config.seed))
             out = model(to_model(images))
-            loss_value = float(out.loss)
+            loss_value = float(out.loss.detach())
             if not math.isfinite(loss_value):
                 raise TrainingError(f"loss became {loss_value} at step {step}; stopped without saving, "
                                     f"the last good checkpoint (step {last_saved}) is kept in {run_dir}")

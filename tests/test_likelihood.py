@@ -1,0 +1,47 @@
+import math
+
+import pytest
+import torch
+
+from vqkit.likelihood import (GaussianLikelihood, LogisticMixtureLikelihood, bits_per_dim,
+                              discretized_gaussian_log_prob, discretized_logistic_log_prob)
+
+ALL_VALUES = torch.arange(256).float() / 127.5 - 1  # every 8-bit value on the [-1, 1] scale
+
+
+@pytest.mark.parametrize("log_prob", [discretized_gaussian_log_prob, discretized_logistic_log_prob])
+@pytest.mark.parametrize("mean,log_scale", [(0.0, -3.0), (0.9, -1.0), (-1.3, 0.5), (0.2, -7.0)])
+def test_discretized_masses_sum_to_one_over_the_256_values(log_prob, mean, log_scale):
+    lp = log_prob(ALL_VALUES, torch.full((256,), mean), torch.full((256,), log_scale))
+    assert torch.logsumexp(lp, 0).exp().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_logistic_mixture_is_a_distribution_per_subpixel():
+    lik = LogisticMixtureLikelihood(channels=1, mixtures=3)
+    torch.manual_seed(0)
+    params = torch.randn(1, 9, 1, 1).repeat(256, 1, 1, 1)
+    out = lik(params, ALL_VALUES.view(256, 1, 1, 1))
+    assert torch.logsumexp(-out.nll, 0).exp().item() == pytest.approx(1.0, abs=1e-4)
+    assert out.mean.shape == (256, 1, 1, 1)
+
+
+def test_gaussian_variance_follows_the_training_error():
+    lik = GaussianLikelihood(channels=2, decay=0.5)
+    x = torch.zeros(4, 2, 3, 3)
+    params = torch.zeros(4, 2, 3, 3)
+    params[:, 0] = 0.1
+    params[:, 1] = 0.2
+    out = lik.train()(params, x)
+    assert torch.allclose(lik.variance, torch.tensor([0.01, 0.04]))
+    assert out.loss.item() == pytest.approx((0.01 + 0.04) / 2)
+    lik(torch.zeros_like(params), x)
+    assert torch.allclose(lik.variance, torch.tensor([0.005, 0.02]))
+    lik.eval()(params, x)
+    assert torch.allclose(lik.variance, torch.tensor([0.005, 0.02]))
+
+
+def test_bits_per_dim_adds_log_k_per_latent():
+    # 3072 subpixels, 64 latents, K = 512, NLL of 5000 nats.
+    expected = (5000 + 64 * math.log(512)) / (3072 * math.log(2))
+    assert bits_per_dim(5000.0, 3072, 64, 512) == pytest.approx(expected)
+    assert bits_per_dim(0.0, 8, 8, 256) == pytest.approx(8.0)  # 8 bits per latent, one per subpixel
