@@ -214,4 +214,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         state.setdefault(int(index), {})[key] = value
     for index, slots in meta.get("scalars", {}).items():
         state.setdefault(int(index), {}).update(slots)
-    return {"state": state, "param_groups": meta["param_groups"]}
+    # JSON turns tuples (Adam's betas) into lists; only "params" is a list in torch's groups.
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}

@@ -99,6 +99,15 @@ def cmd_encode(args) -> None:
 
 def _read_codes(path: Path, codebook_size: int) -> torch.Tensor:
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    if magic != b"\x93NUMPY":
+        # np.load would try the file as a pickle (or open a .npz archive) and report
+        # "pickled data", which misleads for a text or image file.
+        raise ValueError(f"{path}: not a .npy code file (no NumPy .npy header)")
+    try:
         array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None

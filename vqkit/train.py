@@ -150,8 +150,10 @@ def train(run_dir: str | Path, model_config: VQVAEConfig, config: TrainConfig, r
             out = model(to_model(images))
             loss_value = float(out.loss.detach())
             if not math.isfinite(loss_value):
+                kept = (f"the last good checkpoint (step {last_saved}) is kept in {run_dir}"
+                        if (run_dir / "latest").exists() else f"no checkpoint was saved in {run_dir} yet")
                 raise TrainingError(f"loss became {loss_value} at step {step}; stopped without saving, "
-                                    f"the last good checkpoint (step {last_saved}) is kept in {run_dir}")
+                                    f"{kept}")
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
@@ -159,8 +161,8 @@ def train(run_dir: str | Path, model_config: VQVAEConfig, config: TrainConfig, r
             epoch_usage.update(out.codes)
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps:
-                stats = {"loss": loss_value, "recon_loss": float(out.recon_loss),
-                         "commitment_loss": float(out.commitment_loss),
+                stats = {"loss": loss_value, "recon_loss": float(out.recon_loss.detach()),
+                         "commitment_loss": float(out.commitment_loss.detach()),
                          "perplexity": float(out.perplexity), "usage": float(out.usage)}
                 bar.set_postfix(loss=f"{loss_value:.4f}", ppl=f"{stats['perplexity']:.0f}")
                 board.scalars({f"train/{k}": v for k, v in stats.items()}, step)

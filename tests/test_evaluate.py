@@ -1,0 +1,130 @@
+"""Behaviour tests for vqkit.evaluate: every figure recomputed by hand from model outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from vqkit.data import TensorImageSet, to_model
+from vqkit.evaluate import evaluate
+from vqkit.model import VQVAE, VQVAEConfig
+
+# Tiny convolutions are slower with several threads on a shared two-core machine.
+torch.set_num_threads(1)
+
+TINY = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
+                   code_dim=4, codebook_size=16)
+
+
+def _dataset(n: int = 20, channels: int = 1, size: int = 16, seed: int = 0) -> TensorImageSet:
+    """Smooth random images (blurred noise), so a few training steps give a non-trivial model."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(n, channels, size // 4, size // 4, generator=g)
+    images = torch.nn.functional.interpolate(noise, size=(size, size), mode="bilinear")
+    images = (images * 255).round().to(torch.uint8)
+    return TensorImageSet("synthetic", images, torch.zeros(n, dtype=torch.int64), ["x"])
+
+
+def _trained(config: VQVAEConfig, data: TensorImageSet, steps: int = 5) -> VQVAE:
+    torch.manual_seed(0)
+    model = VQVAE(config)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x = to_model(data.images)
+    for _ in range(steps):
+        out = model(x)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    return model
+
+
+def _by_hand(model: VQVAE, images: torch.Tensor) -> dict:
+    model.eval()
+    with torch.no_grad():
+        x = to_model(images)
+        out = model(x)
+        codes = model.encode(x)
+    x01 = (x.double() + 1) / 2
+    rec01 = (out.x_hat.double().clamp(-1, 1) + 1) / 2
+    mse = float((rec01 - x01).square().mean())
+    k = model.config.codebook_size
+    counts = torch.bincount(codes.flatten(), minlength=k).double()
+    p = counts / counts.sum()
+    entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+    subpixels = x[0].numel()
+    latents = codes[0].numel()
+    nll = float(out.nll.double().mean())
+    return {
+        "mse": mse,
+        "codes_used": len(torch.unique(codes)),
+        "perplexity": math.exp(entropy),
+        "nll_bits_per_dim": nll / (subpixels * math.log(2)),
+        "bits_per_dim": (nll + latents * math.log(k)) / (subpixels * math.log(2)),
+    }
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "logistic_mixture"])
+def test_figures_match_hand_computation(likelihood):
+    config = dataclasses.replace(TINY, likelihood=likelihood, mixtures=2)
+    data = _dataset(24)
+    model = _trained(config, data)
+    limit = 19  # batches of 7, 7, 5: a partial last batch, and the limit is honoured
+    result = evaluate(model, data, batch_size=7, limit=limit)
+    hand = _by_hand(model, data.images[:limit])
+
+    assert result.images == limit
+    assert result.mse == pytest.approx(hand["mse"], rel=1e-5)
+    assert result.psnr == pytest.approx(10 * math.log10(1 / result.mse), rel=1e-12)
+    assert result.codes_used == hand["codes_used"]
+    assert 2 <= result.codes_used <= config.codebook_size == result.codebook_size
+    assert result.usage == pytest.approx(result.codes_used / config.codebook_size)
+    assert result.perplexity == pytest.approx(hand["perplexity"], rel=1e-5)
+    assert result.nll_bits_per_dim == pytest.approx(hand["nll_bits_per_dim"], rel=1e-5)
+    assert result.bits_per_dim == pytest.approx(hand["bits_per_dim"], rel=1e-5)
+    assert result.bits_per_dim > result.nll_bits_per_dim
+    # log2(16) bits for each of 4x4 latents, spread over 16x16 subpixels
+    assert result.bits_per_dim - result.nll_bits_per_dim == pytest.approx(16 * 4 / 256, rel=1e-5)
+
+
+def test_figures_do_not_depend_on_batch_size():
+    data = _dataset(20)
+    model = _trained(TINY, data)
+    a = evaluate(model, data, batch_size=20)
+    b = evaluate(model, data, batch_size=3)
+    for field in ("mse", "psnr", "nll_bits_per_dim", "bits_per_dim", "perplexity"):
+        assert getattr(a, field) == pytest.approx(getattr(b, field), rel=1e-5), field
+    assert a.codes_used == b.codes_used and a.images == b.images == 20
+
+
+def test_rgb_mse_averages_over_every_subpixel():
+    config = dataclasses.replace(TINY, in_channels=3)
+    data = _dataset(10, channels=3)
+    model = _trained(config, data, steps=3)
+    result = evaluate(model, data, batch_size=4)
+    hand = _by_hand(model, data.images)
+    assert result.mse == pytest.approx(hand["mse"], rel=1e-5)
+    assert result.bits_per_dim == pytest.approx(hand["bits_per_dim"], rel=1e-5)
+
+
+def test_evaluate_leaves_model_untouched():
+    data = _dataset(12)
+    model = _trained(TINY, data)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    evaluate(model, data, batch_size=5)
+    assert model.training  # training mode restored
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # no EMA, variance or restart bookkeeping changed
+    model.eval()
+    evaluate(model, data, batch_size=5)
+    assert not model.training
+
+
+def test_empty_evaluation_is_an_error():
+    data = _dataset(4)
+    model = _trained(TINY, data, steps=1)
+    with pytest.raises(ValueError, match="synthetic"):
+        evaluate(model, data, limit=0)
