@@ -96,6 +96,10 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     root = Path(run_dir) / "checkpoints"
     name = f"step-{step:08d}"
     final = root / name
+    pointer = Path(run_dir) / "latest"
+    if final.exists() and pointer.exists() and pointer.read_text().strip() == name:
+        raise CheckpointError(f"{final}: step {step} is already the latest checkpoint; "
+                              "a saved checkpoint is never overwritten")
     tmp = root / f".tmp-{name}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -112,10 +116,10 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
+    if final.exists():  # left by a crash after its rename, before ``latest`` named it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    atomic_write_text(Path(run_dir) / "latest", name + "\n")
+    atomic_write_text(pointer, name + "\n")
     older = sorted(p for p in root.glob("step-*") if p.name != name)
     for old in older[: max(0, len(older) - (KEEP_CHECKPOINTS - 1))]:
         shutil.rmtree(old, ignore_errors=True)

@@ -31,7 +31,9 @@ def _model_config(args) -> VQVAEConfig:
             raise ValueError(f"{path}: no such config file") from None
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: invalid model config ({e})") from None
-    return preset(args.preset)
+    if args.preset is None and args.resume and (Path(args.out) / "config.json").exists():
+        return ckpt.model_config_of(args.out)
+    return preset(args.preset or "cifar10")
 
 
 def cmd_train(args) -> None:
@@ -171,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a VQ-VAE (stage 1)")
     t.add_argument("--data", required=True, help=data_help)
     g = t.add_mutually_exclusive_group()
-    g.add_argument("--preset", default="cifar10", choices=sorted(PRESETS))
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="model preset (default cifar10; with --resume, the run's own model)")
     g.add_argument("--config", help="model config JSON (the 'model' part of a run's config.json)")
     t.add_argument("-o", "--out", required=True, type=Path, help="run folder")
     t.add_argument("--steps", type=int, default=10_000)

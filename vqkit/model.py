@@ -72,9 +72,10 @@ PRESETS: dict[str, VQVAEConfig] = {
     "cifar10-paper": VQVAEConfig(in_channels=3, hidden=256, res_hidden=256, num_res_blocks=2,
                                  downsample=2, code_dim=64, codebook_size=512, ema=False,
                                  kmeans_init=False, restart_after=0),
-    # Our CIFAR-10 preset for a CPU budget: one downsampling step (16x16 codes), EMA
-    # codebook with k-means initialisation and dead-code restarts.
-    "cifar10": VQVAEConfig(in_channels=3, hidden=128, res_hidden=64, num_res_blocks=2,
+    # Our CIFAR-10 preset for a CPU budget: one downsampling step (16x16 codes), 64 hidden
+    # units (in 120 s of CPU training it beat 128 units by 1.7 dB: more steps per second),
+    # EMA codebook with k-means initialisation and dead-code restarts. Train it with lr 1e-3.
+    "cifar10": VQVAEConfig(in_channels=3, hidden=64, res_hidden=32, num_res_blocks=2,
                            downsample=1, code_dim=64, codebook_size=512),
     # 28x28 grey images (MNIST, Fashion-MNIST) -> 7x7 codes.
     "mnist": VQVAEConfig(in_channels=1, hidden=64, res_hidden=32, num_res_blocks=2,

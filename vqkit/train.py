@@ -123,7 +123,15 @@ def train(run_dir: str | Path, model_config: VQVAEConfig, config: TrainConfig, r
         if saved["model"] != model_config.to_dict():
             raise TrainingError(f"{run_dir / 'config.json'}: the run was trained with another model "
                                 "configuration; resume with the same preset/config")
+        for key in ("seed", "batch_size"):  # together with the step they fix the data order
+            if saved["train"].get(key) != getattr(config, key):
+                raise TrainingError(f"{run_dir / 'config.json'}: the run used {key}="
+                                    f"{saved['train'].get(key)}; resume with the same value")
+        if saved["train"].get("data") != config.data:
+            log.warning("resuming %s on %s (it was trained on %s)", run_dir, config.data,
+                        saved["train"].get("data"))
         step = ckpt.load_training_state(run_dir, model, optimizer).step
+        ckpt.write_config(run_dir, model_config, config.to_dict())
         log.info("resuming %s from step %d", run_dir, step)
     else:
         if (run_dir / "latest").exists():
