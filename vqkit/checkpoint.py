@@ -56,13 +56,17 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_config(run_dir: Path, model_config: VQVAEConfig, train_config: dict) -> None:
-    data = {"format_version": FORMAT_VERSION, "kind": "vqvae",
-            "model": model_config.to_dict(), "train": train_config}
+def write_run_config(run_dir: Path, kind: str, model: dict, train: dict, **extra) -> None:
+    """Write ``config.json`` for a run of ``kind`` ("vqvae", "prior", ...)."""
+    data = {"format_version": FORMAT_VERSION, "kind": kind, "model": model, "train": train, **extra}
     atomic_write_text(Path(run_dir) / "config.json", json.dumps(data, indent=2) + "\n")
 
 
-def read_config(run_dir: Path) -> dict:
+def write_config(run_dir: Path, model_config: VQVAEConfig, train_config: dict) -> None:
+    write_run_config(run_dir, "vqvae", model_config.to_dict(), train_config)
+
+
+def read_config(run_dir: Path, kind: str = "vqvae") -> dict:
     path = Path(run_dir) / "config.json"
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"{run_dir}: no such run folder")
@@ -72,8 +76,10 @@ def read_config(run_dir: Path) -> dict:
         raise CheckpointError(f"{path}: missing; {run_dir} is not a vqkit run folder") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("kind") != "vqvae" or "model" not in data:
-        raise CheckpointError(f"{path}: not a VQ-VAE run configuration")
+    if not isinstance(data, dict) or "model" not in data:
+        raise CheckpointError(f"{path}: not a vqkit run configuration")
+    if data.get("kind") != kind:
+        raise CheckpointError(f"{path}: this is a {data.get('kind')!r} run, expected a {kind!r} run")
     if data.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {data.get('format_version')} is not "
                               f"supported (this vqkit reads version {FORMAT_VERSION})")
@@ -158,13 +164,17 @@ def _load_tensors(path: Path, expected_fingerprint: str | None) -> dict[str, tor
 
 def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[VQVAE, Checkpoint]:
     """Rebuild the model from ``config.json`` and load the latest weights, in eval mode."""
-    config = model_config_of(run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    model = VQVAE(config)
-    weights_path = ckpt.path / "model.safetensors"
-    weights = _load_tensors(weights_path, ckpt.state.get("fingerprint"))
-    _load_state(model, weights, weights_path)
+    model = VQVAE(model_config_of(run_dir))
+    ckpt = load_latest_weights(run_dir, model)
     return model.to(device).eval(), ckpt
+
+
+def load_latest_weights(run_dir: Path, model: torch.nn.Module) -> Checkpoint:
+    """Load the latest checkpoint's weights into ``model`` (built from the run's config)."""
+    ckpt = latest_checkpoint(run_dir)
+    weights_path = ckpt.path / "model.safetensors"
+    _load_state(model, _load_tensors(weights_path, ckpt.state.get("fingerprint")), weights_path)
+    return ckpt
 
 
 def _load_state(model: torch.nn.Module, weights: dict, path: Path) -> None:

@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .data import ImageSet, from_model, load_dataset, to_model
 from .images import make_grid
+from .loop import StepOutput, TensorBoard, TrainingError, TrainResult, run_loop
 from .model import VQVAE, VQVAEConfig
 from .quantize import CodebookUsage
 
 log = logging.getLogger("vqkit")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a mismatched resume)."""
 
 
 @dataclass
@@ -57,14 +51,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-@dataclass
-class TrainResult:
-    step: int
-    seconds: float
-    stopped_by_time: bool
-    last_loss: float
-
-
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
     """Indices of batch ``step``: epochs are fresh permutations; the last partial batch of
     an epoch is dropped so every batch has ``batch_size`` images."""
@@ -73,32 +59,6 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g)
     return perm[offset * batch_size:(offset + 1) * batch_size]
-
-
-class _TensorBoard:
-    """TensorBoard scalars and image grids, created lazily so tests can skip the import."""
-
-    def __init__(self, folder: Path, enabled: bool):
-        self.folder, self.enabled, self.writer = folder, enabled, None
-
-    def _get(self):
-        if self.writer is None and self.enabled:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.folder))
-        return self.writer
-
-    def scalars(self, values: dict, step: int) -> None:
-        if (w := self._get()) is not None:
-            for k, v in values.items():
-                w.add_scalar(k, v, step)
-
-    def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
-        if (w := self._get()) is not None:
-            w.add_image(tag, grid, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def train(run_dir: str | Path, model_config: VQVAEConfig, config: TrainConfig, resume: bool = False,
@@ -139,57 +99,30 @@ def train(run_dir: str | Path, model_config: VQVAEConfig, config: TrainConfig, r
                                 "or choose another folder")
         ckpt.write_config(run_dir, model_config, config.to_dict())
 
-    board = _TensorBoard(run_dir / "tensorboard", tensorboard)
+    board = TensorBoard(run_dir / "tensorboard", tensorboard)
     fixed_images, _ = dataset.batch(torch.arange(min(8, len(dataset))))
     per_epoch = max(len(dataset) // config.batch_size, 1)
     epoch_usage = CodebookUsage(model_config.codebook_size)
-    start_time = time.monotonic()
-    stopped_by_time = False
-    last_saved = step
-    loss_value = math.nan
-    model.train()
-    bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
-    try:
-        while step < config.steps:
-            if config.time_budget is not None and time.monotonic() - start_time > config.time_budget:
-                stopped_by_time = True
-                break
-            images, _ = dataset.batch(batch_indices(step, len(dataset), config.batch_size, config.seed))
-            out = model(to_model(images))
-            loss_value = float(out.loss.detach())
-            if not math.isfinite(loss_value):
-                kept = (f"the last good checkpoint (step {last_saved}) is kept in {run_dir}"
-                        if (run_dir / "latest").exists() else f"no checkpoint was saved in {run_dir} yet")
-                raise TrainingError(f"loss became {loss_value} at step {step}; stopped without saving, "
-                                    f"{kept}")
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            step += 1
-            epoch_usage.update(out.codes)
-            bar.update(1)
-            if step % config.log_every == 0 or step == config.steps:
-                stats = {"loss": loss_value, "recon_loss": float(out.recon_loss.detach()),
-                         "commitment_loss": float(out.commitment_loss.detach()),
-                         "perplexity": float(out.perplexity), "usage": float(out.usage)}
-                bar.set_postfix(loss=f"{loss_value:.4f}", ppl=f"{stats['perplexity']:.0f}")
-                board.scalars({f"train/{k}": v for k, v in stats.items()}, step)
-            if step % per_epoch == 0:
-                board.scalars({"train/epoch_codes_used": epoch_usage.used,
-                               "train/epoch_perplexity": epoch_usage.perplexity}, step)
-                epoch_usage = CodebookUsage(model_config.codebook_size)
-            if step % config.image_every == 0:
-                board.image("reconstructions", _comparison_grid(model, fixed_images), step)
-            if step % config.checkpoint_every == 0:
-                ckpt.save_checkpoint(run_dir, model, optimizer, step, {"loss": loss_value})
-                last_saved = step
-    finally:
-        bar.close()
-        board.close()
-    if step != last_saved or not (run_dir / "latest").exists():
-        ckpt.save_checkpoint(run_dir, model, optimizer, step, {"loss": loss_value})
-    return TrainResult(step=step, seconds=time.monotonic() - start_time,
-                       stopped_by_time=stopped_by_time, last_loss=loss_value)
+
+    def step_fn(step: int) -> StepOutput:
+        images, _ = dataset.batch(batch_indices(step, len(dataset), config.batch_size, config.seed))
+        out = model(to_model(images))
+        epoch_usage.update(out.codes)
+        return StepOutput(out.loss, {"perplexity": out.perplexity, "recon_loss": out.recon_loss,
+                                     "commitment_loss": out.commitment_loss, "usage": out.usage})
+
+    def after_step(step: int, _: StepOutput) -> None:
+        nonlocal epoch_usage
+        if step % per_epoch == 0:
+            board.scalars({"train/epoch_codes_used": epoch_usage.used,
+                           "train/epoch_perplexity": epoch_usage.perplexity}, step)
+            epoch_usage = CodebookUsage(model_config.codebook_size)
+        if step % config.image_every == 0:
+            board.image("reconstructions", _comparison_grid(model, fixed_images), step)
+
+    return run_loop(run_dir, model, optimizer, step, steps=config.steps, time_budget=config.time_budget,
+                    checkpoint_every=config.checkpoint_every, log_every=config.log_every,
+                    step_fn=step_fn, after_step=after_step, board=board, progress=progress)
 
 
 @torch.no_grad()

@@ -1,0 +1,113 @@
+"""The training loop shared by stage 1 (``train``) and the priors (``train_prior``).
+
+It owns what every run needs and nothing model-specific: the step counter, the time budget,
+the non-finite-loss stop, atomic checkpoints, the progress bar and TensorBoard scalars.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a mismatched resume, unusable data)."""
+
+
+@dataclass
+class StepOutput:
+    """What one training step computed: the loss to minimise and scalars to log."""
+
+    loss: torch.Tensor
+    stats: dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    step: int
+    seconds: float
+    stopped_by_time: bool
+    last_loss: float
+
+
+class TensorBoard:
+    """TensorBoard scalars and image grids, created lazily so that runs without it never
+    import it."""
+
+    def __init__(self, folder: Path, enabled: bool):
+        self.folder, self.enabled, self.writer = folder, enabled, None
+
+    def _get(self):
+        if self.writer is None and self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.folder))
+        return self.writer
+
+    def scalars(self, values: dict, step: int) -> None:
+        if (w := self._get()) is not None:
+            for k, v in values.items():
+                w.add_scalar(k, v, step)
+
+    def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
+        if (w := self._get()) is not None:
+            w.add_image(tag, grid, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, *,
+             steps: int, time_budget: float | None, checkpoint_every: int, log_every: int,
+             step_fn: Callable[[int], StepOutput], board: TensorBoard, progress: bool = True,
+             after_step: Callable[[int, StepOutput], None] | None = None,
+             desc: str = "train") -> TrainResult:
+    """Run ``step_fn`` from ``step`` up to ``steps`` (or until ``time_budget`` seconds), with
+    a checkpoint every ``checkpoint_every`` steps and at the end."""
+    start_time = time.monotonic()
+    stopped_by_time = False
+    last_saved = step
+    loss_value = math.nan
+    model.train()
+    bar = tqdm(total=steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
+    try:
+        while step < steps:
+            if time_budget is not None and time.monotonic() - start_time > time_budget:
+                stopped_by_time = True
+                break
+            out = step_fn(step)
+            loss_value = float(out.loss.detach())
+            if not math.isfinite(loss_value):
+                kept = (f"the last good checkpoint (step {last_saved}) is kept in {run_dir}"
+                        if (run_dir / "latest").exists() else f"no checkpoint was saved in {run_dir} yet")
+                raise TrainingError(f"loss became {loss_value} at step {step}; stopped without saving, "
+                                    f"{kept}")
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            if after_step is not None:
+                after_step(step, out)
+            if step % log_every == 0 or step == steps:
+                stats = {"loss": loss_value, **{k: float(v.detach()) for k, v in out.stats.items()}}
+                bar.set_postfix({k: f"{v:.4g}" for k, v in list(stats.items())[:3]})
+                board.scalars({f"train/{k}": v for k, v in stats.items()}, step)
+            if step % checkpoint_every == 0:
+                ckpt.save_checkpoint(run_dir, model, optimizer, step, {"loss": loss_value})
+                last_saved = step
+    finally:
+        bar.close()
+        board.close()
+    if step != last_saved or not (run_dir / "latest").exists():
+        ckpt.save_checkpoint(run_dir, model, optimizer, step, {"loss": loss_value})
+    return TrainResult(step=step, seconds=time.monotonic() - start_time,
+                       stopped_by_time=stopped_by_time, last_loss=loss_value)
