@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from .codes import extract_codes
 from .data import DataError, find_fashion_mnist, from_model, load_dataset, to_model
 from .evaluate import evaluate
 from .fsutil import atomic_path, atomic_write_text
@@ -139,10 +141,28 @@ def cmd_decode(args) -> None:
         print(f"wrote {len(images)} images to {out}/")
 
 
+def cmd_extract(args) -> None:
+    model, checkpoint = ckpt.load_model(args.run)
+    data = load_dataset(_eval_data(args, args.run), args.split, image_size=_image_size(args.run))
+    source = {"run": str(Path(args.run).resolve()), "step": checkpoint.step,
+              "fingerprint": checkpoint.state.get("fingerprint"), "data": data.spec,
+              "split": args.split}
+    codes = extract_codes(model, data, args.out, batch_size=args.batch_size, limit=args.limit,
+                          overwrite=args.overwrite, source=source)
+    h, w = codes.shape
+    print(f"wrote {args.out}: {len(codes)} code maps of {h} x {w}, K = {codes.codebook_size}, "
+          f"from {data.spec} ({args.split})")
+
+
 def cmd_demo(args) -> None:
     spec, description = find_fashion_mnist(args.data)
     print(f"demo data: {description}")
     out = Path(args.out)
+    if not args.resume and (out / "latest").exists():
+        if ckpt.model_config_of(out) != preset("demo"):
+            raise ValueError(f"{out} holds a run that is not a demo run; choose another --out")
+        print(f"replacing the previous demo run in {out}")
+        shutil.rmtree(out)
     config = TrainConfig(data=spec, steps=args.steps, batch_size=64, lr=args.lr, seed=0,
                          time_budget=args.time_budget, checkpoint_every=500, image_every=500)
     result = train(out, preset("demo"), config, resume=args.resume)
@@ -224,12 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--nrow", type=int)
     d.set_defaults(func=cmd_decode)
 
+    x = sub.add_parser("extract", help="a dataset's code maps, stored for training a prior")
+    x.add_argument("run", type=Path, help="run folder written by vqkit train")
+    x.add_argument("--data", help=data_help + "; default: the run's training data")
+    x.add_argument("--split", default="train", choices=["train", "test", "all"])
+    x.add_argument("--limit", type=int, help="extract only the first N images")
+    x.add_argument("--batch-size", type=int, default=256)
+    x.add_argument("-o", "--out", required=True, type=Path,
+                   help="code set folder (codes.npy, labels.npy, manifest.json)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing code set")
+    x.set_defaults(func=cmd_extract)
+
     m = sub.add_parser("demo", help="train a small VQ-VAE on Fashion-MNIST and show reconstructions")
     m.add_argument("--data", help="Fashion-MNIST folder (IDX files); default: search, then the embedded sample")
     m.add_argument("-o", "--out", default="runs/demo", help="run folder (default runs/demo)")
-    m.add_argument("--steps", type=int, default=1500)
+    m.add_argument("--steps", type=int, default=3000)
     m.add_argument("--lr", type=float, default=1e-3)
-    m.add_argument("--time-budget", type=float, default=240.0, help="seconds (default 240)")
+    m.add_argument("--time-budget", type=float, default=180.0, help="seconds (default 180)")
     m.add_argument("--resume", action="store_true")
     m.set_defaults(func=cmd_demo)
     return p
@@ -247,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vqkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("vqkit: interrupted; the last checkpoint is kept", file=sys.stderr)
+        print("vqkit: interrupted (nothing half-written is left behind)", file=sys.stderr)
         return 130
     return 0
 

@@ -1,0 +1,309 @@
+"""Code sets: a whole dataset's stage-1 code maps on disk, the input of a prior.
+
+VQ-VAE-2 (Razavi et al. 2019), Algorithm 2, lines 1-7: run the trained encoder over the
+training set once and keep the discrete codes, so that a prior trains on small integer maps
+instead of re-encoding images every step. Layout of a code set folder::
+
+    codes.npy        uint16 (N, h, w) (int32 when K > 65536): row i is image i's code map
+    labels.npy       int64 (N,): class of image i, -1 where the dataset has no labels
+    manifest.json    count, map shape, K, dtype, image size, classes, provenance (run, model
+                     fingerprint, dataset spec and split); written last
+
+Both arrays are plain ``.npy`` files, memory-mapped on load and never unpickled. Extraction
+streams batches into a memory-mapped ``codes.npy`` inside a temporary sibling folder
+``.NAME.tmp-*``, fsyncs it, writes the manifest last and renames the folder into place: a
+killed extraction leaves at most a ``.NAME.tmp-*`` folder without a manifest (safe to
+delete), never a set that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.lib.format import open_memmap
+from tqdm import tqdm
+
+from .data import ImageSet, to_model
+from .model import VQVAE
+
+FORMAT_VERSION = 1
+KIND = "vqkit-codes"
+# Elements read per step when range-checking codes.npy: bounds the memory of the check.
+_CHECK_CHUNK = 1 << 22
+
+
+class CodeStoreError(ValueError):
+    """A code set folder that cannot be used or written; the message names the file."""
+
+
+@dataclass
+class CodeSet:
+    """A stored code set: ``codes`` (N, h, w) and ``labels`` (N,) as (memory-mapped) arrays
+    and the ``manifest`` dict that describes them."""
+
+    path: Path
+    codes: np.ndarray
+    labels: np.ndarray
+    manifest: dict
+
+    @property
+    def codebook_size(self) -> int:
+        return self.manifest["codebook_size"]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The code map's (h, w)."""
+        h, w = self.manifest["shape"]
+        return h, w
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.manifest["num_classes"]
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps at ``indices`` (1-D integer tensor of length B): int64 (B, h, w), int64 (B,)."""
+        if indices.dim() != 1 or indices.dtype == torch.bool or indices.is_floating_point() \
+                or indices.is_complex():
+            raise ValueError(f"indices must be a 1-D integer tensor, got {indices.dtype} "
+                             f"{tuple(indices.shape)}")
+        idx = indices.cpu().numpy()
+        return (torch.from_numpy(self.codes[idx].astype(np.int64)),
+                torch.from_numpy(self.labels[idx].astype(np.int64)))
+
+
+def code_dtype(codebook_size: int) -> np.dtype:
+    """The smallest stored dtype for codes in [0, codebook_size)."""
+    return np.dtype(np.uint16 if codebook_size <= 65536 else np.int32)
+
+
+def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, batch_size: int = 256,
+                  limit: int | None = None, progress: bool = True, overwrite: bool = False,
+                  source: dict) -> CodeSet:
+    """Encode the first ``limit`` images of ``dataset`` (all by default) into a code set at ``out``.
+
+    ``source`` is the provenance written into the manifest (JSON-serialisable; the command
+    line gives ``run``, ``step``, ``fingerprint``, ``data`` and ``split``). An existing
+    ``out`` is refused unless ``overwrite``, and then only if it is a code set itself.
+    Returns the new set, memory-mapped from disk.
+    """
+    out = Path(out)
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n == 0:
+        raise ValueError(f"{dataset.spec}: no images to extract")
+    config = model.config
+    if dataset.channels != config.in_channels:
+        raise ValueError(f"{dataset.spec}: images have {dataset.channels} channels but the model "
+                         f"expects {config.in_channels}")
+    try:
+        h, w = config.latent_shape(dataset.height, dataset.width)
+    except ValueError as e:
+        raise ValueError(f"{dataset.spec}: {e}") from None
+    dtype = code_dtype(config.codebook_size)
+    manifest = {
+        "format_version": FORMAT_VERSION, "kind": KIND, "count": n, "shape": [h, w],
+        "codebook_size": config.codebook_size, "dtype": dtype.name,
+        "image_size": [dataset.channels, dataset.height, dataset.width],
+        "num_classes": dataset.num_classes, "class_names": dataset.class_names,
+        "source": source,
+    }
+    # Serialise now: a provenance that is not JSON must fail before the long encoding pass.
+    manifest_text = json.dumps(manifest, indent=2) + "\n"
+    _check_replaceable(out, overwrite)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        codes = open_memmap(tmp / "codes.npy", mode="w+", dtype=dtype, shape=(n, h, w))
+        labels = open_memmap(tmp / "labels.npy", mode="w+", dtype=np.int64, shape=(n,))
+        with tqdm(total=n, desc="extract", unit="img", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for start in range(0, n, batch_size):
+                stop = min(start + batch_size, n)
+                images, y = dataset.batch(torch.arange(start, stop))
+                codes[start:stop] = model.encode(to_model(images).to(device)).cpu().numpy()
+                # Unlabelled folders give label 0 for every image; -1 says "no label".
+                labels[start:stop] = y.numpy() if dataset.num_classes is not None else -1
+                bar.update(stop - start)
+        codes.flush()
+        labels.flush()
+        del codes, labels  # close the maps before the files are fsynced and renamed
+        for name in ("codes.npy", "labels.npy"):
+            _fsync_file(tmp / name)
+        with open(tmp / "manifest.json", "w", encoding="utf-8") as f:
+            f.write(manifest_text)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        _check_replaceable(out, overwrite)  # another process may have created it meanwhile
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        model.train(was_training)
+    return load_codes(out)
+
+
+def load_codes(path: str | os.PathLike, mmap: bool = True) -> CodeSet:
+    """Open and validate the code set at ``path``; ``mmap`` maps the arrays instead of reading them.
+
+    Checks the manifest, that both arrays are ``.npy`` files of the shape and dtype it states
+    and that every code lies in [0, K) (one chunked pass over the file); any problem raises
+    CodeStoreError naming the file.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        what = "not a folder" if path.exists() else "no such code set folder"
+        raise CodeStoreError(f"{path}: {what}")
+    manifest = _read_manifest(path / "manifest.json")
+    n = manifest["count"]
+    h, w = manifest["shape"]
+    k = manifest["codebook_size"]
+
+    codes_path = path / "codes.npy"
+    codes = _read_npy(codes_path, mmap)
+    if codes.dtype != np.dtype(manifest["dtype"]) or codes.shape != (n, h, w):
+        raise CodeStoreError(f"{codes_path}: holds {codes.dtype} {codes.shape}, but the manifest "
+                             f"says {manifest['dtype']} {(n, h, w)}")
+    rows = max(1, _CHECK_CHUNK // (h * w))
+    for start in range(0, n, rows):
+        chunk = codes[start:start + rows]
+        low, high = int(chunk.min()), int(chunk.max())
+        if low < 0 or high >= k:
+            bad = start + int(np.flatnonzero(((chunk < 0) | (chunk >= k)).any(axis=(1, 2)))[0])
+            raise CodeStoreError(f"{codes_path}: codes must lie in [0, {k}), but map {bad} holds "
+                                 f"values in [{int(codes[bad].min())}, {int(codes[bad].max())}]")
+
+    labels_path = path / "labels.npy"
+    labels = _read_npy(labels_path, mmap)
+    if labels.dtype != np.int64 or labels.shape != (n,):
+        raise CodeStoreError(f"{labels_path}: holds {labels.dtype} {labels.shape}, but the manifest "
+                             f"needs int64 ({n},), one label per code map")
+    classes = manifest["num_classes"]
+    if n and (labels.min() < -1 or labels.max() >= (classes or 0)):
+        raise CodeStoreError(f"{labels_path}: labels must be -1 (none) or lie in "
+                             f"[0, {classes or 0}), found [{labels.min()}, {labels.max()}]")
+    return CodeSet(path=path, codes=codes, labels=labels, manifest=manifest)
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CodeStoreError(f"{path}: missing; {path.parent} is not a complete code set "
+                             "(an interrupted extraction leaves no manifest)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CodeStoreError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
+        raise CodeStoreError(f"{path}: not a vqkit code set manifest (kind is not {KIND!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CodeStoreError(f"{path}: format version {manifest.get('format_version')} is not "
+                             f"supported (this vqkit reads version {FORMAT_VERSION})")
+
+    def positive_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    shape, classes, names = manifest.get("shape"), manifest.get("num_classes"), manifest.get("class_names")
+    problems = [
+        "count" if not positive_int(manifest.get("count")) else "",
+        "shape" if not (isinstance(shape, list) and len(shape) == 2 and all(map(positive_int, shape)))
+        else "",
+        "codebook_size" if not positive_int(manifest.get("codebook_size")) else "",
+        "dtype" if not positive_int(manifest.get("codebook_size"))
+        or manifest.get("dtype") != code_dtype(manifest["codebook_size"]).name else "",
+        "num_classes" if not (classes is None or positive_int(classes)) else "",
+        "class_names" if not (names is None and classes is None or isinstance(names, list)
+                              and len(names) == classes) else "",
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise CodeStoreError(f"{path}: invalid or missing {', '.join(problems)}")
+    return manifest
+
+
+def _read_npy(path: Path, mmap: bool) -> np.ndarray:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except FileNotFoundError:
+        raise CodeStoreError(f"{path}: missing") from None
+    except OSError as e:
+        raise CodeStoreError(f"{path}: cannot read ({e.strerror})") from None
+    if magic != b"\x93NUMPY":
+        # np.load would try other formats first and report "pickled data", which misleads.
+        raise CodeStoreError(f"{path}: not a .npy file (no NumPy .npy header)")
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as e:
+        raise CodeStoreError(f"{path}: not a readable .npy array ({e})") from None
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise CodeStoreError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
+    # Only a code set is ever deleted: a mistyped -o must not remove an unrelated folder.
+    try:
+        kind = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if not out.is_dir() or out.is_symlink() or kind != KIND:
+        raise CodeStoreError(f"{out}: exists and is not a vqkit code set; refusing to replace it")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``out``, replacing an existing code set.
+
+    Two folders cannot be swapped atomically, so the old set is first renamed aside (and back
+    if the second rename fails): a crash between the two renames leaves both complete sets
+    under their hidden names, never a partial one at ``out``.
+    """
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames and new entries in ``path`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
