@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .fsutil import atomic_path, atomic_write_text
+from .fsutil import atomic_write_text, fsync_dir, fsync_file
 from .model import VQVAE, VQVAEConfig
 
 FORMAT_VERSION = 1
@@ -120,11 +120,12 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
              "optimizer": opt_json, "metrics": metrics or {}}
     (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(f)
+    fsync_dir(tmp)
     if final.exists():  # left by a crash after its rename, before ``latest`` named it
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_dir(root)
     atomic_write_text(pointer, name + "\n")
     older = sorted(p for p in root.glob("step-*") if p.name != name)
     for old in older[: max(0, len(older) - (KEEP_CHECKPOINTS - 1))]:

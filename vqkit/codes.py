@@ -32,6 +32,7 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from .data import ImageSet, to_model
+from .fsutil import fsync_dir, fsync_file
 from .model import VQVAE
 
 FORMAT_VERSION = 1
@@ -146,12 +147,12 @@ def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, ba
         labels.flush()
         del codes, labels  # close the maps before the files are fsynced and renamed
         for name in ("codes.npy", "labels.npy"):
-            _fsync_file(tmp / name)
+            fsync_file(tmp / name)
         with open(tmp / "manifest.json", "w", encoding="utf-8") as f:
             f.write(manifest_text)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _check_replaceable(out, overwrite)  # another process may have created it meanwhile
         _move_into_place(tmp, out)
     except BaseException:
@@ -287,23 +288,6 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         if old is not None:
             os.rename(old, out)
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames and new entries in ``path`` durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -55,22 +55,24 @@ def evaluate(model: VQVAE, dataset: ImageSet, batch_size: int = 256, limit: int 
     sq_err = nll = batch_ppl = 0.0
     batches = 0
     latents = subpixels = 0
-    for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
-        images, _ = dataset.batch(torch.arange(start, min(start + batch_size, n)))
-        x = to_model(images).to(device)
-        out = model(x)
-        x01 = (x + 1) / 2
-        rec01 = (out.x_hat.clamp(-1, 1) + 1) / 2
-        sq_err += float((rec01 - x01).square().sum())
-        nll += float(out.nll.sum())
-        batch_ppl += float(out.perplexity)
-        batches += 1
-        usage.update(out.codes)
-        latents = out.codes[0].numel()
-        subpixels = x[0].numel()
+    try:
+        for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
+            images, _ = dataset.batch(torch.arange(start, min(start + batch_size, n)))
+            x = to_model(images).to(device)
+            out = model(x)
+            x01 = (x + 1) / 2
+            rec01 = (out.x_hat.clamp(-1, 1) + 1) / 2
+            sq_err += float((rec01 - x01).square().sum())
+            nll += float(out.nll.sum())
+            batch_ppl += float(out.perplexity)
+            batches += 1
+            usage.update(out.codes)
+            latents = out.codes[0].numel()
+            subpixels = x[0].numel()
+    finally:
+        model.train(was_training)
     mse = sq_err / (n * subpixels)
     mean_nll = nll / n
-    model.train(was_training)
     return EvalResult(
         images=n, mse=mse, psnr=10 * math.log10(1.0 / max(mse, 1e-12)),
         nll_bits_per_dim=mean_nll / (subpixels * math.log(2)),

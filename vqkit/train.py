@@ -53,7 +53,7 @@ class TrainConfig:
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
     """Indices of batch ``step``: epochs are fresh permutations; the last partial batch of
-    an epoch is dropped so every batch has ``batch_size`` images."""
+    an epoch is dropped, so every batch has ``min(batch_size, n)`` images."""
     per_epoch = max(n // batch_size, 1)
     epoch, offset = divmod(step, per_epoch)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
