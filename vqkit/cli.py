@@ -13,13 +13,18 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .codes import extract_codes
+from .codes import extract_codes, load_codes
 from .data import DataError, find_fashion_mnist, from_model, load_dataset, to_model
 from .evaluate import evaluate
 from .fsutil import atomic_path, atomic_write_text
-from .images import ImageError, load_image, make_grid, save_png
+from .generate import decode_codes, prior_codes, stage1_of, uniform_codes
+from .images import ImageError, load_image, make_grid, save_png, side_by_side
 from .model import PRESETS, VQVAEConfig, preset
+from .prior import PriorConfig
+from .prior.config import ARCHS
 from .train import TrainConfig, TrainingError, train
+from .train_prior import (PriorTrainConfig, evaluate_prior, load_prior, prior_config_for,
+                          split_indices, train_prior)
 
 log = logging.getLogger("vqkit")
 
@@ -154,6 +159,58 @@ def cmd_extract(args) -> None:
           f"from {data.spec} ({args.split})")
 
 
+def cmd_train_prior(args) -> None:
+    codes = load_codes(args.codes)
+    if args.resume and (Path(args.out) / "config.json").exists():
+        prior_config = PriorConfig.from_dict(ckpt.read_config(args.out, kind="prior")["model"])
+    else:
+        prior_config = prior_config_for(codes, args.arch, args.conditional, channels=args.channels,
+                                        layers=args.layers)
+    config = PriorTrainConfig(codes=str(args.codes), val_codes=args.val_codes, steps=args.steps,
+                              batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                              time_budget=args.time_budget, checkpoint_every=args.checkpoint_every)
+    result = train_prior(args.out, prior_config, config, resume=args.resume,
+                         tensorboard=not args.no_tensorboard)
+    prior, _ = load_prior(args.out)
+    _, val, val_idx = split_indices(codes, config)
+    print(f"step {result.step} in {result.seconds:.0f} s; {evaluate_prior(prior, val, val_idx).summary()}")
+
+
+def _class_labels(value: str | None, n: int, nrow: int, config: dict) -> tuple[torch.Tensor | None, int]:
+    num_classes = config["model"].get("num_classes")
+    if value is None:
+        if num_classes:
+            return torch.arange(n) % num_classes, nrow
+        return None, nrow
+    if not num_classes:
+        raise ValueError("--class needs a class-conditional prior (train-prior --conditional)")
+    if value == "all":
+        return torch.arange(num_classes).repeat_interleave(nrow), nrow
+    names = (config.get("source") or {}).get("class_names") or []
+    label = names.index(value) if value in names else int(value) if value.isdigit() else -1
+    if not 0 <= label < num_classes:
+        raise ValueError(f"--class {value!r}: choose 0..{num_classes - 1}, a class name or 'all'")
+    return torch.full((n,), label), nrow
+
+
+def cmd_sample(args) -> None:
+    prior, config = load_prior(args.run)
+    model = stage1_of(config, args.run)
+    nrow = args.nrow or max(1, int(round(args.n ** 0.5)))
+    labels, nrow = _class_labels(args.class_, args.n, nrow, config)
+    n = len(labels) if labels is not None else args.n
+    codes = prior_codes(prior, n, labels, args.temperature, args.top_k, args.top_p, args.seed)
+    grid = make_grid(decode_codes(model, codes), nrow=nrow)
+    if args.compare_uniform:
+        h, w = codes.shape[1:]
+        uniform = make_grid(decode_codes(model, uniform_codes(n, h, w, prior.config.codebook_size, args.seed)),
+                            nrow=nrow)
+        grid = side_by_side(uniform, grid)
+    save_png(grid, args.out)
+    what = "uniform prior (left) beside the fitted prior (right)" if args.compare_uniform else "samples"
+    print(f"wrote {args.out}: {n} {what}")
+
+
 def cmd_demo(args) -> None:
     spec, description = find_fashion_mnist(args.data)
     print(f"demo data: {description}")
@@ -176,10 +233,35 @@ def cmd_demo(args) -> None:
     atomic_write_text(out / "metrics.json", json.dumps(
         {"data": spec, "steps": result.step, "seconds": round(result.seconds, 1), **metrics.to_dict()},
         indent=2) + "\n")
-    print(f"trained {result.step} steps in {result.seconds:.0f} s")
+    print(f"stage 1: trained {result.step} steps in {result.seconds:.0f} s")
     print(f"test: {metrics.summary()}")
     print(f"wrote {grid_path} (originals above reconstructions) and {out / 'metrics.json'}")
-    print(f"TensorBoard curves: tensorboard --logdir {out / 'tensorboard'}")
+    if args.prior_time_budget <= 0:
+        return
+
+    source = {"run": str(out.resolve()), "step": result.step, "data": spec, "split": "train",
+              "fingerprint": ckpt.latest_checkpoint(out).state.get("fingerprint")}
+    codes_dir = out / "codes"
+    extract_codes(model, load_dataset(spec, "train"), codes_dir, overwrite=True, source=source)
+    codes = load_codes(codes_dir)
+    prior_dir = out / "prior"
+    prior_config = prior_config_for(codes, "pixelsnail", conditional=True, channels=64, layers=4)
+    prior_train = PriorTrainConfig(codes=str(codes_dir), steps=args.prior_steps, batch_size=64,
+                                   lr=1e-3, time_budget=args.prior_time_budget, eval_every=500)
+    prior_result = train_prior(prior_dir, prior_config, prior_train)
+    prior, prior_run = load_prior(prior_dir)
+    _, val, val_idx = split_indices(codes, prior_train)
+    print(f"stage 2: prior trained {prior_result.step} steps in {prior_result.seconds:.0f} s; "
+          f"{evaluate_prior(prior, val, val_idx).summary()}")
+    labels = torch.arange(codes.num_classes).repeat_interleave(8)
+    sampled = decode_codes(model, prior_codes(prior, len(labels), labels, seed=0))
+    h, w = codes.shape
+    uniform = decode_codes(model, uniform_codes(len(labels), h, w, codes.codebook_size, seed=0))
+    samples_path = out / "samples.png"
+    save_png(side_by_side(make_grid(uniform, nrow=8), make_grid(sampled, nrow=8)), samples_path)
+    print(f"wrote {samples_path}: uniform prior (left) beside the class-conditional prior "
+          f"(right, one row per class)")
+    print(f"TensorBoard curves: tensorboard --logdir {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +337,38 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace an existing code set")
     x.set_defaults(func=cmd_extract)
 
+    tp = sub.add_parser("train-prior", help="fit an autoregressive prior to extracted codes (stage 2)")
+    tp.add_argument("codes", type=Path, help="code set written by vqkit extract")
+    tp.add_argument("-o", "--out", required=True, type=Path, help="prior run folder")
+    tp.add_argument("--arch", choices=ARCHS, default="pixelsnail")
+    tp.add_argument("--conditional", action="store_true", help="class-conditional prior")
+    tp.add_argument("--channels", type=int, default=64)
+    tp.add_argument("--layers", type=int, default=6)
+    tp.add_argument("--val-codes", help="held-out code set (default: the last 5%% of CODES)")
+    tp.add_argument("--steps", type=int, default=5000)
+    tp.add_argument("--batch-size", type=int, default=32)
+    tp.add_argument("--lr", type=float, default=3e-4)
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--time-budget", type=float, help="stop after this many seconds (and save)")
+    tp.add_argument("--checkpoint-every", type=int, default=1000)
+    tp.add_argument("--resume", action="store_true")
+    tp.add_argument("--no-tensorboard", action="store_true")
+    tp.set_defaults(func=cmd_train_prior)
+
+    sm = sub.add_parser("sample", help="sample codes from a prior and decode them to images")
+    sm.add_argument("run", type=Path, help="prior run folder written by vqkit train-prior")
+    sm.add_argument("-n", type=int, default=64)
+    sm.add_argument("-o", "--out", required=True, type=Path, help="PNG grid")
+    sm.add_argument("--class", dest="class_", help="a class index or name, or 'all' for one row per class")
+    sm.add_argument("--temperature", type=float, default=1.0)
+    sm.add_argument("--top-k", type=int)
+    sm.add_argument("--top-p", type=float)
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--nrow", type=int)
+    sm.add_argument("--compare-uniform", action="store_true",
+                    help="put samples of the uniform prior (left) beside the fitted prior's (right)")
+    sm.set_defaults(func=cmd_sample)
+
     m = sub.add_parser("demo", help="train a small VQ-VAE on Fashion-MNIST and show reconstructions")
     m.add_argument("--data", help="Fashion-MNIST folder (IDX files); default: search, then the embedded sample")
     m.add_argument("-o", "--out", default="runs/demo", help="run folder (default runs/demo)")
@@ -262,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lr", type=float, default=1e-3)
     m.add_argument("--time-budget", type=float, default=180.0, help="seconds (default 180)")
     m.add_argument("--resume", action="store_true")
+    m.add_argument("--prior-steps", type=int, default=3000)
+    m.add_argument("--prior-time-budget", type=float, default=180.0,
+                   help="seconds for the prior (default 180; 0 skips stage 2)")
     m.set_defaults(func=cmd_demo)
     return p
 

@@ -123,3 +123,16 @@ def save_png(images_or_grid: torch.Tensor, path: str | os.PathLike) -> None:
     img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
+
+
+def side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 8) -> torch.Tensor:
+    """Two uint8 images (C, H, W) next to each other, top-aligned, with a white gap."""
+    c = max(left.shape[0], right.shape[0])
+    h = max(left.shape[1], right.shape[1])
+
+    def fit(img: torch.Tensor) -> torch.Tensor:
+        img = img.expand(c, -1, -1)
+        return torch.nn.functional.pad(img, (0, 0, 0, h - img.shape[1]), value=255)
+
+    white = torch.full((c, h, gap), 255, dtype=torch.uint8)
+    return torch.cat([fit(left), white, fit(right)], dim=2)

@@ -1,0 +1,66 @@
+"""Configuration of a stage-2 prior: everything needed to rebuild one, saved as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+ARCHS = ("pixelcnn", "pixelsnail")
+
+
+@dataclass
+class PriorConfig:
+    """An autoregressive prior over code maps (B, height, width) with values in [0, codebook_size).
+
+    ``layers`` counts gated layers (gated PixelCNN) or gated residual blocks (PixelSNAIL);
+    PixelSNAIL adds a causal self-attention layer after every ``attention_every`` of them.
+    ``num_classes`` makes the prior class-conditional (a label embedding enters every layer);
+    ``cond_channels`` > 0 makes it take a float map (B, cond_channels, height, width) that
+    enters every layer through a 1x1 convolution.
+    """
+
+    arch: str = "pixelcnn"
+    codebook_size: int = 512
+    height: int = 8
+    width: int = 8
+    channels: int = 128
+    layers: int = 10
+    kernel_size: int = 3
+    attention_heads: int = 4
+    attention_every: int = 4
+    dropout: float = 0.0
+    num_classes: int | None = None
+    cond_channels: int = 0
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        for name in ("codebook_size", "height", "width", "channels", "layers", "attention_heads",
+                     "attention_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        # Even kernels have no centre column, and a 1-wide kernel gives the first (masked)
+        # layer of the horizontal stack no inputs at all.
+        if not isinstance(self.kernel_size, int) or self.kernel_size < 3 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd integer >= 3, got {self.kernel_size!r}")
+        if self.arch == "pixelsnail" and self.channels % self.attention_heads:
+            raise ValueError(f"channels ({self.channels}) must be divisible by attention_heads "
+                             f"({self.attention_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
+            raise ValueError(f"num_classes must be None or a positive integer, got {self.num_classes!r}")
+        if not isinstance(self.cond_channels, int) or self.cond_channels < 0:
+            raise ValueError(f"cond_channels must be an integer >= 0, got {self.cond_channels!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PriorConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown prior config keys: {', '.join(unknown)}")
+        return cls(**data)
