@@ -184,8 +184,8 @@ def _class_labels(value: str | None, n: int, nrow: int, config: dict) -> tuple[t
         return None, nrow
     if not num_classes:
         raise ValueError("--class needs a class-conditional prior (train-prior --conditional)")
-    if value == "all":
-        return torch.arange(num_classes).repeat_interleave(nrow), nrow
+    if value == "all":  # one row of n samples per class
+        return torch.arange(num_classes).repeat_interleave(n), n
     names = (config.get("source") or {}).get("class_names") or []
     label = names.index(value) if value in names else int(value) if value.isdigit() else -1
     if not 0 <= label < num_classes:
@@ -359,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("run", type=Path, help="prior run folder written by vqkit train-prior")
     sm.add_argument("-n", type=int, default=64)
     sm.add_argument("-o", "--out", required=True, type=Path, help="PNG grid")
-    sm.add_argument("--class", dest="class_", help="a class index or name, or 'all' for one row per class")
+    sm.add_argument("--class", dest="class_",
+                    help="a class index or name, or 'all' for one row of n samples per class")
     sm.add_argument("--temperature", type=float, default=1.0)
     sm.add_argument("--top-k", type=int)
     sm.add_argument("--top-p", type=float)

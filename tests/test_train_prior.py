@@ -1,0 +1,143 @@
+"""Stage 2 end to end on the embedded sample: extract, train a prior, resume, sample."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from vqkit import checkpoint as ckpt
+from vqkit.cli import main
+from vqkit.codes import CodeStoreError, extract_codes, load_codes
+from vqkit.data import load_dataset, sample_dir
+from vqkit.generate import prior_codes, uniform_codes
+from vqkit.loop import TrainingError
+from vqkit.model import VQVAEConfig
+from vqkit.train import TrainConfig, train
+from vqkit.train_prior import (PriorTrainConfig, evaluate_prior, load_prior, prior_config_for,
+                               split_indices, train_prior)
+
+torch.set_num_threads(1)
+
+DATA = f"fashion-mnist:{sample_dir()}"
+STAGE1 = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
+                     code_dim=4, codebook_size=16, restart_after=0)
+SIZES = dict(channels=8, layers=1)
+
+
+@pytest.fixture(scope="module")
+def codes_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    run = root / "run"
+    train(run, STAGE1, TrainConfig(data=DATA, steps=30, batch_size=16, lr=3e-3), progress=False,
+          tensorboard=False)
+    model, checkpoint = ckpt.load_model(run)
+    source = {"run": str(run.resolve()), "fingerprint": checkpoint.state["fingerprint"],
+              "data": DATA, "split": "train"}
+    extract_codes(model, load_dataset(DATA, "train"), root / "codes", limit=200, progress=False,
+                  source=source)
+    return root / "codes"
+
+
+def _train(run, codes_dir, steps, arch="pixelsnail", conditional=False, **kw):
+    codes = load_codes(codes_dir)
+    config = prior_config_for(codes, arch, conditional, **SIZES)
+    train_config = PriorTrainConfig(codes=str(codes_dir), steps=steps, batch_size=16, lr=3e-3,
+                                    eval_every=10, **kw)
+    return train_prior(run, config, train_config, progress=False, tensorboard=False), train_config
+
+
+def test_prior_learns_the_codes_and_records_its_source(tmp_path, codes_dir):
+    codes = load_codes(codes_dir)
+    _, config = _train(tmp_path / "prior", codes_dir, steps=80)
+    prior, saved = load_prior(tmp_path / "prior")
+    assert saved["kind"] == "prior"
+    assert saved["source"]["fingerprint"] == codes.manifest["source"]["fingerprint"]
+    _, val, val_idx = split_indices(codes, config)
+    result = evaluate_prior(prior, val, val_idx)
+    assert result.uniform_bits_per_code == pytest.approx(math.log2(16))
+    assert result.bits_per_code < 0.9 * result.uniform_bits_per_code
+    assert result.maps == 10  # the last 5% of the 200 maps are held out
+
+
+def test_held_out_split_and_mismatched_validation_codes(tmp_path, codes_dir):
+    codes = load_codes(codes_dir)
+    train_idx, val, val_idx = split_indices(codes, PriorTrainConfig(codes=str(codes_dir), val_fraction=0.1))
+    assert val is codes and train_idx.tolist() == list(range(180)) and val_idx.tolist() == list(range(180, 200))
+    with pytest.raises(CodeStoreError, match=str(tmp_path)):  # not a code set
+        split_indices(codes, PriorTrainConfig(codes=str(codes_dir), val_codes=str(tmp_path)))
+
+
+def test_resume_gives_the_same_prior_as_training_straight(tmp_path, codes_dir):
+    _train(tmp_path / "straight", codes_dir, steps=12)
+    _train(tmp_path / "resumed", codes_dir, steps=6)
+    codes = load_codes(codes_dir)
+    config = prior_config_for(codes, "pixelsnail", False, **SIZES)
+    train_prior(tmp_path / "resumed", config,
+                PriorTrainConfig(codes=str(codes_dir), steps=12, batch_size=16, lr=3e-3, eval_every=10),
+                resume=True, progress=False, tensorboard=False)
+    a, _ = load_prior(tmp_path / "straight")
+    b, _ = load_prior(tmp_path / "resumed")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_prior_run_refuses_another_configuration_and_wrong_codes(tmp_path, codes_dir):
+    _train(tmp_path / "p", codes_dir, steps=2)
+    with pytest.raises(TrainingError, match="already holds a run"):
+        _train(tmp_path / "p", codes_dir, steps=4)
+    codes = load_codes(codes_dir)
+    other = prior_config_for(codes, "pixelcnn", False, **SIZES)
+    with pytest.raises(TrainingError, match="another configuration"):
+        train_prior(tmp_path / "p", other, PriorTrainConfig(codes=str(codes_dir), steps=4),
+                    resume=True, progress=False, tensorboard=False)
+    wrong = prior_config_for(codes, "pixelcnn", False, **SIZES)
+    wrong.height = 5
+    with pytest.raises(TrainingError, match="7x7 with K=16"):
+        train_prior(tmp_path / "q", wrong, PriorTrainConfig(codes=str(codes_dir), steps=1),
+                    progress=False, tensorboard=False)
+
+
+def test_sampling_helpers_are_seeded(tmp_path, codes_dir):
+    _train(tmp_path / "p", codes_dir, steps=2, arch="pixelcnn", conditional=True)
+    prior, _ = load_prior(tmp_path / "p")
+    labels = torch.tensor([0, 1, 2])
+    first = prior_codes(prior, 3, labels, seed=5)
+    assert torch.equal(first, prior_codes(prior, 3, labels, seed=5))
+    assert first.shape == (3, 7, 7) and 0 <= int(first.min()) and int(first.max()) < 16
+    uniform = uniform_codes(64, 7, 7, 16, seed=1)
+    assert torch.equal(uniform, uniform_codes(64, 7, 7, 16, seed=1))
+    assert set(uniform.unique().tolist()) == set(range(16))
+
+
+def test_cli_train_prior_and_sample(tmp_path, codes_dir, capsys):
+    prior_dir = tmp_path / "prior"
+    assert main(["train-prior", str(codes_dir), "-o", str(prior_dir), "--steps", "3", "--channels", "8",
+                 "--layers", "1", "--conditional", "--no-tensorboard"]) == 0
+    assert "bits per code against 4.000 for the uniform prior" in capsys.readouterr().out
+
+    grid = tmp_path / "grid.png"
+    assert main(["sample", str(prior_dir), "-n", "4", "--nrow", "2", "-o", str(grid)]) == 0
+    single_width = Image.open(grid).size[0]
+    assert main(["sample", str(prior_dir), "-n", "4", "--nrow", "2", "--compare-uniform", "-o", str(grid)]) == 0
+    assert Image.open(grid).size[0] == 2 * single_width + 8
+    assert main(["sample", str(prior_dir), "-n", "2", "--class", "all", "-o", str(grid)]) == 0
+    assert "20 samples" in capsys.readouterr().out  # ten classes, two each
+    assert main(["sample", str(prior_dir), "--class", "Sneaker", "-n", "2", "-o", str(grid)]) == 0
+
+    assert main(["sample", str(prior_dir), "--class", "unicorn", "-o", str(grid)]) == 2
+    assert "--class 'unicorn'" in capsys.readouterr().err
+
+
+def test_sample_refuses_a_stage1_run_that_changed(tmp_path, codes_dir, capsys):
+    prior_dir = tmp_path / "prior"
+    _train(prior_dir, codes_dir, steps=1)
+    config = json.loads((prior_dir / "config.json").read_text())
+    config["source"]["fingerprint"] = "0" * 64
+    (prior_dir / "config.json").write_text(json.dumps(config))
+    assert main(["sample", str(prior_dir), "-n", "2", "-o", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err
+    assert "not the model the prior's codes came from" in err and not (tmp_path / "s.png").exists()
