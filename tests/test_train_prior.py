@@ -141,3 +141,18 @@ def test_sample_refuses_a_stage1_run_that_changed(tmp_path, codes_dir, capsys):
     assert main(["sample", str(prior_dir), "-n", "2", "-o", str(tmp_path / "s.png")]) == 2
     err = capsys.readouterr().err
     assert "not the model the prior's codes came from" in err and not (tmp_path / "s.png").exists()
+
+
+def test_cli_eval_of_a_prior_run_reports_bits_with_the_prior(tmp_path, codes_dir, capsys):
+    prior_dir = tmp_path / "prior"
+    _train(prior_dir, codes_dir, steps=40)
+    assert main(["eval", str(prior_dir), "--limit", "50", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["uniform_bits_per_code"] == pytest.approx(4.0)
+    assert report["saving_bits_per_code"] == pytest.approx(4.0 - report["bits_per_code"])
+    stage1 = report["stage1"]
+    # 49 latents per 784 subpixels: the prior replaces 4 bits per latent by its own figure.
+    assert stage1["bits_per_dim"] == pytest.approx(stage1["nll_bits_per_dim"] + 49 * 4.0 / 784)
+    assert report["bits_per_dim_with_prior"] == pytest.approx(
+        stage1["nll_bits_per_dim"] + 49 * report["bits_per_code"] / 784)
+    assert report["bits_per_dim_with_prior"] < stage1["bits_per_dim"]

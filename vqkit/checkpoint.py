@@ -66,6 +66,14 @@ def write_config(run_dir: Path, model_config: VQVAEConfig, train_config: dict) -
     write_run_config(run_dir, "vqvae", model_config.to_dict(), train_config)
 
 
+def run_kind(run_dir: Path) -> str | None:
+    """The ``kind`` a run folder's config.json declares, or None if it has none."""
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def read_config(run_dir: Path, kind: str = "vqvae") -> dict:
     path = Path(run_dir) / "config.json"
     if not Path(run_dir).is_dir():

@@ -65,6 +65,8 @@ def _image_size(run: Path) -> int | None:
 
 
 def cmd_eval(args) -> None:
+    if ckpt.run_kind(args.run) == "prior":
+        return _eval_prior(args)
     model, _ = ckpt.load_model(args.run)
     data = load_dataset(_eval_data(args, args.run), args.split, image_size=_image_size(args.run))
     result = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json)
@@ -72,6 +74,36 @@ def cmd_eval(args) -> None:
         print(json.dumps({"data": data.spec, "split": args.split, **result.to_dict()}, indent=2))
     else:
         print(f"{data.spec} ({args.split}): {result.summary()}")
+
+
+def _eval_prior(args) -> None:
+    """Held-out NLL of a prior, and the stage-1 model's bits/dim with the prior in place of
+    the uniform log K term."""
+    prior, config = load_prior(args.run)
+    train_config = PriorTrainConfig(**config["train"])
+    if args.codes:
+        codes = load_codes(args.codes)
+        val, val_idx = codes, torch.arange(len(codes))
+    else:
+        _, val, val_idx = split_indices(load_codes(train_config.codes), train_config)
+    if args.limit is not None:
+        val_idx = val_idx[:args.limit]
+    result = evaluate_prior(prior, val, val_idx)
+    model = stage1_of(config, args.run)
+    stage1_run = Path(config["source"]["run"])
+    data = load_dataset(args.data or ckpt.read_config(stage1_run)["train"]["data"], args.split,
+                        image_size=_image_size(stage1_run))
+    stage1 = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json)
+    latents = prior.config.height * prior.config.width
+    subpixels = data.channels * data.height * data.width
+    total = stage1.nll_bits_per_dim + latents * result.bits_per_code / subpixels
+    if args.json:
+        print(json.dumps({**result.to_dict(), "stage1": stage1.to_dict(),
+                          "bits_per_dim_with_prior": total}, indent=2))
+    else:
+        print(f"prior: {result.summary()}")
+        print(f"{data.spec} ({args.split}): {stage1.bits_per_dim:.3f} bits/dim with the uniform prior, "
+              f"{total:.3f} with this prior")
 
 
 def cmd_reconstruct(args) -> None:
@@ -297,8 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=data_help + "; default: the run's training data")
         sp.add_argument("--split", default="test", choices=["train", "test", "all"])
 
-    e = sub.add_parser("eval", help="test MSE, PSNR, bits/dim and codebook usage")
+    e = sub.add_parser("eval", help="test MSE, PSNR, bits/dim and codebook usage; for a prior "
+                                    "run, its held-out bits per code and the bits/dim it gives")
     run_and_data(e)
+    e.add_argument("--codes", type=Path, help="(prior runs) held-out code set to evaluate on")
     e.add_argument("--limit", type=int, help="evaluate only the first N images")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--json", action="store_true", help="print machine-readable results")
