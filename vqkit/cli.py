@@ -9,14 +9,13 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .codes import extract_codes, load_codes
+from .codes import extract_codes, load_codes, read_code_maps, save_code_maps
 from .data import DataError, find_fashion_mnist, from_model, load_dataset, to_model
 from .evaluate import evaluate
-from .fsutil import atomic_path, atomic_write_text
+from .fsutil import atomic_write_text
 from .generate import decode_codes, prior_codes, stage1_of, uniform_codes
 from .images import ImageError, load_image, make_grid, save_png, side_by_side
 from .model import PRESETS, VQVAEConfig, preset
@@ -131,42 +130,14 @@ def cmd_encode(args) -> None:
     model, _ = ckpt.load_model(args.run)
     images = _images_from_args(args, args.run)
     codes = torch.cat([model.encode(to_model(images[i:i + 256])) for i in range(0, len(images), 256)])
-    with atomic_path(args.out) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, codes.numpy().astype(np.uint16 if model.config.codebook_size <= 65536 else np.int64))
+    save_code_maps(codes, args.out, model.config.codebook_size)
     print(f"wrote {args.out}: {len(codes)} code maps of {tuple(codes.shape[1:])}, "
           f"K = {model.config.codebook_size}")
 
 
-def _read_codes(path: Path, codebook_size: int) -> torch.Tensor:
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    if magic != b"\x93NUMPY":
-        # np.load would try the file as a pickle (or open a .npz archive) and report
-        # "pickled data", which misleads for a text or image file.
-        raise ValueError(f"{path}: not a .npy code file (no NumPy .npy header)")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path}: not a .npy code file ({e})") from None
-    if array.ndim == 2:
-        array = array[None]
-    if array.ndim != 3 or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"{path}: expected integer code maps (N, h, w), got {array.dtype} {array.shape}")
-    if array.size and (array.min() < 0 or array.max() >= codebook_size):
-        raise ValueError(f"{path}: codes must lie in [0, {codebook_size}), found "
-                         f"[{array.min()}, {array.max()}]")
-    return torch.from_numpy(array.astype(np.int64))
-
-
 def cmd_decode(args) -> None:
     model, _ = ckpt.load_model(args.run)
-    codes = _read_codes(Path(args.codes), model.config.codebook_size)
+    codes = read_code_maps(args.codes, model.config.codebook_size)
     images = torch.cat([from_model(model.decode(codes[i:i + 256])) for i in range(0, len(codes), 256)])
     out = Path(args.out)
     if out.suffix.lower() == ".png":

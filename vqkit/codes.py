@@ -32,7 +32,7 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from .data import ImageSet, to_model
-from .fsutil import fsync_dir, fsync_file
+from .fsutil import atomic_path, fsync_dir, fsync_file
 from .model import VQVAE
 
 FORMAT_VERSION = 1
@@ -180,7 +180,7 @@ def load_codes(path: str | os.PathLike, mmap: bool = True) -> CodeSet:
     k = manifest["codebook_size"]
 
     codes_path = path / "codes.npy"
-    codes = _read_npy(codes_path, mmap)
+    codes = read_npy(codes_path, mmap)
     if codes.dtype != np.dtype(manifest["dtype"]) or codes.shape != (n, h, w):
         raise CodeStoreError(f"{codes_path}: holds {codes.dtype} {codes.shape}, but the manifest "
                              f"says {manifest['dtype']} {(n, h, w)}")
@@ -194,7 +194,7 @@ def load_codes(path: str | os.PathLike, mmap: bool = True) -> CodeSet:
                                  f"values in [{int(codes[bad].min())}, {int(codes[bad].max())}]")
 
     labels_path = path / "labels.npy"
-    labels = _read_npy(labels_path, mmap)
+    labels = read_npy(labels_path, mmap)
     if labels.dtype != np.int64 or labels.shape != (n,):
         raise CodeStoreError(f"{labels_path}: holds {labels.dtype} {labels.shape}, but the manifest "
                              f"needs int64 ({n},), one label per code map")
@@ -240,12 +240,13 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _read_npy(path: Path, mmap: bool) -> np.ndarray:
+def read_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    """A .npy array, refusing anything else without ever unpickling."""
     try:
         with open(path, "rb") as f:
             magic = f.read(6)
     except FileNotFoundError:
-        raise CodeStoreError(f"{path}: missing") from None
+        raise CodeStoreError(f"{path}: missing (no such file)") from None
     except OSError as e:
         raise CodeStoreError(f"{path}: cannot read ({e.strerror})") from None
     if magic != b"\x93NUMPY":
@@ -255,6 +256,27 @@ def _read_npy(path: Path, mmap: bool) -> np.ndarray:
         return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as e:
         raise CodeStoreError(f"{path}: not a readable .npy array ({e})") from None
+
+
+def save_code_maps(codes: torch.Tensor, path: str | os.PathLike, codebook_size: int) -> None:
+    """Code maps (N, h, w) as one .npy file (the ``vqkit encode`` output), atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, codes.numpy().astype(code_dtype(codebook_size)))
+
+
+def read_code_maps(path: str | os.PathLike, codebook_size: int) -> torch.Tensor:
+    """Code maps (N, h, w) int64 from a .npy file (a single (h, w) map is accepted too),
+    checked to lie in [0, codebook_size)."""
+    array = read_npy(Path(path))
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or not np.issubdtype(array.dtype, np.integer):
+        raise CodeStoreError(f"{path}: expected integer code maps (N, h, w), got {array.dtype} {array.shape}")
+    if array.size and (array.min() < 0 or array.max() >= codebook_size):
+        raise CodeStoreError(f"{path}: codes must lie in [0, {codebook_size}), found "
+                             f"[{array.min()}, {array.max()}]")
+    return torch.from_numpy(array.astype(np.int64))
 
 
 def _check_replaceable(out: Path, overwrite: bool) -> None:

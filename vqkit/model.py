@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from .config import JsonConfig
 from .likelihood import LikelihoodOutput, make_likelihood
 from .nets import Decoder, Encoder
 from .quantize import VectorQuantizer
 
 
 @dataclass
-class VQVAEConfig:
+class VQVAEConfig(JsonConfig):
     """Everything needed to rebuild a VQ-VAE; saved as JSON beside its weights."""
+
+    label: ClassVar[str] = "VQ-VAE config"
 
     in_channels: int = 3
     hidden: int = 128
@@ -45,17 +49,6 @@ class VQVAEConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.downsample < 0 or self.num_res_blocks < 0 or self.restart_after < 0:
             raise ValueError("downsample, num_res_blocks and restart_after must be >= 0")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "VQVAEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown VQ-VAE config keys: {', '.join(unknown)}")
-        return cls(**data)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int]:
         """The code map's (h, w) for an image of (height, width); errors if not divisible."""

@@ -8,7 +8,6 @@ stopping and resuming for N more therefore gives the same weights as 2N steps st
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .config import JsonConfig
 from .data import ImageSet, from_model, load_dataset, to_model
 from .images import make_grid
 from .loop import StepOutput, TensorBoard, TrainingError, TrainResult, run_loop
@@ -26,7 +26,7 @@ log = logging.getLogger("vqkit")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """How to train; saved in the run's config.json beside the model configuration."""
 
     data: str
@@ -46,9 +46,6 @@ class TrainConfig:
             raise ValueError("steps must be >= 0, batch_size >= 1 and lr > 0")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.image_every < 1:
             raise ValueError("checkpoint_every, log_every and image_every must be >= 1")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .config import JsonConfig
 from .codes import CodeSet, load_codes
 from .loop import StepOutput, TensorBoard, TrainingError, TrainResult, run_loop
 from .prior import Prior, PriorConfig, build_prior
@@ -26,7 +27,7 @@ log = logging.getLogger("vqkit")
 
 
 @dataclass
-class PriorTrainConfig:
+class PriorTrainConfig(JsonConfig):
     """How to train a prior; saved in the prior run's config.json."""
 
     codes: str
@@ -46,9 +47,6 @@ class PriorTrainConfig:
             raise ValueError("steps must be >= 0, batch_size >= 1 and lr > 0")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
+
+from ..config import JsonConfig
 
 ARCHS = ("pixelcnn", "pixelsnail")
 
 
 @dataclass
-class PriorConfig:
+class PriorConfig(JsonConfig):
     """An autoregressive prior over code maps (B, height, width) with values in [0, codebook_size).
 
     ``layers`` counts gated layers (gated PixelCNN) or gated residual blocks (PixelSNAIL);
@@ -18,6 +20,8 @@ class PriorConfig:
     ``cond_channels`` > 0 makes it take a float map (B, cond_channels, height, width) that
     enters every layer through a 1x1 convolution.
     """
+
+    label: ClassVar[str] = "prior config"
 
     arch: str = "pixelcnn"
     codebook_size: int = 512
@@ -53,14 +57,3 @@ class PriorConfig:
             raise ValueError(f"num_classes must be None or a positive integer, got {self.num_classes!r}")
         if not isinstance(self.cond_channels, int) or self.cond_channels < 0:
             raise ValueError(f"cond_channels must be an integer >= 0, got {self.cond_channels!r}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PriorConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown prior config keys: {', '.join(unknown)}")
-        return cls(**data)
