@@ -28,10 +28,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .fsutil import atomic_write_text, fsync_dir, fsync_file
+from .hierarchy import VQVAE2, VQVAE2Config
 from .model import VQVAE, VQVAEConfig
 
 FORMAT_VERSION = 1
 KEEP_CHECKPOINTS = 2
+# Stage-1 run kinds and the configuration class of each.
+STAGE1_KINDS = {"vqvae": VQVAEConfig, "vqvae2": VQVAE2Config}
 
 
 class CheckpointError(ValueError):
@@ -62,8 +65,17 @@ def write_run_config(run_dir: Path, kind: str, model: dict, train: dict, **extra
     atomic_write_text(Path(run_dir) / "config.json", json.dumps(data, indent=2) + "\n")
 
 
-def write_config(run_dir: Path, model_config: VQVAEConfig, train_config: dict) -> None:
-    write_run_config(run_dir, "vqvae", model_config.to_dict(), train_config)
+def config_kind(model_config: VQVAEConfig | VQVAE2Config) -> str:
+    return "vqvae2" if isinstance(model_config, VQVAE2Config) else "vqvae"
+
+
+def write_config(run_dir: Path, model_config: VQVAEConfig | VQVAE2Config, train_config: dict) -> None:
+    write_run_config(run_dir, config_kind(model_config), model_config.to_dict(), train_config)
+
+
+def build_model(config: VQVAEConfig | VQVAE2Config) -> VQVAE | VQVAE2:
+    """A fresh stage-1 model (one level or a hierarchy) for ``config``."""
+    return VQVAE2(config) if isinstance(config, VQVAE2Config) else VQVAE(config)
 
 
 def run_kind(run_dir: Path) -> str | None:
@@ -74,7 +86,7 @@ def run_kind(run_dir: Path) -> str | None:
         return None
 
 
-def read_config(run_dir: Path, kind: str = "vqvae") -> dict:
+def read_config(run_dir: Path, kind: str | tuple[str, ...] = tuple(STAGE1_KINDS)) -> dict:
     path = Path(run_dir) / "config.json"
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"{run_dir}: no such run folder")
@@ -86,21 +98,22 @@ def read_config(run_dir: Path, kind: str = "vqvae") -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or "model" not in data:
         raise CheckpointError(f"{path}: not a vqkit run configuration")
-    if data.get("kind") != kind:
-        raise CheckpointError(f"{path}: this is a {data.get('kind')!r} run, expected a {kind!r} run")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if data.get("kind") not in kinds:
+        raise CheckpointError(f"{path}: this is a {data.get('kind')!r} run, expected a "
+                              f"{' or '.join(repr(k) for k in kinds)} run")
     if data.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {data.get('format_version')} is not "
                               f"supported (this vqkit reads version {FORMAT_VERSION})")
     return data
 
 
-def model_config_of(run_dir: Path) -> VQVAEConfig:
+def model_config_of(run_dir: Path) -> VQVAEConfig | VQVAE2Config:
     path = Path(run_dir) / "config.json"
+    data = read_config(run_dir)
     try:
-        return VQVAEConfig.from_dict(read_config(run_dir)["model"])
+        return STAGE1_KINDS[data["kind"]].from_dict(data["model"])
     except (TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
         raise CheckpointError(f"{path}: invalid model configuration ({e})") from None
 
 
@@ -171,9 +184,9 @@ def _load_tensors(path: Path, expected_fingerprint: str | None) -> dict[str, tor
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[VQVAE, Checkpoint]:
-    """Rebuild the model from ``config.json`` and load the latest weights, in eval mode."""
-    model = VQVAE(model_config_of(run_dir))
+def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[VQVAE | VQVAE2, Checkpoint]:
+    """Rebuild the stage-1 model from ``config.json`` and load the latest weights, in eval mode."""
+    model = build_model(model_config_of(run_dir))
     ckpt = load_latest_weights(run_dir, model)
     return model.to(device).eval(), ckpt
 

@@ -18,6 +18,7 @@ from .evaluate import evaluate
 from .fsutil import atomic_write_text
 from .generate import decode_codes, prior_codes, stage1_of, uniform_codes
 from .images import ImageError, load_image, make_grid, save_png, side_by_side
+from .hierarchy import PRESETS2, VQVAE2Config, level_names, preset2
 from .model import PRESETS, VQVAEConfig, preset
 from .prior import PriorConfig
 from .prior.config import ARCHS
@@ -28,18 +29,26 @@ from .train_prior import (PriorTrainConfig, evaluate_prior, load_prior, prior_co
 log = logging.getLogger("vqkit")
 
 
-def _model_config(args) -> VQVAEConfig:
+def _model_config(args) -> VQVAEConfig | VQVAE2Config:
     if args.config:
         path = Path(args.config)
         try:
-            return VQVAEConfig.from_dict(json.loads(path.read_text()))
+            data = json.loads(path.read_text())
+            return (VQVAE2Config if isinstance(data, dict) and "strides" in data else VQVAEConfig).from_dict(data)
         except FileNotFoundError:
             raise ValueError(f"{path}: no such config file") from None
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: invalid model config ({e})") from None
     if args.preset is None and args.resume and (Path(args.out) / "config.json").exists():
         return ckpt.model_config_of(args.out)
-    return preset(args.preset or "cifar10")
+    name = args.preset or "cifar10"
+    return preset2(name) if name in PRESETS2 else preset(name)
+
+
+def _single_level(model, what: str) -> None:
+    if model.config.num_levels > 1:
+        raise ValueError(f"{what} stores one code map per image; this run is a {model.config.num_levels}-level "
+                         "VQ-VAE-2, whose code sets are not supported by it yet (use eval, reconstruct, levels)")
 
 
 def cmd_train(args) -> None:
@@ -126,8 +135,24 @@ def _images_from_args(args, run: Path) -> torch.Tensor:
                         for p in args.images])
 
 
+def cmd_levels(args) -> None:
+    model, _ = ckpt.load_model(args.run)
+    data = load_dataset(_eval_data(args, args.run), args.split, image_size=_image_size(args.run))
+    images, _ = data.batch(torch.arange(min(args.n, len(data))))
+    x = to_model(images)
+    codes = model.encode(x)
+    codes = codes if isinstance(codes, list) else [codes]
+    columns = [from_model(model.decode_levels(codes, upto) if len(codes) > 1 else model.decode(codes[0]))
+               for upto in range(1, len(codes) + 1)] + [images]
+    save_png(make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=len(columns)), args.out)
+    names = level_names(len(codes))
+    print(f"wrote {args.out}: per image (row), decoded from the {names[0]} level alone, "
+          + "".join(f"then adding {name}, " for name in names[1:]) + "then the original")
+
+
 def cmd_encode(args) -> None:
     model, _ = ckpt.load_model(args.run)
+    _single_level(model, "encode")
     images = _images_from_args(args, args.run)
     codes = torch.cat([model.encode(to_model(images[i:i + 256])) for i in range(0, len(images), 256)])
     save_code_maps(codes, args.out, model.config.codebook_size)
@@ -137,6 +162,7 @@ def cmd_encode(args) -> None:
 
 def cmd_decode(args) -> None:
     model, _ = ckpt.load_model(args.run)
+    _single_level(model, "decode")
     codes = read_code_maps(args.codes, model.config.codebook_size)
     images = torch.cat([from_model(model.decode(codes[i:i + 256])) for i in range(0, len(codes), 256)])
     out = Path(args.out)
@@ -151,6 +177,7 @@ def cmd_decode(args) -> None:
 
 def cmd_extract(args) -> None:
     model, checkpoint = ckpt.load_model(args.run)
+    _single_level(model, "extract")
     data = load_dataset(_eval_data(args, args.run), args.split, image_size=_image_size(args.run))
     source = {"run": str(Path(args.run).resolve()), "step": checkpoint.step,
               "fingerprint": checkpoint.state.get("fingerprint"), "data": data.spec,
@@ -278,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a VQ-VAE (stage 1)")
     t.add_argument("--data", required=True, help=data_help)
     g = t.add_mutually_exclusive_group()
-    g.add_argument("--preset", choices=sorted(PRESETS),
+    g.add_argument("--preset", choices=sorted([*PRESETS, *PRESETS2]),
                    help="model preset (default cifar10; with --resume, the run's own model)")
     g.add_argument("--config", help="model config JSON (the 'model' part of a run's config.json)")
     t.add_argument("-o", "--out", required=True, type=Path, help="run folder")
@@ -315,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nrow", type=int)
     r.add_argument("-o", "--out", required=True, type=Path)
     r.set_defaults(func=cmd_reconstruct)
+
+    lv = sub.add_parser("levels", help="VQ-VAE-2 Figure 3: each image decoded from the top level "
+                                       "alone, then adding each lower level, then the original")
+    run_and_data(lv)
+    lv.add_argument("-n", type=int, default=8)
+    lv.add_argument("-o", "--out", required=True, type=Path)
+    lv.set_defaults(func=cmd_levels)
 
     en = sub.add_parser("encode", help="images to integer code maps (.npy, N x h x w)")
     run_and_data(en)

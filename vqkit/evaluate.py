@@ -1,26 +1,45 @@
-"""Test-set figures for a trained VQ-VAE: MSE, PSNR, bits/dim and codebook health.
+"""Test-set figures for a trained VQ-VAE or VQ-VAE-2: MSE, PSNR, bits/dim, codebook health.
 
 MSE is measured on the [0, 1] pixel scale with reconstructions clamped, averaged over every
 subpixel of the set; PSNR = 10 log10(1 / MSE) of that average. Bits/dim is the ELBO of
-``vqkit.likelihood.bits_per_dim``: reconstruction NLL plus log K nats per latent.
+``vqkit.likelihood.bits_per_dim``: reconstruction NLL plus log K_l nats per latent of each
+level. For a hierarchy, each level also reports its map size, its reduction factor (image
+values per code) and the PSNR of the reconstruction from that level and those above it
+alone (VQ-VAE-2 Figure 3).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from .data import ImageSet, to_model
-from .likelihood import bits_per_dim
+from .hierarchy import VQVAE2, level_names
 from .model import VQVAE
 from .quantize import CodebookUsage
 
 
 @dataclass
+class LevelResult:
+    name: str
+    shape: list[int]
+    reduction: float
+    codes_used: int
+    codebook_size: int
+    usage: float
+    perplexity: float
+    psnr_upto: float
+
+
+@dataclass
 class EvalResult:
+    """Whole-model figures; with several levels, ``codes_used`` and ``codebook_size`` are
+    totals over the codebooks, ``usage`` is the lowest level's and ``perplexity`` the mean of
+    the levels' (each level's own figures are in ``levels``, top-first)."""
+
     images: int
     mse: float
     psnr: float
@@ -31,19 +50,35 @@ class EvalResult:
     usage: float
     perplexity: float
     mean_batch_perplexity: float
+    levels: list[LevelResult] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"{self.images} images: MSE {self.mse:.5f}, PSNR {self.psnr:.2f} dB, "
+        text = (f"{self.images} images: MSE {self.mse:.5f}, PSNR {self.psnr:.2f} dB, "
                 f"{self.bits_per_dim:.3f} bits/dim (reconstruction {self.nll_bits_per_dim:.3f}), "
                 f"codes used {self.codes_used}/{self.codebook_size} ({100 * self.usage:.1f}%), "
                 f"perplexity {self.perplexity:.1f} (batch mean {self.mean_batch_perplexity:.1f})")
+        if len(self.levels) > 1:
+            text += "".join(
+                f"\n  {lv.name:>7}: {lv.shape[0]}x{lv.shape[1]} codes ({lv.reduction:.0f}x fewer than "
+                f"image values), {lv.codes_used}/{lv.codebook_size} used, perplexity "
+                f"{lv.perplexity:.1f}, PSNR with the levels above {lv.psnr_upto:.2f} dB"
+                for lv in self.levels)
+        return text
+
+
+def _levels(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _psnr(sq_err: float, count: int) -> float:
+    return 10 * math.log10(1.0 / max(sq_err / count, 1e-12))
 
 
 @torch.no_grad()
-def evaluate(model: VQVAE, dataset: ImageSet, batch_size: int = 256, limit: int | None = None,
+def evaluate(model: VQVAE | VQVAE2, dataset: ImageSet, batch_size: int = 256, limit: int | None = None,
              progress: bool = False) -> EvalResult:
     was_training = model.training
     model.eval()
@@ -51,31 +86,45 @@ def evaluate(model: VQVAE, dataset: ImageSet, batch_size: int = 256, limit: int 
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n == 0:
         raise ValueError(f"{dataset.spec}: no images to evaluate")
-    usage = CodebookUsage(model.config.codebook_size)
-    sq_err = nll = batch_ppl = 0.0
+    sizes = model.config.codebook_sizes
+    num_levels = len(sizes)
+    usage = [CodebookUsage(k) for k in sizes]
+    level_sq_err = [0.0] * num_levels  # decoding the levels 0..l only; the last is the full model
+    nll = batch_ppl = 0.0
     batches = 0
-    latents = subpixels = 0
+    shapes: list[list[int]] = []
+    subpixels = 0
     try:
         for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
             images, _ = dataset.batch(torch.arange(start, min(start + batch_size, n)))
             x = to_model(images).to(device)
             out = model(x)
+            codes = _levels(out.codes)
             x01 = (x + 1) / 2
-            rec01 = (out.x_hat.clamp(-1, 1) + 1) / 2
-            sq_err += float((rec01 - x01).square().sum())
+            for upto in range(1, num_levels + 1):
+                rec = out.x_hat if upto == num_levels else model.decode_levels(codes, upto)
+                level_sq_err[upto - 1] += float(((rec.clamp(-1, 1) + 1) / 2 - x01).square().sum())
             nll += float(out.nll.sum())
-            batch_ppl += float(out.perplexity)
+            batch_ppl += sum(float(p) for p in _levels(out.perplexity)) / num_levels
             batches += 1
-            usage.update(out.codes)
-            latents = out.codes[0].numel()
+            for counter, c in zip(usage, codes):
+                counter.update(c)
+            shapes = [list(c.shape[1:]) for c in codes]
             subpixels = x[0].numel()
     finally:
         model.train(was_training)
-    mse = sq_err / (n * subpixels)
+    values = n * subpixels
     mean_nll = nll / n
+    log_k_nats = sum(h * w * math.log(k) for (h, w), k in zip(shapes, sizes))
+    levels = [LevelResult(name=name, shape=shape, reduction=subpixels / (shape[0] * shape[1]),
+                          codes_used=u.used, codebook_size=u.counts.numel(), usage=u.fraction,
+                          perplexity=u.perplexity, psnr_upto=_psnr(err, values))
+              for name, shape, u, err in zip(level_names(num_levels), shapes, usage, level_sq_err)]
     return EvalResult(
-        images=n, mse=mse, psnr=10 * math.log10(1.0 / max(mse, 1e-12)),
+        images=n, mse=level_sq_err[-1] / values, psnr=_psnr(level_sq_err[-1], values),
         nll_bits_per_dim=mean_nll / (subpixels * math.log(2)),
-        bits_per_dim=bits_per_dim(mean_nll, subpixels, latents, model.config.codebook_size),
-        codes_used=usage.used, codebook_size=model.config.codebook_size, usage=usage.fraction,
-        perplexity=usage.perplexity, mean_batch_perplexity=batch_ppl / batches)
+        bits_per_dim=(mean_nll + log_k_nats) / (subpixels * math.log(2)),
+        codes_used=sum(u.used for u in usage), codebook_size=sum(sizes),
+        usage=min(u.fraction for u in usage),
+        perplexity=sum(u.perplexity for u in usage) / num_levels,
+        mean_batch_perplexity=batch_ppl / batches, levels=levels)

@@ -340,3 +340,11 @@ class VQVAE2(nn.Module):
         z_qs += [torch.zeros(b, self.config.code_dim, h, w, device=top.device)
                  for b, h, w in shapes[upto:]]
         return self.likelihood.mean(self._decode_z_q(z_qs)).clamp(-1, 1)
+
+
+def level_names(num_levels: int) -> list[str]:
+    """Names of the levels, top-first: "top", "middle"..., "bottom" ("codes" for one level)."""
+    if num_levels == 1:
+        return ["codes"]
+    middle = ["middle"] if num_levels == 3 else [f"middle{i}" for i in range(1, num_levels - 1)]
+    return ["top", *middle, "bottom"]

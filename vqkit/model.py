@@ -50,6 +50,18 @@ class VQVAEConfig(JsonConfig):
         if self.downsample < 0 or self.num_res_blocks < 0 or self.restart_after < 0:
             raise ValueError("downsample, num_res_blocks and restart_after must be >= 0")
 
+    @property
+    def num_levels(self) -> int:
+        return 1
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        """One entry per level, as ``VQVAE2Config.codebook_sizes``."""
+        return [self.codebook_size]
+
+    def latent_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
+        return [self.latent_shape(height, width)]
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int]:
         """The code map's (h, w) for an image of (height, width); errors if not divisible."""
         stride = 2 ** self.downsample

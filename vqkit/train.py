@@ -19,6 +19,7 @@ from .config import JsonConfig
 from .data import ImageSet, from_model, load_dataset, to_model
 from .images import make_grid
 from .loop import StepOutput, TensorBoard, TrainingError, TrainResult, run_loop
+from .hierarchy import VQVAE2, VQVAE2Config, level_names
 from .model import VQVAE, VQVAEConfig
 from .quantize import CodebookUsage
 
@@ -58,26 +59,27 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor
     return perm[offset * batch_size:(offset + 1) * batch_size]
 
 
-def train(run_dir: str | Path, model_config: VQVAEConfig, config: TrainConfig, resume: bool = False,
+def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config: TrainConfig, resume: bool = False,
           dataset: ImageSet | None = None, progress: bool = True, tensorboard: bool = True) -> TrainResult:
-    """Train (or with ``resume`` continue) the model in ``run_dir`` up to ``config.steps``."""
+    """Train (or with ``resume`` continue) the model in ``run_dir`` up to ``config.steps``;
+    a ``VQVAE2Config`` trains a hierarchy, with per-level statistics in the logs."""
     run_dir = Path(run_dir)
     if dataset is None:
         dataset = load_dataset(config.data, "train", image_size=config.image_size, skip_bad=config.skip_bad)
     if dataset.channels != model_config.in_channels:
         raise TrainingError(f"{config.data}: images have {dataset.channels} channels but the model "
                             f"expects {model_config.in_channels}")
-    model_config.latent_shape(dataset.height, dataset.width)
+    model_config.latent_shapes(dataset.height, dataset.width)
     if len(dataset) < 1:
         raise TrainingError(f"{config.data}: the training set is empty")
 
     torch.manual_seed(config.seed)
-    model = VQVAE(model_config)
+    model = ckpt.build_model(model_config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     step = 0
     if resume and (run_dir / "latest").exists():
         saved = ckpt.read_config(run_dir)
-        if saved["model"] != model_config.to_dict():
+        if saved["model"] != model_config.to_dict() or saved["kind"] != ckpt.config_kind(model_config):
             raise TrainingError(f"{run_dir / 'config.json'}: the run was trained with another model "
                                 "configuration; resume with the same preset/config")
         for key in ("seed", "batch_size"):  # together with the step they fix the data order
@@ -99,21 +101,27 @@ def train(run_dir: str | Path, model_config: VQVAEConfig, config: TrainConfig, r
     board = TensorBoard(run_dir / "tensorboard", tensorboard)
     fixed_images, _ = dataset.batch(torch.arange(min(8, len(dataset))))
     per_epoch = max(len(dataset) // config.batch_size, 1)
-    epoch_usage = CodebookUsage(model_config.codebook_size)
+    names = level_names(model_config.num_levels)
+    suffixes = [""] if len(names) == 1 else [f"_{name}" for name in names]
+    epoch_usage = [CodebookUsage(k) for k in model_config.codebook_sizes]
 
     def step_fn(step: int) -> StepOutput:
         images, _ = dataset.batch(batch_indices(step, len(dataset), config.batch_size, config.seed))
         out = model(to_model(images))
-        epoch_usage.update(out.codes)
-        return StepOutput(out.loss, {"perplexity": out.perplexity, "recon_loss": out.recon_loss,
-                                     "commitment_loss": out.commitment_loss, "usage": out.usage})
+        stats = {"recon_loss": out.recon_loss, "commitment_loss": out.commitment_loss}
+        for suffix, codes, ppl, usage, counter in zip(suffixes, _levels(out.codes), _levels(out.perplexity),
+                                                      _levels(out.usage), epoch_usage):
+            counter.update(codes)
+            stats.update({f"perplexity{suffix}": ppl, f"usage{suffix}": usage})
+        return StepOutput(out.loss, stats)
 
     def after_step(step: int, _: StepOutput) -> None:
         nonlocal epoch_usage
         if step % per_epoch == 0:
-            board.scalars({"train/epoch_codes_used": epoch_usage.used,
-                           "train/epoch_perplexity": epoch_usage.perplexity}, step)
-            epoch_usage = CodebookUsage(model_config.codebook_size)
+            for suffix, counter in zip(suffixes, epoch_usage):
+                board.scalars({f"train/epoch_codes_used{suffix}": counter.used,
+                               f"train/epoch_perplexity{suffix}": counter.perplexity}, step)
+            epoch_usage = [CodebookUsage(k) for k in model_config.codebook_sizes]
         if step % config.image_every == 0:
             board.image("reconstructions", _comparison_grid(model, fixed_images), step)
 
@@ -122,8 +130,13 @@ def train(run_dir: str | Path, model_config: VQVAEConfig, config: TrainConfig, r
                     step_fn=step_fn, after_step=after_step, board=board, progress=progress)
 
 
+def _levels(value) -> list:
+    """A per-level list (VQ-VAE-2 outputs) or a single value (VQ-VAE) as a list."""
+    return value if isinstance(value, list) else [value]
+
+
 @torch.no_grad()
-def _comparison_grid(model: VQVAE, images: torch.Tensor) -> torch.Tensor:
+def _comparison_grid(model: VQVAE | VQVAE2, images: torch.Tensor) -> torch.Tensor:
     """Originals above their reconstructions, uint8 (C, H, W)."""
     was_training = model.training
     model.eval()

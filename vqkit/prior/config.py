@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..config import JsonConfig
@@ -19,6 +19,13 @@ class PriorConfig(JsonConfig):
     ``num_classes`` makes the prior class-conditional (a label embedding enters every layer);
     ``cond_channels`` > 0 makes it take a float map (B, cond_channels, height, width) that
     enters every layer through a 1x1 convolution.
+
+    ``cond_codes`` lists the code maps of coarser levels that the prior is conditioned on
+    (VQ-VAE-2: the bottom prior on the top map), one ``[codebook_size, height, width]`` per map,
+    in the order ``forward(..., cond_codes=[...])`` takes them; each map's height and width must
+    divide the prior's by an integer factor. Each goes through its own conditioning stack of
+    ``cond_layers`` residual blocks (see ``vqkit.prior.condition``) and enters every layer
+    beside ``cond``.
     """
 
     label: ClassVar[str] = "prior config"
@@ -35,6 +42,8 @@ class PriorConfig(JsonConfig):
     dropout: float = 0.0
     num_classes: int | None = None
     cond_channels: int = 0
+    cond_codes: list[list[int]] = field(default_factory=list)
+    cond_layers: int = 2
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -57,3 +66,18 @@ class PriorConfig(JsonConfig):
             raise ValueError(f"num_classes must be None or a positive integer, got {self.num_classes!r}")
         if not isinstance(self.cond_channels, int) or self.cond_channels < 0:
             raise ValueError(f"cond_channels must be an integer >= 0, got {self.cond_channels!r}")
+        if not isinstance(self.cond_layers, int) or self.cond_layers < 0:
+            raise ValueError(f"cond_layers must be an integer >= 0, got {self.cond_layers!r}")
+        if not isinstance(self.cond_codes, (list, tuple)):
+            raise ValueError(f"cond_codes must be a list of [codebook_size, height, width], got {self.cond_codes!r}")
+        for index, spec in enumerate(self.cond_codes):
+            if (not isinstance(spec, (list, tuple)) or len(spec) != 3
+                    or not all(isinstance(v, int) and v >= 1 for v in spec)):
+                raise ValueError(f"cond_codes[{index}] must be [codebook_size, height, width] of positive "
+                                 f"integers, got {spec!r}")
+            _, h, w = spec
+            if self.height % h or self.width % w:
+                raise ValueError(f"cond_codes[{index}]: a {h}x{w} map does not divide the prior's "
+                                 f"{self.height}x{self.width} map by an integer factor")
+        # Lists, as JSON gives them back, so that a round trip compares equal.
+        self.cond_codes = [list(spec) for spec in self.cond_codes]

@@ -58,10 +58,12 @@ def sample_codes(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(prior: Prior, n: int, labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
-           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None, method: str = "incremental") -> torch.Tensor:
-    """Draw ``n`` code maps (n, H, W) int64 from ``prior``, given labels (n,) and/or a
-    conditioning map (n, cond_channels, H, W) when the prior takes them.
+           cond_codes: list[torch.Tensor] | None = None, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None,
+           method: str = "incremental") -> torch.Tensor:
+    """Draw ``n`` code maps (n, H, W) int64 from ``prior``, given labels (n,), a conditioning
+    map (n, cond_channels, H, W) and/or the code maps of coarser levels [(n, h, w), ...] (e.g.
+    ``cond_codes=[top]`` for a VQ-VAE-2 bottom prior) when the prior takes them.
 
     The prior runs in eval mode (no dropout) and is put back in its previous mode afterwards.
     """
@@ -86,10 +88,10 @@ def sample(prior: Prior, n: int, labels: torch.Tensor | None = None, cond: torch
         if method == "naive":
             for i in range(c.height):
                 for j in range(c.width):
-                    logits = prior(codes, labels, cond)[:, :, i, j]
+                    logits = prior(codes, labels, cond, cond_codes)[:, :, i, j]
                     codes[:, i, j] = sample_codes(filtered_probs(logits, temperature, top_k, top_p), u[:, i, j])
         else:
-            state = prior.incremental(n, labels, cond)
+            state = prior.incremental(n, labels, cond, cond_codes)
             for i in range(c.height):
                 for j in range(c.width):
                     picked = sample_codes(filtered_probs(state.logits(i, j), temperature, top_k, top_p), u[:, i, j])

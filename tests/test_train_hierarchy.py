@@ -1,0 +1,68 @@
+"""VQ-VAE-2 runs end to end through the stage-1 tools: train, resume, eval, levels."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from PIL import Image
+
+from vqkit import checkpoint as ckpt
+from vqkit.cli import main
+from vqkit.data import load_dataset, sample_dir
+from vqkit.evaluate import evaluate
+from vqkit.hierarchy import VQVAE2, VQVAE2Config
+from vqkit.train import TrainConfig, train
+
+torch.set_num_threads(1)
+
+DATA = f"fashion-mnist:{sample_dir()}"
+TINY2 = VQVAE2Config(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, strides=[1, 1],
+                     code_dim=4, codebook_sizes=[8, 16], restart_after=2)
+
+
+def _train(run, steps, resume=False):
+    return train(run, TINY2, TrainConfig(data=DATA, steps=steps, batch_size=8, lr=3e-3),
+                 resume=resume, progress=False, tensorboard=False)
+
+
+def test_hierarchy_trains_resumes_and_reloads(tmp_path):
+    _train(tmp_path / "straight", 8)
+    _train(tmp_path / "resumed", 4)
+    _train(tmp_path / "resumed", 8, resume=True)
+    a, _ = ckpt.load_model(tmp_path / "straight")
+    b, _ = ckpt.load_model(tmp_path / "resumed")
+    assert isinstance(a, VQVAE2) and ckpt.run_kind(tmp_path / "straight") == "vqvae2"
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_eval_reports_every_level(tmp_path):
+    _train(tmp_path / "run", 6)
+    model, _ = ckpt.load_model(tmp_path / "run")
+    result = evaluate(model, load_dataset(DATA, "test"), limit=40)
+    top, bottom = result.levels
+    assert (top.name, top.shape, top.codebook_size) == ("top", [7, 7], 8)
+    assert (bottom.name, bottom.shape, bottom.codebook_size) == ("bottom", [14, 14], 16)
+    assert top.reduction == 784 / 49 and bottom.reduction == 784 / 196
+    assert bottom.psnr_upto == result.psnr
+    assert result.codes_used == top.codes_used + bottom.codes_used and result.codebook_size == 24
+    # The KL term counts log K_l nats for every latent of every level.
+    extra = (49 * math.log(8) + 196 * math.log(16)) / (784 * math.log(2))
+    assert abs(result.bits_per_dim - result.nll_bits_per_dim - extra) < 1e-9
+
+
+def test_cli_levels_eval_and_unsupported_commands(tmp_path, capsys):
+    run = tmp_path / "run"
+    _train(run, 3)
+    out = tmp_path / "levels.png"
+    assert main(["levels", str(run), "-n", "3", "-o", str(out)]) == 0
+    width, height = Image.open(out).size
+    assert (width, height) == (3 * 30 + 2, 3 * 30 + 2)  # top, top+bottom, original; three images
+    assert "decoded from the top level alone, then adding bottom, then the original" in capsys.readouterr().out
+    assert main(["eval", str(run), "--limit", "16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [lv["name"] for lv in report["levels"]] == ["top", "bottom"]
+    assert main(["extract", str(run), "-o", str(tmp_path / "codes")]) == 2
+    assert "2-level VQ-VAE-2" in capsys.readouterr().err
