@@ -64,5 +64,5 @@ def test_cli_levels_eval_and_unsupported_commands(tmp_path, capsys):
     assert main(["eval", str(run), "--limit", "16", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [lv["name"] for lv in report["levels"]] == ["top", "bottom"]
-    assert main(["extract", str(run), "-o", str(tmp_path / "codes")]) == 2
+    assert main(["encode", str(run), "--limit", "2", "-o", str(tmp_path / "codes.npy")]) == 2
     assert "2-level VQ-VAE-2" in capsys.readouterr().err

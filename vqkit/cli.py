@@ -12,19 +12,20 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .codes import extract_codes, load_codes, read_code_maps, save_code_maps
+from .codes import extract_codes, extract_levels, load_codes, read_code_maps, save_code_maps
 from .data import DataError, find_fashion_mnist, from_model, load_dataset, to_model
 from .evaluate import evaluate
 from .fsutil import atomic_write_text
-from .generate import decode_codes, prior_codes, stage1_of, uniform_codes
+from .generate import (LevelPrior, chain_codes, check_chain, decode_codes, prior_codes, stage1_of,
+                       uniform_chain_codes, uniform_codes)
 from .images import ImageError, load_image, make_grid, save_png, side_by_side
 from .hierarchy import PRESETS2, VQVAE2Config, level_names, preset2
 from .model import PRESETS, VQVAEConfig, preset
 from .prior import PriorConfig
 from .prior.config import ARCHS
 from .train import TrainConfig, TrainingError, train
-from .train_prior import (PriorTrainConfig, evaluate_prior, load_prior, prior_config_for,
-                          split_indices, train_prior)
+from .train_prior import (PriorTrainConfig, check_cond_sets, evaluate_prior, load_cond, load_prior,
+                          prior_config_for, split_indices, train_prior)
 
 log = logging.getLogger("vqkit")
 
@@ -48,7 +49,7 @@ def _model_config(args) -> VQVAEConfig | VQVAE2Config:
 def _single_level(model, what: str) -> None:
     if model.config.num_levels > 1:
         raise ValueError(f"{what} stores one code map per image; this run is a {model.config.num_levels}-level "
-                         "VQ-VAE-2, whose code sets are not supported by it yet (use eval, reconstruct, levels)")
+                         "VQ-VAE-2, which it does not support yet (use eval, reconstruct, levels, extract)")
 
 
 def cmd_train(args) -> None:
@@ -90,13 +91,17 @@ def _eval_prior(args) -> None:
     prior, config = load_prior(args.run)
     train_config = PriorTrainConfig(**config["train"])
     if args.codes:
-        codes = load_codes(args.codes)
-        val, val_idx = codes, torch.arange(len(codes))
+        val = load_codes(args.codes)
+        val_idx = torch.arange(len(val))
+        cond = [load_codes(path) for path in args.cond]
+        check_cond_sets(val, cond)
     else:
-        _, val, val_idx = split_indices(load_codes(train_config.codes), train_config)
+        codes = load_codes(train_config.codes)
+        _, val, val_idx = split_indices(codes, train_config)
+        _, cond = load_cond(train_config, codes, val)
     if args.limit is not None:
         val_idx = val_idx[:args.limit]
-    result = evaluate_prior(prior, val, val_idx)
+    result = evaluate_prior(prior, val, val_idx, cond=cond)
     model = stage1_of(config, args.run)
     stage1_run = Path(config["source"]["run"])
     data = load_dataset(args.data or ckpt.read_config(stage1_run)["train"]["data"], args.split,
@@ -104,14 +109,17 @@ def _eval_prior(args) -> None:
     stage1 = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json)
     latents = prior.config.height * prior.config.width
     subpixels = data.channels * data.height * data.width
-    total = stage1.nll_bits_per_dim + latents * result.bits_per_code / subpixels
+    # The prior replaces the uniform log2 K bits of its own level's latents only (a VQ-VAE-2's
+    # other levels keep theirs).
+    total = stage1.bits_per_dim - latents * result.saving / subpixels
     if args.json:
         print(json.dumps({**result.to_dict(), "stage1": stage1.to_dict(),
                           "bits_per_dim_with_prior": total}, indent=2))
     else:
         print(f"prior: {result.summary()}")
+        level = config["source"].get("level")
         print(f"{data.spec} ({args.split}): {stage1.bits_per_dim:.3f} bits/dim with the uniform prior, "
-              f"{total:.3f} with this prior")
+              f"{total:.3f} with this prior" + (f" for the {level} level" if level else ""))
 
 
 def cmd_reconstruct(args) -> None:
@@ -177,11 +185,19 @@ def cmd_decode(args) -> None:
 
 def cmd_extract(args) -> None:
     model, checkpoint = ckpt.load_model(args.run)
-    _single_level(model, "extract")
     data = load_dataset(_eval_data(args, args.run), args.split, image_size=_image_size(args.run))
     source = {"run": str(Path(args.run).resolve()), "step": checkpoint.step,
               "fingerprint": checkpoint.state.get("fingerprint"), "data": data.spec,
               "split": args.split}
+    if model.config.num_levels > 1:
+        sets = extract_levels(model, data, args.out, batch_size=args.batch_size, limit=args.limit,
+                              overwrite=args.overwrite, source=source)
+        print(f"wrote {args.out}: {len(sets[0])} images from {data.spec} ({args.split}), one code set "
+              "per level, top-first:")
+        for codes in sets:
+            h, w = codes.shape
+            print(f"  {codes.path}: {h} x {w} code maps, K = {codes.codebook_size}")
+        return
     codes = extract_codes(model, data, args.out, batch_size=args.batch_size, limit=args.limit,
                           overwrite=args.overwrite, source=source)
     h, w = codes.shape
@@ -191,19 +207,23 @@ def cmd_extract(args) -> None:
 
 def cmd_train_prior(args) -> None:
     codes = load_codes(args.codes)
+    config = PriorTrainConfig(codes=str(args.codes), val_codes=args.val_codes,
+                              cond_codes=[str(p) for p in args.cond],
+                              val_cond_codes=[str(p) for p in args.val_cond], steps=args.steps,
+                              batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                              time_budget=args.time_budget, checkpoint_every=args.checkpoint_every)
+    _, val, val_idx = split_indices(codes, config)
+    cond, val_cond = load_cond(config, codes, val)
     if args.resume and (Path(args.out) / "config.json").exists():
         prior_config = PriorConfig.from_dict(ckpt.read_config(args.out, kind="prior")["model"])
     else:
-        prior_config = prior_config_for(codes, args.arch, args.conditional, channels=args.channels,
+        prior_config = prior_config_for(codes, args.arch, args.conditional, cond, channels=args.channels,
                                         layers=args.layers)
-    config = PriorTrainConfig(codes=str(args.codes), val_codes=args.val_codes, steps=args.steps,
-                              batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                              time_budget=args.time_budget, checkpoint_every=args.checkpoint_every)
     result = train_prior(args.out, prior_config, config, resume=args.resume,
                          tensorboard=not args.no_tensorboard)
     prior, _ = load_prior(args.out)
-    _, val, val_idx = split_indices(codes, config)
-    print(f"step {result.step} in {result.seconds:.0f} s; {evaluate_prior(prior, val, val_idx).summary()}")
+    print(f"step {result.step} in {result.seconds:.0f} s; "
+          f"{evaluate_prior(prior, val, val_idx, cond=val_cond).summary()}")
 
 
 def _class_labels(value: str | None, n: int, nrow: int, config: dict) -> tuple[torch.Tensor | None, int]:
@@ -224,17 +244,17 @@ def _class_labels(value: str | None, n: int, nrow: int, config: dict) -> tuple[t
 
 
 def cmd_sample(args) -> None:
-    prior, config = load_prior(args.run)
-    model = stage1_of(config, args.run)
+    chain = [LevelPrior(run, *load_prior(run)) for run in args.runs]
+    model = check_chain(chain)
     nrow = args.nrow or max(1, int(round(args.n ** 0.5)))
-    labels, nrow = _class_labels(args.class_, args.n, nrow, config)
+    # The labels follow the first class-conditional prior (the top one, when it is).
+    labelled = next((link.config for link in chain if link.prior.config.num_classes), chain[0].config)
+    labels, nrow = _class_labels(args.class_, args.n, nrow, labelled)
     n = len(labels) if labels is not None else args.n
-    codes = prior_codes(prior, n, labels, args.temperature, args.top_k, args.top_p, args.seed)
+    codes = chain_codes(chain, n, labels, args.temperature, args.top_k, args.top_p, args.seed)
     grid = make_grid(decode_codes(model, codes), nrow=nrow)
     if args.compare_uniform:
-        h, w = codes.shape[1:]
-        uniform = make_grid(decode_codes(model, uniform_codes(n, h, w, prior.config.codebook_size, args.seed)),
-                            nrow=nrow)
+        uniform = make_grid(decode_codes(model, uniform_chain_codes(chain, n, args.seed)), nrow=nrow)
         grid = side_by_side(uniform, grid)
     save_png(grid, args.out)
     what = "uniform prior (left) beside the fitted prior (right)" if args.compare_uniform else "samples"
@@ -331,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "run, its held-out bits per code and the bits/dim it gives")
     run_and_data(e)
     e.add_argument("--codes", type=Path, help="(prior runs) held-out code set to evaluate on")
+    e.add_argument("--cond", type=Path, action="append", default=[],
+                   help="(conditioned prior runs, with --codes) the held-out code set of a level the "
+                        "prior is conditioned on; repeat top-first, as in train-prior")
     e.add_argument("--limit", type=int, help="evaluate only the first N images")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--json", action="store_true", help="print machine-readable results")
@@ -365,25 +388,34 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--nrow", type=int)
     d.set_defaults(func=cmd_decode)
 
-    x = sub.add_parser("extract", help="a dataset's code maps, stored for training a prior")
+    x = sub.add_parser("extract", help="a dataset's code maps, stored for training a prior (for a "
+                                       "VQ-VAE-2, one code set per level in OUT/top, ..., OUT/bottom)")
     x.add_argument("run", type=Path, help="run folder written by vqkit train")
     x.add_argument("--data", help=data_help + "; default: the run's training data")
     x.add_argument("--split", default="train", choices=["train", "test", "all"])
     x.add_argument("--limit", type=int, help="extract only the first N images")
     x.add_argument("--batch-size", type=int, default=256)
     x.add_argument("-o", "--out", required=True, type=Path,
-                   help="code set folder (codes.npy, labels.npy, manifest.json)")
+                   help="code set folder (codes.npy, labels.npy, manifest.json); for a VQ-VAE-2 "
+                        "the folder of one such set per level")
     x.add_argument("--overwrite", action="store_true", help="replace an existing code set")
     x.set_defaults(func=cmd_extract)
 
     tp = sub.add_parser("train-prior", help="fit an autoregressive prior to extracted codes (stage 2)")
-    tp.add_argument("codes", type=Path, help="code set written by vqkit extract")
+    tp.add_argument("codes", type=Path, help="code set written by vqkit extract (for a VQ-VAE-2, "
+                                              "one level's: CODES/top, CODES/bottom, ...)")
+    tp.add_argument("--cond", type=Path, action="append", default=[],
+                    help="VQ-VAE-2: condition the prior on this code set of a level above CODES, "
+                         "from the same extraction; repeat top-first (--cond CODES/top --cond "
+                         "CODES/middle); the top prior takes none")
     tp.add_argument("-o", "--out", required=True, type=Path, help="prior run folder")
     tp.add_argument("--arch", choices=ARCHS, default="pixelsnail")
     tp.add_argument("--conditional", action="store_true", help="class-conditional prior")
     tp.add_argument("--channels", type=int, default=64)
     tp.add_argument("--layers", type=int, default=6)
     tp.add_argument("--val-codes", help="held-out code set (default: the last 5%% of CODES)")
+    tp.add_argument("--val-cond", type=Path, action="append", default=[],
+                    help="the held-out code set of each --cond level (with --val-codes), same order")
     tp.add_argument("--steps", type=int, default=5000)
     tp.add_argument("--batch-size", type=int, default=32)
     tp.add_argument("--lr", type=float, default=3e-4)
@@ -394,8 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--no-tensorboard", action="store_true")
     tp.set_defaults(func=cmd_train_prior)
 
-    sm = sub.add_parser("sample", help="sample codes from a prior and decode them to images")
-    sm.add_argument("run", type=Path, help="prior run folder written by vqkit train-prior")
+    sm = sub.add_parser("sample", help="sample codes from a prior (for a VQ-VAE-2, a prior per level) "
+                                       "and decode them to images")
+    sm.add_argument("runs", nargs="+", type=Path, metavar="PRIOR",
+                    help="prior run folder written by vqkit train-prior; for a VQ-VAE-2 one per level, "
+                         "top-first (TOP [MIDDLE] BOTTOM), each lower one conditioned on the levels above")
     sm.add_argument("-n", type=int, default=64)
     sm.add_argument("-o", "--out", required=True, type=Path, help="PNG grid")
     sm.add_argument("--class", dest="class_",
@@ -406,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--nrow", type=int)
     sm.add_argument("--compare-uniform", action="store_true",
-                    help="put samples of the uniform prior (left) beside the fitted prior's (right)")
+                    help="put samples of the uniform prior (every level uniform; left) beside the "
+                         "fitted priors' (right)")
     sm.set_defaults(func=cmd_sample)
 
     m = sub.add_parser("demo", help="train a small VQ-VAE on Fashion-MNIST and show reconstructions")

@@ -14,6 +14,11 @@ streams batches into a memory-mapped ``codes.npy`` inside a temporary sibling fo
 ``.NAME.tmp-*``, fsyncs it, writes the manifest last and renames the folder into place: a
 killed extraction leaves at most a ``.NAME.tmp-*`` folder without a manifest (safe to
 delete), never a set that looks complete.
+
+A VQ-VAE-2 (``extract_levels``) gives one such set per level, in sub-folders named after the
+levels (``CODES/top``, ``CODES/bottom``, ...) with the same images in the same order, beside a
+``manifest.json`` of kind ``vqkit-code-levels`` that lists them; the whole folder is written
+and renamed the same way.
 """
 
 from __future__ import annotations
@@ -33,10 +38,13 @@ from tqdm import tqdm
 
 from .data import ImageSet, to_model
 from .fsutil import atomic_path, fsync_dir, fsync_file
+from .hierarchy import VQVAE2, level_names
 from .model import VQVAE
 
 FORMAT_VERSION = 1
 KIND = "vqkit-codes"
+# The folder that holds one code set per level of a VQ-VAE-2.
+LEVELS_KIND = "vqkit-code-levels"
 # Elements read per step when range-checking codes.npy: bounds the memory of the check.
 _CHECK_CHUNK = 1 << 22
 
@@ -96,9 +104,40 @@ def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, ba
     ``source`` is the provenance written into the manifest (JSON-serialisable; the command
     line gives ``run``, ``step``, ``fingerprint``, ``data`` and ``split``). An existing
     ``out`` is refused unless ``overwrite``, and then only if it is a code set itself.
-    Returns the new set, memory-mapped from disk.
+    Returns the new set, memory-mapped from disk. A VQ-VAE-2 has one map per level: use
+    ``extract_levels``.
     """
-    out = Path(out)
+    if model.config.num_levels != 1:
+        raise ValueError(f"the model is a {model.config.num_levels}-level VQ-VAE-2; extract its "
+                         "code maps with extract_levels (one code set per level)")
+    _extract(model, dataset, Path(out), None, batch_size=batch_size, limit=limit, progress=progress,
+             overwrite=overwrite, source=source)
+    return load_codes(out)
+
+
+def extract_levels(model: VQVAE2, dataset: ImageSet, out: str | os.PathLike, *, batch_size: int = 256,
+                   limit: int | None = None, progress: bool = True, overwrite: bool = False,
+                   source: dict) -> list[CodeSet]:
+    """VQ-VAE-2 Algorithm 2, lines 1-7: encode the first ``limit`` images of ``dataset`` once and
+    store every level's code maps, each as an ordinary code set in ``out/<level name>/``
+    (``top``, [``middle``], ``bottom``, see ``hierarchy.level_names``).
+
+    Map ``i`` of every level is image ``i``: a lower level's prior trains on its maps with the
+    maps of the levels above as conditioning. Each level's manifest adds ``level`` (its name)
+    and ``level_index`` (0 for the top) to ``source``; ``out/manifest.json`` (kind
+    ``vqkit-code-levels``) lists the levels. The whole folder is written under a temporary name
+    and renamed into place once, so a killed extraction leaves no level that looks complete.
+    Arguments are those of ``extract_codes``. Returns the sets top-first.
+    """
+    names = level_names(model.config.num_levels)
+    _extract(model, dataset, Path(out), names, batch_size=batch_size, limit=limit, progress=progress,
+             overwrite=overwrite, source=source)
+    return [load_codes(Path(out) / name) for name in names]
+
+
+def _extract(model: VQVAE | VQVAE2, dataset: ImageSet, out: Path, names: list[str] | None, *,
+             batch_size: int, limit: int | None, progress: bool, overwrite: bool, source: dict) -> None:
+    """Encode into one code set at ``out`` (``names`` None), or one per level in ``out/<name>/``."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -111,19 +150,25 @@ def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, ba
         raise ValueError(f"{dataset.spec}: images have {dataset.channels} channels but the model "
                          f"expects {config.in_channels}")
     try:
-        h, w = config.latent_shape(dataset.height, dataset.width)
+        shapes = config.latent_shapes(dataset.height, dataset.width)
     except ValueError as e:
         raise ValueError(f"{dataset.spec}: {e}") from None
-    dtype = code_dtype(config.codebook_size)
-    manifest = {
-        "format_version": FORMAT_VERSION, "kind": KIND, "count": n, "shape": [h, w],
-        "codebook_size": config.codebook_size, "dtype": dtype.name,
-        "image_size": [dataset.channels, dataset.height, dataset.width],
-        "num_classes": dataset.num_classes, "class_names": dataset.class_names,
-        "source": source,
-    }
+    sizes = config.codebook_sizes
+    folders = [Path()] if names is None else [Path(name) for name in names]
     # Serialise now: a provenance that is not JSON must fail before the long encoding pass.
-    manifest_text = json.dumps(manifest, indent=2) + "\n"
+    manifest_texts = []
+    for level, ((h, w), k) in enumerate(zip(shapes, sizes)):
+        level_source = source if names is None else {**source, "level": names[level], "level_index": level}
+        manifest_texts.append(_json({
+            "format_version": FORMAT_VERSION, "kind": KIND, "count": n, "shape": [h, w],
+            "codebook_size": k, "dtype": code_dtype(k).name,
+            "image_size": [dataset.channels, dataset.height, dataset.width],
+            "num_classes": dataset.num_classes, "class_names": dataset.class_names,
+            "source": level_source,
+        }))
+    levels_text = None if names is None else _json({
+        "format_version": FORMAT_VERSION, "kind": LEVELS_KIND, "count": n, "levels": names,
+        "source": source})
     _check_replaceable(out, overwrite)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,26 +177,35 @@ def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, ba
     model.eval()
     device = next(model.parameters()).device
     try:
-        codes = open_memmap(tmp / "codes.npy", mode="w+", dtype=dtype, shape=(n, h, w))
-        labels = open_memmap(tmp / "labels.npy", mode="w+", dtype=np.int64, shape=(n,))
+        for folder in folders:
+            (tmp / folder).mkdir(exist_ok=True)
+        codes = [open_memmap(tmp / folder / "codes.npy", mode="w+", dtype=code_dtype(k), shape=(n, h, w))
+                 for folder, (h, w), k in zip(folders, shapes, sizes)]
+        labels = [open_memmap(tmp / folder / "labels.npy", mode="w+", dtype=np.int64, shape=(n,))
+                  for folder in folders]
         with tqdm(total=n, desc="extract", unit="img", disable=not progress,
                   dynamic_ncols=True) as bar:
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
                 images, y = dataset.batch(torch.arange(start, stop))
-                codes[start:stop] = model.encode(to_model(images).to(device)).cpu().numpy()
+                # One encoder pass gives every level's map of the same images.
+                maps = model.encode(to_model(images).to(device))
+                for array, level_maps in zip(codes, maps if names is not None else [maps]):
+                    array[start:stop] = level_maps.cpu().numpy()
                 # Unlabelled folders give label 0 for every image; -1 says "no label".
-                labels[start:stop] = y.numpy() if dataset.num_classes is not None else -1
+                for array in labels:
+                    array[start:stop] = y.numpy() if dataset.num_classes is not None else -1
                 bar.update(stop - start)
-        codes.flush()
-        labels.flush()
-        del codes, labels  # close the maps before the files are fsynced and renamed
-        for name in ("codes.npy", "labels.npy"):
-            fsync_file(tmp / name)
-        with open(tmp / "manifest.json", "w", encoding="utf-8") as f:
-            f.write(manifest_text)
-            f.flush()
-            os.fsync(f.fileno())
+        for array in codes + labels:
+            array.flush()
+        del codes, labels, array  # close the maps before the files are fsynced and renamed
+        for folder, text in zip(folders, manifest_texts):
+            for name in ("codes.npy", "labels.npy"):
+                fsync_file(tmp / folder / name)
+            _write_synced(tmp / folder / "manifest.json", text)
+            fsync_dir(tmp / folder)
+        if levels_text is not None:
+            _write_synced(tmp / "manifest.json", levels_text)
         fsync_dir(tmp)
         _check_replaceable(out, overwrite)  # another process may have created it meanwhile
         _move_into_place(tmp, out)
@@ -160,7 +214,17 @@ def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, ba
         raise
     finally:
         model.train(was_training)
-    return load_codes(out)
+
+
+def _json(data: dict) -> str:
+    return json.dumps(data, indent=2) + "\n"
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_codes(path: str | os.PathLike, mmap: bool = True) -> CodeSet:
@@ -213,6 +277,11 @@ def _read_manifest(path: Path) -> dict:
                              "(an interrupted extraction leaves no manifest)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CodeStoreError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(manifest, dict) and manifest.get("kind") == LEVELS_KIND:
+        levels = [str(name) for name in manifest.get("levels") or []]
+        raise CodeStoreError(f"{path.parent}: holds one code set per level of a VQ-VAE-2 "
+                             f"({', '.join(levels)}); use a level's sub-folder, e.g. "
+                             f"{path.parent / (levels or ['bottom'])[-1]}")
     if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
         raise CodeStoreError(f"{path}: not a vqkit code set manifest (kind is not {KIND!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -284,12 +353,13 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise CodeStoreError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
-    # Only a code set is ever deleted: a mistyped -o must not remove an unrelated folder.
+    # Only a code set (or a VQ-VAE-2's folder of them) is ever deleted: a mistyped -o must not
+    # remove an unrelated folder.
     try:
         kind = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("kind")
     except (OSError, ValueError, AttributeError):
         kind = None
-    if not out.is_dir() or out.is_symlink() or kind != KIND:
+    if not out.is_dir() or out.is_symlink() or kind not in (KIND, LEVELS_KIND):
         raise CodeStoreError(f"{out}: exists and is not a vqkit code set; refusing to replace it")
 
 

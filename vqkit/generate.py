@@ -1,19 +1,27 @@
-"""Generating images: codes from a prior (or the uniform prior), then the stage-1 decoder."""
+"""Generating images: codes from a prior (or the uniform prior), then the stage-1 decoder.
+
+For a VQ-VAE-2 (Razavi et al. 2019, Algorithm 3) the codes come from a chain of priors, one
+per level, **top-first**: the top map is drawn from the top prior, then each lower level's map
+from its prior conditioned on the maps already drawn for the levels above, and the stage-1
+decoder turns all levels into images.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
 from .data import from_model
+from .hierarchy import VQVAE2, level_names
 from .model import VQVAE
 from .prior import Prior
 from .prior.sampling import sample
 
 
-def stage1_of(prior_config: dict, prior_run: Path) -> VQVAE:
+def stage1_of(prior_config: dict, prior_run: Path) -> VQVAE | VQVAE2:
     """The stage-1 model whose codes the prior was fitted to, checked by fingerprint."""
     source = prior_config.get("source") or {}
     run = source.get("run")
@@ -28,11 +36,102 @@ def stage1_of(prior_config: dict, prior_run: Path) -> VQVAE:
     return model
 
 
+@dataclass
+class LevelPrior:
+    """One link of a sampling chain: a prior, its run folder and its run's config.json."""
+
+    run: Path
+    prior: Prior
+    config: dict
+
+    @property
+    def source(self) -> dict:
+        return self.config.get("source") or {}
+
+    @property
+    def cond_levels(self) -> list[int]:
+        """Indices (top-first) of the levels whose maps the prior is conditioned on, as its
+        training recorded them; a prior without that record takes the top len(cond_codes)."""
+        recorded = self.source.get("cond_level_indices")
+        return list(recorded) if recorded is not None else list(range(len(self.prior.config.cond_codes)))
+
+
+def check_chain(chain: list[LevelPrior]) -> VQVAE | VQVAE2:
+    """Check that ``chain`` is one prior per level of one stage-1 model, top-first, each
+    conditioned on maps the priors above it draw; return that model (loaded and checked by
+    fingerprint). Raises CheckpointError naming the prior run that does not fit."""
+    if not chain:
+        raise ValueError("give at least one prior run")
+    first = chain[0]
+    model = stage1_of(first.config, first.run)
+    levels = model.config.num_levels
+    names = level_names(levels)
+    if len(chain) != levels:
+        raise ckpt.CheckpointError(
+            f"{first.source.get('run')}: the stage-1 model has {levels} level(s) ({', '.join(names)}), "
+            f"so sampling needs one prior per level, top-first; got {len(chain)} prior run(s)")
+    classes = {link.prior.config.num_classes for link in chain} - {None}
+    for index, link in enumerate(chain):
+        where = f"{Path(link.run) / 'config.json'}"
+        if link.source.get("fingerprint") != first.source.get("fingerprint"):
+            raise ckpt.CheckpointError(f"{where}: the prior was fitted to codes of another stage-1 model "
+                                       f"than {first.run}'s; all priors must come from the same run")
+        level = link.source.get("level_index", index)
+        if levels > 1 and level != index:
+            raise ckpt.CheckpointError(
+                f"{where}: the prior of level {link.source.get('level', level)!r} was given in position "
+                f"{index + 1}, the place of level {names[index]!r}; give the priors top-first "
+                f"({', '.join(names)})")
+        c = link.prior.config
+        if c.codebook_size != model.config.codebook_sizes[index]:
+            raise ckpt.CheckpointError(f"{where}: the prior draws K={c.codebook_size} codes but level "
+                                       f"{names[index]!r} of the stage-1 model has K="
+                                       f"{model.config.codebook_sizes[index]}")
+        if any(not 0 <= j < index for j in link.cond_levels):
+            raise ckpt.CheckpointError(f"{where}: conditioned on levels {link.cond_levels}, which are not "
+                                       f"all above level {names[index]!r}; give the priors top-first "
+                                       f"({', '.join(names)})")
+        above = [[chain[j].prior.config.codebook_size, chain[j].prior.config.height,
+                  chain[j].prior.config.width] for j in link.cond_levels]
+        if c.cond_codes != above:
+            raise ckpt.CheckpointError(f"{where}: the prior is conditioned on code maps [K, h, w] "
+                                       f"{c.cond_codes}, but the priors above draw {above}")
+    if len(classes) > 1:
+        raise ckpt.CheckpointError(f"the class-conditional priors have different numbers of classes "
+                                   f"({sorted(classes)}); they must share one labelling")
+    return model
+
+
 @torch.no_grad()
-def decode_codes(model: VQVAE, codes: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Codes (N, h, w) -> uint8 images (N, C, H, W)."""
-    return torch.cat([from_model(model.decode(codes[i:i + batch_size]))
-                      for i in range(0, len(codes), batch_size)])
+def chain_codes(chain: list[LevelPrior], n: int, labels: torch.Tensor | None = None,
+                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                seed: int = 0) -> list[torch.Tensor]:
+    """Codes of every level (n, h_l, w_l), top-first, drawn level by level from a checked chain;
+    ``labels`` go to the class-conditional priors. With one prior it draws ``prior_codes``'s maps."""
+    g = torch.Generator().manual_seed(seed)
+    maps: list[torch.Tensor] = []
+    for link in chain:
+        prior = link.prior
+        maps.append(sample(prior, n, labels=labels if prior.config.num_classes else None,
+                           cond_codes=[maps[j] for j in link.cond_levels], temperature=temperature,
+                           top_k=top_k, top_p=top_p, generator=g))
+    return maps
+
+
+def uniform_chain_codes(chain: list[LevelPrior], n: int, seed: int) -> list[torch.Tensor]:
+    """Codes of every level drawn from the uniform prior that stage 1 assumes, top-first."""
+    return [uniform_codes(n, c.height, c.width, c.codebook_size, seed + level)
+            for level, c in enumerate(link.prior.config for link in chain)]
+
+
+@torch.no_grad()
+def decode_codes(model: VQVAE | VQVAE2, codes: torch.Tensor | list[torch.Tensor],
+                 batch_size: int = 256) -> torch.Tensor:
+    """Codes (N, h, w), or a list of every level's (top-first), -> uint8 images (N, C, H, W)."""
+    maps = codes if isinstance(codes, list) else [codes]
+    decode = model.decode if isinstance(model, VQVAE2) else (lambda batch: model.decode(batch[0]))
+    return torch.cat([from_model(decode([m[i:i + batch_size] for m in maps]))
+                      for i in range(0, len(maps[0]), batch_size)])
 
 
 def uniform_codes(n: int, height: int, width: int, codebook_size: int, seed: int) -> torch.Tensor:

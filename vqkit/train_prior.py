@@ -4,6 +4,12 @@ VQ-VAE-2 Algorithm 2) and measure it on held-out codes.
 The prior is trained by cross-entropy over the K codes. Its held-out NLL in bits per code is
 reported beside log2 K, the cost of the uniform prior that stage 1 assumes; replacing the
 uniform log K term of the ELBO by the prior's NLL gives the model's total bits/dim.
+
+VQ-VAE-2 (Algorithm 2) fits one prior per level: the top prior as above, and each lower level's
+prior conditioned on the code maps of the levels above it (``cond_codes``: code sets that
+``vqkit extract`` wrote for the same images, given **top-first**, e.g. ``[CODES/top]`` for the
+bottom prior of two levels, ``[CODES/top, CODES/middle]`` for that of three). Batch ``i`` of
+the conditioning sets is taken at the same indices as the prior's own maps.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,10 +35,16 @@ log = logging.getLogger("vqkit")
 
 @dataclass
 class PriorTrainConfig(JsonConfig):
-    """How to train a prior; saved in the prior run's config.json."""
+    """How to train a prior; saved in the prior run's config.json.
+
+    ``cond_codes`` are the code sets of the levels above ``codes`` that the prior is
+    conditioned on, top-first; ``val_cond_codes`` are the same levels of ``val_codes``.
+    """
 
     codes: str
     val_codes: str | None = None
+    cond_codes: list[str] = field(default_factory=list)
+    val_cond_codes: list[str] = field(default_factory=list)
     val_fraction: float = 0.05
     steps: int = 5000
     batch_size: int = 32
@@ -47,6 +60,15 @@ class PriorTrainConfig(JsonConfig):
             raise ValueError("steps must be >= 0, batch_size >= 1 and lr > 0")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        self.cond_codes = [str(p) for p in self.cond_codes]
+        self.val_cond_codes = [str(p) for p in self.val_cond_codes]
+        # Held-out maps of a conditioned prior need held-out maps of the levels above, too.
+        if self.val_codes and len(self.val_cond_codes) != len(self.cond_codes):
+            raise ValueError(f"{self.val_codes}: the prior is conditioned on {len(self.cond_codes)} "
+                             f"code set(s) but {len(self.val_cond_codes)} held-out conditioning set(s) "
+                             "were given; give one --val-cond per --cond, in the same order")
+        if self.val_cond_codes and not self.val_codes:
+            raise ValueError("held-out conditioning codes (--val-cond) need held-out codes (--val-codes)")
 
 
 @dataclass
@@ -85,14 +107,71 @@ def split_indices(codes: CodeSet, config: PriorTrainConfig) -> tuple[torch.Tenso
     return torch.arange(n - n_val), codes, torch.arange(n - n_val, n)
 
 
+def check_cond_sets(codes: CodeSet, cond: Sequence[CodeSet]) -> None:
+    """Check that ``cond`` can condition a prior of ``codes``: levels above ``codes``' level,
+    top-first, extracted from the same stage-1 model (fingerprint), data and split, with as many
+    maps, so that map ``i`` of every set is the same image. Raises TrainingError naming the set."""
+    source = codes.manifest.get("source") or {}
+    above = -1
+    for c in cond:
+        s = c.manifest.get("source") or {}
+        if not s.get("fingerprint") or s.get("fingerprint") != source.get("fingerprint"):
+            raise TrainingError(
+                f"{c.path}: extracted from another stage-1 model than {codes.path} (fingerprint "
+                f"{str(s.get('fingerprint'))[:12]} vs {str(source.get('fingerprint'))[:12]}); "
+                "extract all levels from the same run with one vqkit extract")
+        if (s.get("data"), s.get("split")) != (source.get("data"), source.get("split")):
+            raise TrainingError(f"{c.path}: extracted from {s.get('data')} ({s.get('split')}) but "
+                                f"{codes.path} from {source.get('data')} ({source.get('split')})")
+        if len(c) != len(codes):
+            raise TrainingError(f"{c.path}: holds {len(c)} code maps but {codes.path} holds {len(codes)}; "
+                                "conditioning maps must be of the same images, in the same order")
+        level, target = s.get("level_index"), source.get("level_index")
+        if level is None or target is None:
+            raise TrainingError(f"{c.path if level is None else codes.path}: not one level of a VQ-VAE-2 "
+                                "(its manifest names no source.level_index); condition on the code sets "
+                                "vqkit extract writes for a VQ-VAE-2 run")
+        if not above < level < target:
+            raise TrainingError(
+                f"{c.path}: level {s.get('level')!r} cannot condition level {source.get('level')!r} "
+                "in this position: conditioning sets are levels above the prior's own, given top-first "
+                "(e.g. --cond CODES/top --cond CODES/middle)")
+        above = level
+
+
+def load_cond(config: PriorTrainConfig, codes: CodeSet, val: CodeSet) -> tuple[list[CodeSet], list[CodeSet]]:
+    """The checked conditioning sets of the training maps ``codes`` and of the held-out maps
+    ``val`` (the same sets unless ``val_codes`` is a separate store)."""
+    cond = [load_codes(path) for path in config.cond_codes]
+    check_cond_sets(codes, cond)
+    if not config.val_codes:
+        return cond, cond
+    val_cond = [load_codes(path) for path in config.val_cond_codes]
+    check_cond_sets(val, val_cond)
+    for c, v in zip(cond, val_cond):
+        if (v.codebook_size, v.shape) != (c.codebook_size, c.shape):
+            raise TrainingError(f"{v.path}: held-out conditioning codes do not match {c.path} "
+                                "(codebook size or map shape differ)")
+    return cond, val_cond
+
+
+def _cond_batch(cond: Sequence[CodeSet], indices: torch.Tensor) -> list[torch.Tensor]:
+    return [c.batch(indices)[0] for c in cond]
+
+
 def _labels_for(prior: Prior, labels: torch.Tensor) -> torch.Tensor | None:
     return labels if prior.config.num_classes else None
 
 
 @torch.no_grad()
 def evaluate_prior(prior: Prior, codes: CodeSet, indices: torch.Tensor | None = None,
-                   batch_size: int = 128) -> PriorEvalResult:
-    """Mean NLL of the maps ``indices`` of ``codes`` in bits per code."""
+                   batch_size: int = 128, cond: Sequence[CodeSet] = ()) -> PriorEvalResult:
+    """Mean NLL of the maps ``indices`` of ``codes`` in bits per code, given the same maps of
+    the conditioning sets ``cond`` (top-first) when the prior takes them."""
+    if len(cond) != len(prior.config.cond_codes):
+        raise ValueError(f"{codes.path}: the prior is conditioned on {len(prior.config.cond_codes)} "
+                         f"code map(s) of the levels above, but {len(cond)} conditioning code set(s) "
+                         "were given (--cond, top-first)")
     was_training = prior.training
     prior.eval()
     indices = torch.arange(len(codes)) if indices is None else indices
@@ -100,21 +179,25 @@ def evaluate_prior(prior: Prior, codes: CodeSet, indices: torch.Tensor | None = 
         raise ValueError(f"{codes.path}: no code maps to evaluate")
     total = 0.0
     for start in range(0, len(indices), batch_size):
-        batch, labels = codes.batch(indices[start:start + batch_size])
-        total += float(prior.nll(batch, _labels_for(prior, labels)).sum())
+        idx = indices[start:start + batch_size]
+        batch, labels = codes.batch(idx)
+        total += float(prior.nll(batch, _labels_for(prior, labels), cond_codes=_cond_batch(cond, idx)).sum())
     prior.train(was_training)
     return PriorEvalResult(maps=len(indices), bits_per_code=total / len(indices) / math.log(2),
                            uniform_bits_per_code=math.log2(codes.codebook_size))
 
 
-def prior_config_for(codes: CodeSet, arch: str, conditional: bool, **sizes) -> PriorConfig:
-    """A prior configuration that fits ``codes``: K, the map shape, and the classes."""
+def prior_config_for(codes: CodeSet, arch: str, conditional: bool, cond: Sequence[CodeSet] = (),
+                     **sizes) -> PriorConfig:
+    """A prior configuration that fits ``codes``: K, the map shape, the classes, and the
+    conditioning maps of the sets ``cond`` (top-first)."""
     if conditional and not codes.num_classes:
         raise TrainingError(f"{codes.path}: these codes carry no class labels; "
                             "a class-conditional prior needs a labelled dataset")
     h, w = codes.shape
     return PriorConfig(arch=arch, codebook_size=codes.codebook_size, height=h, width=w,
-                       num_classes=codes.num_classes if conditional else None, **sizes)
+                       num_classes=codes.num_classes if conditional else None,
+                       cond_codes=[[c.codebook_size, *c.shape] for c in cond], **sizes)
 
 
 def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTrainConfig,
@@ -128,8 +211,19 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
                             f"K={codes.codebook_size}, the prior expects {prior_config.height}x"
                             f"{prior_config.width} with K={prior_config.codebook_size}")
     train_idx, val_codes, val_idx = split_indices(codes, config)
+    cond, val_cond = load_cond(config, codes, val_codes)
+    given = [[c.codebook_size, *c.shape] for c in cond]
+    if prior_config.cond_codes != given:
+        raise TrainingError(f"{config.codes}: the prior is conditioned on code maps [K, h, w] "
+                            f"{prior_config.cond_codes}, but the conditioning sets given (--cond: "
+                            f"{', '.join(config.cond_codes) or 'none'}) hold {given}; pass the sets of "
+                            "the levels it is conditioned on, top-first")
+    # The levels the prior is conditioned on, so that a sampler can feed it the right maps.
     source = {**codes.manifest.get("source", {}), "codes": str(Path(config.codes).resolve()),
-              "class_names": codes.manifest.get("class_names")}
+              "class_names": codes.manifest.get("class_names"),
+              "cond_codes": [str(c.path.resolve()) for c in cond],
+              "cond_levels": [c.manifest["source"]["level"] for c in cond],
+              "cond_level_indices": [c.manifest["source"]["level_index"] for c in cond]}
 
     torch.manual_seed(config.seed)
     prior = build_prior(prior_config)
@@ -152,12 +246,12 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
     def step_fn(step: int) -> StepOutput:
         picks = train_idx[batch_indices(step, len(train_idx), config.batch_size, config.seed)]
         batch, labels = codes.batch(picks)
-        nll = prior.nll(batch, _labels_for(prior, labels)).mean()
+        nll = prior.nll(batch, _labels_for(prior, labels), cond_codes=_cond_batch(cond, picks)).mean()
         return StepOutput(nll, {"bits_per_code": nll / math.log(2)})
 
     def after_step(step: int, _: StepOutput) -> None:
         if step % config.eval_every == 0 or step == config.steps:
-            result = evaluate_prior(prior, val_codes, eval_idx)
+            result = evaluate_prior(prior, val_codes, eval_idx, cond=val_cond)
             board.scalars({"val/bits_per_code": result.bits_per_code}, step)
 
     return run_loop(run_dir, prior, optimizer, step, steps=config.steps, time_budget=config.time_budget,
