@@ -3,6 +3,7 @@ evaluate on the whole test split (MSE on [0, 1], PSNR, bits/dim, codebook usage)
 
     python benchmarks/bench_quality.py --data cifar10:../shared/data/cifar10 --preset cifar10 --budget 600
     python benchmarks/bench_quality.py --data fashion-mnist:../shared/data/fashion-mnist --preset mnist --budget 300
+    python benchmarks/bench_quality.py --data folder:../shared/data/faces --image-size 128 --preset faces-3level --budget 600
 
 The run folder is kept (default under /tmp) for `vqkit reconstruct` and TensorBoard.
 """
@@ -20,6 +21,7 @@ import torch
 from vqkit.checkpoint import load_model
 from vqkit.data import load_dataset
 from vqkit.evaluate import evaluate
+from vqkit.hierarchy import PRESETS2, preset2
 from vqkit.model import preset
 from vqkit.train import TrainConfig, train
 
@@ -33,6 +35,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--image-size", type=int, help="centre-crop and resize folder images")
     p.add_argument("--out", type=Path, help="run folder (default: a new folder under /tmp)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -40,10 +43,12 @@ def main() -> None:
     if out.exists() and args.out:
         shutil.rmtree(out)
     config = TrainConfig(data=args.data, steps=10**9, batch_size=args.batch_size, lr=args.lr,
-                         seed=args.seed, time_budget=args.budget, checkpoint_every=10**9)
-    result = train(out, preset(args.preset), config, progress=False)
+                         seed=args.seed, time_budget=args.budget, checkpoint_every=10**9,
+                       image_size=args.image_size)
+    model_config = preset2(args.preset) if args.preset in PRESETS2 else preset(args.preset)
+    result = train(out, model_config, config, progress=False)
     model, _ = load_model(out)
-    metrics = evaluate(model, load_dataset(args.data, "test"), progress=False)
+    metrics = evaluate(model, load_dataset(args.data, "test", image_size=args.image_size), progress=False)
     print(json.dumps({"preset": args.preset, "data": args.data, "lr": args.lr,
                       "batch_size": args.batch_size, "threads": args.threads,
                       "seconds": round(result.seconds, 1), "steps": result.step,
