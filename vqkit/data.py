@@ -18,6 +18,7 @@ import math
 import os
 import struct
 import zlib
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,7 @@ _IDX_NAMES = {
 # Datasets
 
 
-class ImageSet(torch.utils.data.Dataset):
+class ImageSet(torch.utils.data.Dataset, ABC):
     """A labelled image dataset: item i is (uint8 tensor (C, H, W), int label).
 
     Attributes: ``spec`` (the spec it was loaded from), ``channels``, ``height``, ``width``
@@ -122,11 +123,11 @@ class ImageSet(torch.utils.data.Dataset):
         self.num_classes = None if class_names is None else len(class_names)
         self.skipped = skipped
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        raise NotImplementedError
+    @abstractmethod
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]: ...
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Items at ``indices`` (1-D int tensor of length N): uint8 (N, C, H, W), int64 (N,)."""
