@@ -66,3 +66,20 @@ def test_cli_levels_eval_and_unsupported_commands(tmp_path, capsys):
     assert [lv["name"] for lv in report["levels"]] == ["top", "bottom"]
     assert main(["encode", str(run), "--limit", "2", "-o", str(tmp_path / "codes.npy")]) == 2
     assert "2-level VQ-VAE-2" in capsys.readouterr().err
+
+
+def test_decode_without_a_level_measures_what_it_adds(tmp_path):
+    _train(tmp_path / "run", 6)
+    model, _ = ckpt.load_model(tmp_path / "run")
+    images = load_dataset(DATA, "test").batch(torch.arange(4))[0]
+    codes = model.encode(images.float() / 127.5 - 1)
+    full = model.decode(codes)
+    for level in range(2):
+        assert not torch.equal(model.decode_without(codes, level), full)
+    # Zeroing a level is the same as replacing its quantized map by zeros before decoding.
+    z_qs = [model.quantizers[i].lookup(c) for i, c in enumerate(codes)]
+    z_qs[0] = torch.zeros_like(z_qs[0])
+    expected = model.likelihood.mean(model._decode_z_q(z_qs)).clamp(-1, 1)
+    assert torch.equal(model.decode_without(codes, 0), expected)
+    result = evaluate(model, load_dataset(DATA, "test"), limit=16)
+    assert all(lv.psnr_without is not None for lv in result.levels)

@@ -5,7 +5,8 @@ subpixel of the set; PSNR = 10 log10(1 / MSE) of that average. Bits/dim is the E
 ``vqkit.likelihood.bits_per_dim``: reconstruction NLL plus log K_l nats per latent of each
 level. For a hierarchy, each level also reports its map size, its reduction factor (image
 values per code) and the PSNR of the reconstruction from that level and those above it
-alone (VQ-VAE-2 Figure 3).
+alone (VQ-VAE-2 Figure 3), and the PSNR with that level zeroed and all others kept: the gap
+to the full PSNR is what the level adds (for the top: the model against its lower levels alone).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class LevelResult:
     usage: float
     perplexity: float
     psnr_upto: float
+    psnr_without: float | None
 
 
 @dataclass
@@ -64,7 +66,8 @@ class EvalResult:
             text += "".join(
                 f"\n  {lv.name:>7}: {lv.shape[0]}x{lv.shape[1]} codes ({lv.reduction:.0f}x fewer than "
                 f"image values), {lv.codes_used}/{lv.codebook_size} used, perplexity "
-                f"{lv.perplexity:.1f}, PSNR with the levels above {lv.psnr_upto:.2f} dB"
+                f"{lv.perplexity:.1f}, PSNR with the levels above {lv.psnr_upto:.2f} dB, "
+                f"without this level {lv.psnr_without:.2f} dB"
                 for lv in self.levels)
         return text
 
@@ -90,6 +93,7 @@ def evaluate(model: VQVAE | VQVAE2, dataset: ImageSet, batch_size: int = 256, li
     num_levels = len(sizes)
     usage = [CodebookUsage(k) for k in sizes]
     level_sq_err = [0.0] * num_levels  # decoding the levels 0..l only; the last is the full model
+    without_sq_err = [0.0] * num_levels  # decoding every level but l
     nll = batch_ppl = 0.0
     batches = 0
     shapes: list[list[int]] = []
@@ -104,6 +108,9 @@ def evaluate(model: VQVAE | VQVAE2, dataset: ImageSet, batch_size: int = 256, li
             for upto in range(1, num_levels + 1):
                 rec = out.x_hat if upto == num_levels else model.decode_levels(codes, upto)
                 level_sq_err[upto - 1] += float(((rec.clamp(-1, 1) + 1) / 2 - x01).square().sum())
+            for level in range(num_levels if num_levels > 1 else 0):
+                rec = model.decode_without(codes, level)
+                without_sq_err[level] += float(((rec + 1) / 2 - x01).square().sum())
             nll += float(out.nll.sum())
             batch_ppl += sum(float(p) for p in _levels(out.perplexity)) / num_levels
             batches += 1
@@ -118,8 +125,10 @@ def evaluate(model: VQVAE | VQVAE2, dataset: ImageSet, batch_size: int = 256, li
     log_k_nats = sum(h * w * math.log(k) for (h, w), k in zip(shapes, sizes))
     levels = [LevelResult(name=name, shape=shape, reduction=subpixels / (shape[0] * shape[1]),
                           codes_used=u.used, codebook_size=u.counts.numel(), usage=u.fraction,
-                          perplexity=u.perplexity, psnr_upto=_psnr(err, values))
-              for name, shape, u, err in zip(level_names(num_levels), shapes, usage, level_sq_err)]
+                          perplexity=u.perplexity, psnr_upto=_psnr(err, values),
+                          psnr_without=_psnr(err_without, values) if num_levels > 1 else None)
+              for name, shape, u, err, err_without in zip(level_names(num_levels), shapes, usage,
+                                                          level_sq_err, without_sq_err)]
     return EvalResult(
         images=n, mse=level_sq_err[-1] / values, psnr=_psnr(level_sq_err[-1], values),
         nll_bits_per_dim=mean_nll / (subpixels * math.log(2)),

@@ -341,6 +341,22 @@ class VQVAE2(nn.Module):
                  for b, h, w in shapes[upto:]]
         return self.likelihood.mean(self._decode_z_q(z_qs)).clamp(-1, 1)
 
+    @torch.no_grad()
+    def decode_without(self, codes: Sequence[torch.Tensor], level: int) -> torch.Tensor:
+        """Decode every level but ``level``, whose quantized map is replaced by zeros.
+
+        The gap between this and ``decode`` is what that level adds to the reconstruction
+        (for the top level: the full model against the lower levels alone). Like
+        ``decode_levels`` it is a view of the model, not a sample.
+        """
+        if len(codes) != self.num_levels:
+            raise ValueError(f"expected {self.num_levels} code maps (top-first), got {len(codes)}")
+        if not 0 <= level < self.num_levels:
+            raise ValueError(f"level must be in 0..{self.num_levels - 1}, got {level}")
+        z_qs = [self.quantizers[i].lookup(c) for i, c in enumerate(codes)]
+        z_qs[level] = torch.zeros_like(z_qs[level])
+        return self.likelihood.mean(self._decode_z_q(z_qs)).clamp(-1, 1)
+
 
 def level_names(num_levels: int) -> list[str]:
     """Names of the levels, top-first: "top", "middle"..., "bottom" ("codes" for one level)."""
