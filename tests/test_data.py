@@ -403,3 +403,21 @@ def test_find_fashion_mnist_order(tmp_path, monkeypatch):
     assert find_fashion_mnist(f"mnist:{full}")[0] == f"mnist:{full}"
     with pytest.raises(DataError, match="no Fashion-MNIST IDX files"):
         find_fashion_mnist(str(tmp_path / "work"))
+
+
+def test_in_memory_copies_a_folder_set_once(tmp_path):
+    from vqkit.data import TensorImageSet, in_memory
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((12, 10, 3), 40 * i + (cls == "b"), np.uint8)).save(tmp_path / cls / f"{i}.png")
+    folder = load_dataset(f"folder:{tmp_path}", "all", image_size=8)
+    cached = in_memory(folder)
+    assert isinstance(cached, TensorImageSet) and len(cached) == len(folder) == 6
+    idx = torch.arange(6)
+    assert torch.equal(cached.batch(idx)[0], folder.batch(idx)[0])
+    assert torch.equal(cached.batch(idx)[1], folder.batch(idx)[1])
+    assert cached.class_names == folder.class_names
+    assert in_memory(cached) is cached
+    assert in_memory(folder, max_bytes=10) is folder

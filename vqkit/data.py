@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from vqkit.images import ImageError, load_image, read_image_size
 
@@ -163,6 +164,26 @@ class TensorImageSet(ImageSet):
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[indices], self.labels[indices]
+
+
+def in_memory(dataset: ImageSet, max_bytes: int = 2 << 30, progress: bool = False) -> ImageSet:
+    """``dataset`` decoded once into memory if its pixels fit in ``max_bytes``.
+
+    Training reads every image many times; a folder set would decode (and resize) each file
+    on every read. In-memory sets and sets too large are returned unchanged.
+    """
+    if isinstance(dataset, TensorImageSet):
+        return dataset
+    n = len(dataset)
+    if n * dataset.channels * dataset.height * dataset.width > max_bytes:
+        return dataset
+    images = torch.empty(n, dataset.channels, dataset.height, dataset.width, dtype=torch.uint8)
+    labels = torch.empty(n, dtype=torch.int64)
+    for i in tqdm(range(n), desc="load", unit="img", disable=not progress, leave=False):
+        images[i], labels[i] = dataset[i]
+    cached = TensorImageSet(dataset.spec, images, labels, dataset.class_names)
+    cached.skipped = dataset.skipped
+    return cached
 
 
 class FolderImageSet(ImageSet):

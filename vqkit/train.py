@@ -16,7 +16,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import JsonConfig
-from .data import ImageSet, from_model, load_dataset, to_model
+from .data import ImageSet, from_model, in_memory, load_dataset, to_model
 from .images import make_grid
 from .loop import StepOutput, TensorBoard, TrainingError, TrainResult, run_loop
 from .hierarchy import VQVAE2, VQVAE2Config, level_names
@@ -66,6 +66,7 @@ def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config:
     run_dir = Path(run_dir)
     if dataset is None:
         dataset = load_dataset(config.data, "train", image_size=config.image_size, skip_bad=config.skip_bad)
+    dataset = in_memory(dataset, progress=progress)
     if dataset.channels != model_config.in_channels:
         raise TrainingError(f"{config.data}: images have {dataset.channels} channels but the model "
                             f"expects {model_config.in_channels}")
