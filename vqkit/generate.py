@@ -1,6 +1,6 @@
 """Generating images: codes from a prior (or the uniform prior), then the stage-1 decoder.
 
-For a VQ-VAE-2 (Razavi et al. 2019, Algorithm 3) the codes come from a chain of priors, one
+For a VQ-VAE-2 (Razavi et al. 2019, Algorithm 2, sampling) the codes come from a chain of priors, one
 per level, **top-first**: the top map is drawn from the top prior, then each lower level's map
 from its prior conditioned on the maps already drawn for the levels above, and the stage-1
 decoder turns all levels into images.
