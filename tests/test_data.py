@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from shared_data import SHARED, needs_shared
 from vqkit import data
 from vqkit.data import (
     FASHION_MNIST_CLASSES,
@@ -25,15 +26,6 @@ from vqkit.data import (
 )
 
 
-def _find_shared_data() -> Path | None:
-    for parent in Path(__file__).resolve().parents:
-        if (parent / "shared" / "data").is_dir():
-            return parent / "shared" / "data"
-    return None
-
-
-SHARED = _find_shared_data()
-needs_shared = pytest.mark.skipif(SHARED is None, reason="shared/data not available")
 
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 CIFAR_BATCH1_COUNTS = [1005, 974, 1032, 1016, 999, 937, 1030, 1001, 1025, 981]

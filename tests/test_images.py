@@ -10,17 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from shared_data import SHARED
 from vqkit.images import ImageError, load_image, make_grid, read_image_size, save_png
 
 
-def _find_shared_data() -> Path | None:
-    for parent in Path(__file__).resolve().parents:
-        if (parent / "shared" / "data").is_dir():
-            return parent / "shared" / "data"
-    return None
-
-
-SHARED = _find_shared_data()
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from .config import JsonConfig
 from .likelihood import LikelihoodOutput, make_likelihood
+from .model import check_network_fields
 from .nets import Decoder, Encoder
 from .quantize import QuantizerOutput, VectorQuantizer
 
@@ -69,13 +70,7 @@ class VQVAE2Config(JsonConfig):
         # Lists, whatever sequence was given: a config read back from JSON must compare equal.
         self.strides = list(self.strides)
         self.codebook_sizes = list(self.codebook_sizes)
-        if self.likelihood not in ("gaussian", "logistic_mixture"):
-            raise ValueError(f"likelihood must be 'gaussian' or 'logistic_mixture', got {self.likelihood!r}")
-        for name in ("in_channels", "hidden", "res_hidden", "code_dim", "mixtures"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_res_blocks < 0 or self.restart_after < 0:
-            raise ValueError("num_res_blocks and restart_after must be >= 0")
+        check_network_fields(self)
         if len(self.strides) < 2:
             raise ValueError(f"a VQ-VAE-2 needs at least two levels, got strides={self.strides}; "
                              "use vqkit.model.VQVAE for a single level")

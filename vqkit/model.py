@@ -20,6 +20,17 @@ from .nets import Decoder, Encoder
 from .quantize import VectorQuantizer
 
 
+def check_network_fields(config) -> None:
+    """Checks of the fields ``VQVAEConfig`` and ``VQVAE2Config`` have in common."""
+    if config.likelihood not in ("gaussian", "logistic_mixture"):
+        raise ValueError(f"likelihood must be 'gaussian' or 'logistic_mixture', got {config.likelihood!r}")
+    for name in ("in_channels", "hidden", "res_hidden", "code_dim", "mixtures"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+    if config.num_res_blocks < 0 or config.restart_after < 0:
+        raise ValueError("num_res_blocks and restart_after must be >= 0")
+
+
 @dataclass
 class VQVAEConfig(JsonConfig):
     """Everything needed to rebuild a VQ-VAE; saved as JSON beside its weights."""
@@ -42,13 +53,11 @@ class VQVAEConfig(JsonConfig):
     mixtures: int = 5
 
     def __post_init__(self):
-        if self.likelihood not in ("gaussian", "logistic_mixture"):
-            raise ValueError(f"likelihood must be 'gaussian' or 'logistic_mixture', got {self.likelihood!r}")
-        for name in ("in_channels", "hidden", "res_hidden", "code_dim", "codebook_size", "mixtures"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.downsample < 0 or self.num_res_blocks < 0 or self.restart_after < 0:
-            raise ValueError("downsample, num_res_blocks and restart_after must be >= 0")
+        check_network_fields(self)
+        if self.codebook_size < 1:
+            raise ValueError(f"codebook_size must be positive, got {self.codebook_size}")
+        if self.downsample < 0:
+            raise ValueError(f"downsample must be >= 0, got {self.downsample}")
 
     @property
     def num_levels(self) -> int:
