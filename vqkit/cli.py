@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .codec import Codec, read_vq
 from .codes import extract_codes, extract_levels, load_codes, read_code_maps, save_code_maps
 from .data import DataError, find_fashion_mnist, from_model, load_dataset, to_model
 from .evaluate import evaluate
@@ -261,6 +262,57 @@ def cmd_sample(args) -> None:
     print(f"wrote {args.out}: {n} {what}")
 
 
+def _codec(args) -> Codec:
+    return Codec.load(args.run, args.prior)
+
+
+def cmd_compress(args) -> None:
+    if not args.prior and not args.uniform:
+        raise ValueError("give the prior runs (--prior TOP [--prior LOWER ...], top-first) to code with "
+                         "the priors, or --uniform for log2 K bits per code")
+    codec = _codec(args)
+    mode = "uniform" if args.uniform else "prior"
+    out = Path(args.out)
+    single = len(args.images) == 1 and out.suffix == ".vq"
+    for image in args.images:
+        target = out if single else out / (Path(image).stem + ".vq")
+        result = codec.compress_file(image, target, mode)
+        h = result.header
+        print(f"wrote {target}: {len(result.data)} bytes, {8 * len(result.data) / (h.height * h.width):.4f} "
+              f"bits per pixel ({mode} coding of {h.num_codes} codes; ideal {result.ideal_bits / 8:.0f} "
+              f"payload bytes, header {result.header_bytes})")
+
+
+def cmd_decompress(args) -> None:
+    codec = _codec(args)
+    out = Path(args.out)
+    single = len(args.files) == 1 and out.suffix.lower() == ".png"
+    for path in args.files:
+        target = out if single else out / (Path(path).stem + ".png")
+        image = codec.decompress_file(path, target)
+        print(f"wrote {target}: {image.shape[2]}x{image.shape[1]}")
+
+
+def cmd_rd(args) -> None:
+    from .rd import image_files, measure, plot
+    runs = {run: [] for run in args.runs}
+    fingerprints = {ckpt.latest_checkpoint(run).state.get("fingerprint"): run for run in args.runs}
+    for prior in args.prior:
+        source = ckpt.read_config(prior, kind="prior").get("source") or {}
+        run = fingerprints.get(source.get("fingerprint"))
+        if run is None:
+            raise ValueError(f"{prior}: fitted to none of the models given ({', '.join(map(str, args.runs))})")
+        runs[run].append(prior)
+    codecs = {Path(run).name: Codec.load(run, priors) for run, priors in runs.items()}
+    files = image_files(args.data)[:args.limit]
+    result = measure(codecs, files, [int(q) for q in args.qualities.split(",")])
+    print(result.table())
+    plot(result, args.out)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
+    print(f"wrote {args.out}" + (f" and {args.json}" if args.json else ""))
+
+
 def cmd_demo(args) -> None:
     spec, description = find_fashion_mnist(args.data)
     print(f"demo data: {description}")
@@ -444,6 +496,37 @@ def build_parser() -> argparse.ArgumentParser:
                     help="put samples of the uniform prior (every level uniform; left) beside the "
                          "fitted priors' (right)")
     sm.set_defaults(func=cmd_sample)
+
+    prior_help = ("prior run fitted to RUN's codes, one per level, top-first (repeat); the codes are "
+                  "entropy-coded with the priors' conditionals")
+    cp = sub.add_parser("compress", help="images to .vq files: codes entropy-coded with the priors")
+    cp.add_argument("run", type=Path, help="stage-1 run folder")
+    cp.add_argument("images", nargs="+", help="image files (any size)")
+    cp.add_argument("--prior", type=Path, action="append", default=[], help=prior_help)
+    cp.add_argument("--uniform", action="store_true", help="code every code with log2 K bits (no prior)")
+    cp.add_argument("-o", "--out", required=True, help="a .vq file for one image, else a folder")
+    cp.set_defaults(func=cmd_compress)
+
+    dp = sub.add_parser("decompress", help=".vq files back to PNG images")
+    dp.add_argument("run", type=Path, help="the stage-1 run folder the files were made with")
+    dp.add_argument("files", nargs="+", help=".vq files")
+    dp.add_argument("--prior", type=Path, action="append", default=[],
+                    help="the prior runs the files were made with, top-first (repeat)")
+    dp.add_argument("-o", "--out", required=True, help="a .png file for one file, else a folder")
+    dp.set_defaults(func=cmd_decompress)
+
+    rp = sub.add_parser("rd", help="rate-distortion of .vq files against JPEG and WebP over a folder "
+                                   "of images: table and plot")
+    rp.add_argument("runs", nargs="+", type=Path, metavar="RUN",
+                    help="stage-1 run folders (one operating point each)")
+    rp.add_argument("--prior", type=Path, action="append", default=[],
+                    help="prior run (repeat, top-first per model); each goes to the RUN it was fitted to")
+    rp.add_argument("--data", required=True, type=Path, help="folder of images")
+    rp.add_argument("--limit", type=int, help="only the first N images (in name order)")
+    rp.add_argument("--qualities", default="2,5,10,20,30,50,75,90", help="JPEG/WebP qualities")
+    rp.add_argument("-o", "--out", required=True, type=Path, help="the plot (PNG)")
+    rp.add_argument("--json", type=Path, help="also write every figure as JSON here")
+    rp.set_defaults(func=cmd_rd)
 
     m = sub.add_parser("demo", help="train a small VQ-VAE on Fashion-MNIST and show reconstructions")
     m.add_argument("--data", help="Fashion-MNIST folder (IDX files); default: search, then the embedded sample")

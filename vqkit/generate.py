@@ -56,14 +56,15 @@ class LevelPrior:
         return list(recorded) if recorded is not None else list(range(len(self.prior.config.cond_codes)))
 
 
-def check_chain(chain: list[LevelPrior]) -> VQVAE | VQVAE2:
+def check_chain(chain: list[LevelPrior], model: VQVAE | VQVAE2 | None = None) -> VQVAE | VQVAE2:
     """Check that ``chain`` is one prior per level of one stage-1 model, top-first, each
-    conditioned on maps the priors above it draw; return that model (loaded and checked by
-    fingerprint). Raises CheckpointError naming the prior run that does not fit."""
+    conditioned on maps the priors above it draw; return that model (loaded from the run the
+    priors name and checked by fingerprint, unless the caller gives the model it loaded and
+    checked itself). Raises CheckpointError naming the prior run that does not fit."""
     if not chain:
         raise ValueError("give at least one prior run")
     first = chain[0]
-    model = stage1_of(first.config, first.run)
+    model = model if model is not None else stage1_of(first.config, first.run)
     levels = model.config.num_levels
     names = level_names(levels)
     if len(chain) != levels:
