@@ -3,8 +3,8 @@
     python benchmarks/photo_patches.py ../shared/data/photos -o runs/photo-patches
 
 The last ``--held-out`` photos (in name order) are kept out of ``train/``: their crops go to
-``test/`` and the photos themselves are what ``vqkit rd`` measures on (``--list-held-out``
-prints them). Crops are taken at the photos' own resolution, seeded.
+``test/`` and the whole photos are copied to ``held-out/``, the folder ``vqkit rd`` measures.
+Crops are taken at the photos' own resolution, seeded.
 """
 
 from __future__ import annotations
@@ -42,8 +42,12 @@ def main() -> None:
             with atomic_path(args.out / split / f"{path.stem}-{k:04d}.png") as tmp:
                 crop.save(tmp, format="PNG")
     held = photos[len(photos) - args.held_out:]
+    for path in held:
+        with atomic_path(args.out / "held-out" / path.name) as tmp:
+            tmp.write_bytes(path.read_bytes())
     print(f"wrote {args.out}: crops of {len(photos) - len(held)} photos in train/, of "
-          f"{len(held)} held-out photos in test/ ({', '.join(p.name for p in held)})")
+          f"{len(held)} held-out photos in test/, and those photos in held-out/ "
+          f"({', '.join(p.name for p in held)})")
 
 
 if __name__ == "__main__":

@@ -233,8 +233,8 @@ def test_fuzzed_files_give_codec_errors_only(codec):
     prior, uniform = codec.compress(_image(9, 9)).data, codec.compress(_image(9, 9), "uniform").data
     inputs = [MAGIC + bytes(rng.randrange(256) for _ in range(rng.randrange(120))) if i % 3 == 0
               else bytes(rng.randrange(256) for _ in range(rng.randrange(64))) for i in range(2000)]
-    inputs += [_mutate(prior if rng.random() < 0.2 else uniform, rng) for _ in range(2500)]
-    inputs += [_payload_flipped(prior if i % 3 == 0 else uniform, rng) for i in range(60)]
+    inputs += [_mutate(prior if rng.random() < 0.1 else uniform, rng) for _ in range(2500)]
+    inputs += [_payload_flipped(prior if i % 4 == 0 else uniform, rng) for i in range(60)]
     outcomes = {"decoded": 0, "rejected": 0, "crashed": 0}
     for data in inputs:
         try:
