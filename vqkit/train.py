@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import precision
 from .config import JsonConfig
 from .data import ImageSet, from_model, in_memory, load_dataset, to_model
 from .images import make_grid
@@ -27,7 +28,7 @@ log = logging.getLogger("vqkit")
 
 
 @dataclass
-class TrainConfig(JsonConfig):
+class TrainConfig(JsonConfig, precision.PlacementConfig):
     """How to train; saved in the run's config.json beside the model configuration."""
 
     data: str
@@ -43,6 +44,7 @@ class TrainConfig(JsonConfig):
     skip_bad: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps must be >= 0, batch_size >= 1 and lr > 0")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.image_every < 1:
@@ -74,8 +76,11 @@ def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config:
     if len(dataset) < 1:
         raise TrainingError(f"{config.data}: the training set is empty")
 
+    placement = config.placement()
+    log.info("training on %s", placement.describe())
     torch.manual_seed(config.seed)
-    model = ckpt.build_model(model_config)
+    model = precision.prepare_model(ckpt.build_model(model_config), placement)
+    forward = torch.compile(model) if config.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     step = 0
     if resume and (run_dir / "latest").exists():
@@ -108,7 +113,8 @@ def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config:
 
     def step_fn(step: int) -> StepOutput:
         images, _ = dataset.batch(batch_indices(step, len(dataset), config.batch_size, config.seed))
-        out = model(to_model(images))
+        with precision.autocast(placement):
+            out = forward(precision.prepare_input(to_model(images), placement))
         stats = {"recon_loss": out.recon_loss, "commitment_loss": out.commitment_loss}
         for suffix, codes, ppl, usage, counter in zip(suffixes, _levels(out.codes), _levels(out.perplexity),
                                                       _levels(out.usage), epoch_usage):
@@ -124,7 +130,7 @@ def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config:
                                f"train/epoch_perplexity{suffix}": counter.perplexity}, step)
             epoch_usage = [CodebookUsage(k) for k in model_config.codebook_sizes]
         if step % config.image_every == 0:
-            board.image("reconstructions", _comparison_grid(model, fixed_images), step)
+            board.image("reconstructions", _comparison_grid(model, fixed_images, placement), step)
 
     return run_loop(run_dir, model, optimizer, step, steps=config.steps, time_budget=config.time_budget,
                     checkpoint_every=config.checkpoint_every, log_every=config.log_every,
@@ -137,11 +143,12 @@ def _levels(value) -> list:
 
 
 @torch.no_grad()
-def _comparison_grid(model: VQVAE | VQVAE2, images: torch.Tensor) -> torch.Tensor:
+def _comparison_grid(model: VQVAE | VQVAE2, images: torch.Tensor,
+                     placement: precision.Placement) -> torch.Tensor:
     """Originals above their reconstructions, uint8 (C, H, W)."""
     was_training = model.training
     model.eval()
-    x = to_model(images)
-    recon = from_model(model.decode(model.encode(x)))
+    x = precision.prepare_input(to_model(images), placement)
+    recon = from_model(model.decode(model.encode(x)).cpu())
     model.train(was_training)
     return make_grid(torch.cat([images, recon]), nrow=len(images))

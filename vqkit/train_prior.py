@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import precision
 from .config import JsonConfig
 from .codes import CodeSet, load_codes
 from .loop import StepOutput, TensorBoard, TrainingError, TrainResult, run_loop
@@ -34,7 +35,7 @@ log = logging.getLogger("vqkit")
 
 
 @dataclass
-class PriorTrainConfig(JsonConfig):
+class PriorTrainConfig(JsonConfig, precision.PlacementConfig):
     """How to train a prior; saved in the prior run's config.json.
 
     ``cond_codes`` are the code sets of the levels above ``codes`` that the prior is
@@ -56,6 +57,7 @@ class PriorTrainConfig(JsonConfig):
     eval_every: int = 500
 
     def __post_init__(self):
+        super().__post_init__()
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps must be >= 0, batch_size >= 1 and lr > 0")
         if not 0 < self.val_fraction < 1:
@@ -155,8 +157,9 @@ def load_cond(config: PriorTrainConfig, codes: CodeSet, val: CodeSet) -> tuple[l
     return cond, val_cond
 
 
-def _cond_batch(cond: Sequence[CodeSet], indices: torch.Tensor) -> list[torch.Tensor]:
-    return [c.batch(indices)[0] for c in cond]
+def _cond_batch(cond: Sequence[CodeSet], indices: torch.Tensor,
+                device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    return [c.batch(indices)[0].to(device) for c in cond]
 
 
 def _labels_for(prior: Prior, labels: torch.Tensor) -> torch.Tensor | None:
@@ -181,7 +184,8 @@ def evaluate_prior(prior: Prior, codes: CodeSet, indices: torch.Tensor | None = 
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
         batch, labels = codes.batch(idx)
-        total += float(prior.nll(batch, _labels_for(prior, labels), cond_codes=_cond_batch(cond, idx)).sum())
+        total += float(prior.nll(batch.to(prior.device), _labels_for(prior, labels.to(prior.device)),
+                                 cond_codes=_cond_batch(cond, idx, prior.device)).sum())
     prior.train(was_training)
     return PriorEvalResult(maps=len(indices), bits_per_code=total / len(indices) / math.log(2),
                            uniform_bits_per_code=math.log2(codes.codebook_size))
@@ -225,8 +229,11 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
               "cond_levels": [c.manifest["source"]["level"] for c in cond],
               "cond_level_indices": [c.manifest["source"]["level_index"] for c in cond]}
 
+    placement = config.placement()
+    log.info("training on %s", placement.describe())
     torch.manual_seed(config.seed)
-    prior = build_prior(prior_config)
+    prior = precision.prepare_model(build_prior(prior_config), placement)
+    forward = torch.compile(prior.nll) if config.compile else prior.nll
     optimizer = torch.optim.Adam(prior.parameters(), lr=config.lr)
     step = 0
     if resume and (run_dir / "latest").exists():
@@ -246,7 +253,9 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
     def step_fn(step: int) -> StepOutput:
         picks = train_idx[batch_indices(step, len(train_idx), config.batch_size, config.seed)]
         batch, labels = codes.batch(picks)
-        nll = prior.nll(batch, _labels_for(prior, labels), cond_codes=_cond_batch(cond, picks)).mean()
+        with precision.autocast(placement):
+            nll = forward(batch.to(placement.device), _labels_for(prior, labels.to(placement.device)),
+                          cond_codes=_cond_batch(cond, picks, placement.device)).mean()
         return StepOutput(nll, {"bits_per_code": nll / math.log(2)})
 
     def after_step(step: int, _: StepOutput) -> None:
