@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .codes import extract_codes, extract_levels, load_codes, read_code_maps, save_code_maps
+from .codes import (extract_codes, extract_levels, load_codes, read_code_maps, read_level_maps, save_code_maps,
+                    save_level_maps)
 from .data import DataError, find_fashion_mnist, from_model, load_dataset, to_model
 from .evaluate import evaluate
 from .fsutil import atomic_write_text
@@ -45,12 +46,6 @@ def _model_config(args) -> VQVAEConfig | VQVAE2Config:
         return ckpt.model_config_of(args.out)
     name = args.preset or "cifar10"
     return preset2(name) if name in PRESETS2 else preset(name)
-
-
-def _single_level(model, what: str) -> None:
-    if model.config.num_levels > 1:
-        raise ValueError(f"{what} stores one code map per image; this run is a {model.config.num_levels}-level "
-                         "VQ-VAE-2, which it does not support yet (use eval, reconstruct, levels, extract)")
 
 
 def cmd_train(args) -> None:
@@ -161,19 +156,27 @@ def cmd_levels(args) -> None:
 
 def cmd_encode(args) -> None:
     model, _ = ckpt.load_model(args.run)
-    _single_level(model, "encode")
     images = _images_from_args(args, args.run)
-    codes = torch.cat([model.encode(to_model(images[i:i + 256])) for i in range(0, len(images), 256)])
-    save_code_maps(codes, args.out, model.config.codebook_size)
-    print(f"wrote {args.out}: {len(codes)} code maps of {tuple(codes.shape[1:])}, "
-          f"K = {model.config.codebook_size}")
+    batches = [model.encode(to_model(images[i:i + 256])) for i in range(0, len(images), 256)]
+    if model.config.num_levels == 1:
+        codes = torch.cat(batches)
+        save_code_maps(codes, args.out, model.config.codebook_size)
+        print(f"wrote {args.out}: {len(codes)} code maps of {tuple(codes.shape[1:])}, "
+              f"K = {model.config.codebook_size}")
+        return
+    maps = [torch.cat(level) for level in zip(*batches)]
+    save_level_maps(maps, args.out, model.config.codebook_sizes)
+    shapes = ", ".join(f"{name} {m.shape[1]}x{m.shape[2]}" for name, m in zip(level_names(len(maps)), maps))
+    print(f"wrote {args.out}/: {len(maps[0])} images' code maps ({shapes})")
 
 
 def cmd_decode(args) -> None:
     model, _ = ckpt.load_model(args.run)
-    _single_level(model, "decode")
-    codes = read_code_maps(args.codes, model.config.codebook_size)
-    images = torch.cat([from_model(model.decode(codes[i:i + 256])) for i in range(0, len(codes), 256)])
+    if model.config.num_levels == 1:
+        codes = [read_code_maps(args.codes, model.config.codebook_size)]
+    else:
+        codes = read_level_maps(args.codes, model.config)
+    images = decode_codes(model, codes if model.config.num_levels > 1 else codes[0])
     out = Path(args.out)
     if out.suffix.lower() == ".png":
         save_png(make_grid(images, nrow=args.nrow or min(len(images), 16)), out)
@@ -391,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("-o", "--out", required=True, type=Path)
     lv.set_defaults(func=cmd_levels)
 
-    en = sub.add_parser("encode", help="images to integer code maps (.npy, N x h x w)")
+    en = sub.add_parser("encode", help="images to integer code maps (.npy, N x h x w; for a VQ-VAE-2, a folder "
+                                       "of top.npy, [middle.npy,] bottom.npy)")
     run_and_data(en)
     en.add_argument("images", nargs="*", help="image files (instead of --data)")
     en.add_argument("--limit", type=int)
@@ -399,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("-o", "--out", required=True, type=Path)
     en.set_defaults(func=cmd_encode)
 
-    d = sub.add_parser("decode", help="code maps (.npy) back to images")
+    d = sub.add_parser("decode", help="code maps (.npy, or a VQ-VAE-2's folder from encode) back to images")
     d.add_argument("run", type=Path)
     d.add_argument("codes", type=Path)
     d.add_argument("-o", "--out", required=True, help="a .png grid, or a folder for one PNG per map")
