@@ -128,7 +128,8 @@ def curves_figure(curves: Curves, title: str) -> plt.Figure:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.45 / (2.9 * rows), top=1 - 0.6 / (2.9 * rows),
+                        hspace=0.6, wspace=0.3)
     return fig
 
 
@@ -359,6 +360,8 @@ def build_report(run: str | Path, out: str | Path, *, data: str | None = None, s
     ``split``; ``priors`` are prior runs fitted to this run's codes, shown with their curves
     and samples; ``extra_images`` are image files shown at the end."""
     run, out = Path(run), Path(out)
+    # Read the extra images first: a bad one fails before the long pass over the data.
+    extras = [_extra(i, Path(p)) for i, p in enumerate(extra_images)]
     kind = ckpt.run_kind(run)
     if kind == "prior":
         sections = _prior_sections(run, "", "")
@@ -375,7 +378,7 @@ def build_report(run: str | Path, out: str | Path, *, data: str | None = None, s
         sections = [p for p in parts if p is not None] + _inspection_sections(result)
         for i, prior in enumerate(priors):
             sections += _prior_sections(Path(prior), f"prior-{i}", f"Prior: {Path(prior).name}")
-    sections += [_extra(i, Path(p)) for i, p in enumerate(extra_images)]
+    sections += extras
     page = render(f"vqkit report: {run.name}", sections)
     atomic_write_text(out, page)
     return Report(path=out, sections=sections, images=page.count("<img "))
