@@ -275,13 +275,18 @@ def _tile(tile: torch.Tensor, side: int) -> Image.Image:
 def atlas_image(level: LevelInspection, columns: int = 4, max_codes: int | None = None) -> Image.Image:
     """The codebook atlas of one level: one cell per code, by decreasing use (dead codes
     last), each cell labelled ``#code  count`` and showing what a map filled with the code
-    decodes to, a gap, then the code's exemplar crops, nearest first."""
+    decodes to, a gap, then the code's exemplar crops, nearest first, with the code's
+    footprint outlined in orange."""
     order = level.order[:max_codes] if max_codes else level.order
     per_code = level.exemplars.shape[1]
     side = level.crop * max(1, round(36 / level.crop))
     pad, label = 2, 13
     cell_w = (per_code + 1) * (side + pad) + 6
     cell_h = label + side + 6
+    # The code's footprint inside each crop (see the module docstring), outlined.
+    scale = side / level.crop
+    margin = (level.crop - level.stride) // 2
+    box = (round(margin * scale), round((margin + level.stride) * scale) - 1)
     cols = max(1, min(columns, len(order)))
     rows = math.ceil(len(order) / cols)
     canvas = Image.new("RGB", (cols * cell_w + pad, rows * cell_h + pad), "white")
@@ -297,7 +302,9 @@ def atlas_image(level: LevelInspection, columns: int = 4, max_codes: int | None 
         canvas.paste(_tile(level.decoded[code], side), (x0, y))
         for slot in range(per_code):
             if math.isfinite(float(level.exemplar_dist[code, slot])):
-                canvas.paste(_tile(level.exemplars[code, slot], side), (x0 + 6 + (slot + 1) * (side + pad), y))
+                x = x0 + 6 + (slot + 1) * (side + pad)
+                canvas.paste(_tile(level.exemplars[code, slot], side), (x, y))
+                draw.rectangle((x + box[0], y + box[0], x + box[1], y + box[1]), outline=(255, 90, 0))
     return canvas
 
 
