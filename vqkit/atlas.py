@@ -350,7 +350,14 @@ def code_map_figure(inspection: Inspection) -> plt.Figure:
     (codes written in the cells when the map is at most 8x8)."""
     levels = inspection.levels
     n = len(inspection.images)
-    fig, axes = plt.subplots(n, 1 + len(levels), figsize=(1.9 * (1 + len(levels)), 1.9 * n), squeeze=False)
+    # Two images per row when there are several: the figure stays readable on a wide screen.
+    blocks = 2 if n > 3 else 1
+    rows, width = math.ceil(n / blocks), 1 + len(levels)
+    fig, grid = plt.subplots(rows, blocks * width, figsize=(1.9 * blocks * width, 1.9 * rows), squeeze=False)
+    axes = np.array([grid[index // blocks, (index % blocks) * width:(index % blocks + 1) * width]
+                     for index in range(rows * blocks)])
+    for ax in axes[n:].flat:
+        ax.axis("off")
     for row in range(n):
         image = inspection.images[row].permute(1, 2, 0).numpy()
         axes[row, 0].imshow(image[:, :, 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=255)
@@ -365,14 +372,15 @@ def code_map_figure(inspection: Inspection) -> plt.Figure:
                     dark = float(np.dot(colours[code], (0.299, 0.587, 0.114))) < 0.5
                     ax.text(j, i, str(code), ha="center", va="center", fontsize=6,
                             color="white" if dark else "black")
-            if row == 0:
+            if row < blocks:
                 ax.set_title(f"{lv.name} {code_map.shape[0]}x{code_map.shape[1]}", fontsize=9)
-        if row == 0:
+        if row < blocks:
             axes[row, 0].set_title("image", fontsize=9)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02 / n, top=1 - 0.3 / (1.9 * n), wspace=0.08, hspace=0.08)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02 / rows, top=1 - 0.3 / (1.9 * rows), wspace=0.08,
+                        hspace=0.08)
     return fig
 
 
@@ -417,7 +425,7 @@ def pca_figure(inspection: Inspection) -> plt.Figure:
         ax.set_xlabel(f"PC1 ({100 * proj.explained[0]:.0f}% of variance)")
         ax.set_ylabel(f"PC2 ({100 * proj.explained[1]:.0f}%)")
     width = 4.6 * len(levels)
-    fig.subplots_adjust(left=0.8 / width, right=1 - 0.1 / width, bottom=0.13, top=0.92, wspace=0.45)
+    fig.subplots_adjust(left=0.8 / width, right=1 - 0.3 / width, bottom=0.13, top=0.92, wspace=0.5)
     return fig
 
 

@@ -268,11 +268,17 @@ def _reconstructions(model, dataset, n: int = 16) -> Section:
     grid = make_grid(torch.cat([images, recon]), nrow=len(images))
     return Section("reconstructions", "Reconstructions",
                    _p(f"the first {len(images)} images of {dataset.spec} (top) and their reconstructions "
-                      "(bottom)") + _img(_png_of(grid), "reconstruction grid"))
+                      "(bottom)") + _img(_png_of(grid, images.shape[-1]), "reconstruction grid"))
 
 
-def _png_of(grid: torch.Tensor) -> bytes:
-    return image_png(rgb_image(grid))
+def _png_of(grid: torch.Tensor, tile: int = 0) -> bytes:
+    """A uint8 grid (C, H, W) as PNG bytes, enlarged (nearest neighbour) by the whole factor
+    that brings image tiles of side ``tile`` to about 64 pixels, so small images stay visible."""
+    image = rgb_image(grid)
+    factor = max(1, 64 // tile) if tile else 1
+    if factor > 1:
+        image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+    return image_png(image)
 
 
 def _inspection_sections(result: InspectOutput) -> list[Section]:
@@ -317,7 +323,7 @@ def _prior_samples(run: Path, config: dict, sid: str, n: int = 16) -> Section:
     grid = make_grid(from_model(images), nrow=8)
     text = f"{n} code maps drawn from the prior (seed 0" + (", labels 0, 1, ... in turn" if labels is not None
                                                              else "") + f"), {what}"
-    return Section(sid, "Samples", _p(text) + _img(_png_of(grid), "prior samples"))
+    return Section(sid, "Samples", _p(text) + _img(_png_of(grid, images.shape[-1]), "prior samples"))
 
 
 def _prior_sections(run: Path, prefix: str, title: str) -> list[Section]:
