@@ -74,7 +74,14 @@ def test_stage1_report_has_its_sections_and_no_broken_image(runs, tmp_path, caps
     page = out.read_text()
     # No evaluation yet: every section the run has, and no "eval".
     assert _ids(page) == STAGE1_SECTIONS
-    assert len(_images(page)) == 6
+    images = _images(page)
+    assert len(images) == 6
+    # The reconstruction grid: two rows of 8 originals, each above its reconstructions, 28 px
+    # tiles with 2 px gaps, enlarged twice.
+    grid = images[1]
+    assert grid.size == ((8 * 30 + 2) * 2, (4 * 30 + 2) * 2)
+    first = load_dataset(DATA, "test").batch(torch.arange(1))[0][0, 0]
+    assert np.array_equal(np.asarray(grid.convert("L"))[4:60:2, 4:60:2], first.numpy())
     assert "<script" not in page.lower() and "http://" not in page and "https://" not in page
     for sid in _ids(page):
         assert f'href="#{sid}"' in page

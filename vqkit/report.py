@@ -50,8 +50,10 @@ from .atlas import (InspectOutput, figure_png, image_png, inspect_model, load_co
 from .data import from_model, to_model  # noqa: E402
 from .evaluate import EVAL_FILE  # noqa: E402
 from .fsutil import atomic_write_text  # noqa: E402
+from .generate import prior_codes, stage1_of  # noqa: E402
 from .hierarchy import VQVAE2  # noqa: E402
 from .images import ImageError, make_grid  # noqa: E402
+from .train_prior import load_prior  # noqa: E402
 
 
 @dataclass
@@ -265,10 +267,12 @@ def _reconstructions(model, dataset, n: int = 16) -> Section:
     images, _ = dataset.batch(torch.arange(min(n, len(dataset))))
     with torch.no_grad():
         recon = from_model(model.decode(model.encode(to_model(images))))
-    grid = make_grid(torch.cat([images, recon]), nrow=len(images))
+    # Rows of 8 originals, each above its reconstructions: narrow enough for a phone.
+    rows = [part for start in range(0, len(images), 8) for part in (images[start:start + 8], recon[start:start + 8])]
+    grid = make_grid(torch.cat(rows), nrow=min(8, len(images)))
     return Section("reconstructions", "Reconstructions",
-                   _p(f"the first {len(images)} images of {dataset.spec} (top) and their reconstructions "
-                      "(bottom)") + _img(_png_of(grid, images.shape[-1]), "reconstruction grid"))
+                   _p(f"the first {len(images)} images of {dataset.spec}, each row of originals above "
+                      "its reconstructions") + _img(_png_of(grid, images.shape[-1]), "reconstruction grid"))
 
 
 def _png_of(grid: torch.Tensor, tile: int = 0) -> bytes:
@@ -303,14 +307,14 @@ def _inspection_sections(result: InspectOutput) -> list[Section]:
 
 def _prior_samples(run: Path, config: dict, sid: str, n: int = 16) -> Section:
     """Samples of a prior that needs no other level's codes, decoded by its stage-1 model."""
-    from .generate import prior_codes, stage1_of
-    from .train_prior import load_prior
-
     prior, _ = load_prior(run)
     if prior.config.cond_codes:
         return Section(sid, "Samples", _p("this prior is conditioned on the levels above it: draw the chain "
                                           "with vqkit sample TOP ... BOTTOM and pass its grid with --extra-image"))
-    model = stage1_of(config, run)
+    try:
+        model = stage1_of(config, run)
+    except ckpt.CheckpointError as e:  # e.g. the stage-1 run trained on after the codes were extracted
+        return Section(sid, "Samples", _p(f"no samples: {e}"))
     labels = torch.arange(n) % prior.config.num_classes if prior.config.num_classes else None
     codes = prior_codes(prior, n, labels, seed=0)
     with torch.no_grad():
