@@ -16,13 +16,13 @@ from PIL import Image
 
 from vqkit import checkpoint as ckpt
 from vqkit.cli import main
-from vqkit.codes import extract_codes
+from vqkit.codes import extract_codes, load_codes
 from vqkit.data import load_dataset, sample_dir
+from vqkit.hierarchy import VQVAE2Config
 from vqkit.model import VQVAEConfig
 from vqkit.report import build_report, read_scalars
 from vqkit.train import TrainConfig, train
 from vqkit.train_prior import PriorTrainConfig, prior_config_for, train_prior
-from vqkit.codes import load_codes
 
 torch.set_num_threads(1)
 
@@ -98,6 +98,22 @@ def test_stage1_report_has_its_sections_and_no_broken_image(runs, tmp_path, caps
     page = out.read_text()
     assert report.section_ids == _ids(page) == STAGE1_SECTIONS[:3] + ["eval"] + STAGE1_SECTIONS[3:]
     assert f"{record['psnr']:.4g}" in page and f"{record['bits_per_dim']:.4g}" in page
+
+
+def test_vqvae2_report_has_an_atlas_and_eval_row_per_level(tmp_path, capsys):
+    run = tmp_path / "run2"
+    config = VQVAE2Config(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, strides=[1, 1], code_dim=4,
+                          codebook_sizes=[8, 16])
+    train(run, config, TrainConfig(data=DATA, steps=2, batch_size=16, lr=3e-3, log_every=1), progress=False)
+    assert main(["eval", str(run), "--data", DATA, "--limit", "16", "--json"]) == 0
+    capsys.readouterr()
+    report = build_report(run, tmp_path / "r2.html", data=DATA, limit=16, progress=False)
+    page = report.path.read_text()
+    assert report.section_ids == STAGE1_SECTIONS[:3] + ["eval", "reconstructions", "atlas-top", "atlas-bottom",
+                                                        "usage", "code-maps", "pca"]
+    assert len(_images(page)) == 7
+    assert "<td>top</td>" in page and "<td>bottom</td>" in page and "psnr_without" in page
+    assert "perplexity_top" in page and "perplexity_bottom" in page  # the curves' per-level tags
 
 
 def test_training_curves_are_the_logged_scalars(runs):
