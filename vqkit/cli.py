@@ -15,7 +15,7 @@ from . import checkpoint as ckpt
 from .codes import (extract_codes, extract_levels, load_codes, read_code_maps, read_level_maps, save_code_maps,
                     save_level_maps)
 from .data import DataError, find_fashion_mnist, from_model, load_dataset, to_model
-from .evaluate import evaluate
+from .evaluate import evaluate, save_eval
 from .fsutil import atomic_write_text
 from .generate import (LevelPrior, chain_codes, check_chain, decode_codes, prior_codes, stage1_of,
                        uniform_chain_codes, uniform_codes)
@@ -72,13 +72,24 @@ def _image_size(run: Path) -> int | None:
 def cmd_eval(args) -> None:
     if ckpt.run_kind(args.run) == "prior":
         return _eval_prior(args)
-    model, _ = ckpt.load_model(args.run)
+    model, checkpoint = ckpt.load_model(args.run)
     data = load_dataset(_eval_data(args, args.run), args.split, image_size=_image_size(args.run))
     result = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json)
+    record = {"data": data.spec, "split": args.split, **result.to_dict()}
+    _save_eval(args.run, checkpoint, record)
     if args.json:
-        print(json.dumps({"data": data.spec, "split": args.split, **result.to_dict()}, indent=2))
+        print(json.dumps(record, indent=2))
     else:
         print(f"{data.spec} ({args.split}): {result.summary()}")
+
+
+def _save_eval(run: Path, checkpoint: ckpt.Checkpoint, record: dict) -> None:
+    """Keep the figures in RUN/eval.json for vqkit report; a read-only run only loses that."""
+    try:
+        save_eval(run, {"step": checkpoint.step, "fingerprint": checkpoint.state.get("fingerprint"),
+                        **record})
+    except OSError as e:
+        print(f"vqkit: warning: could not save {run / 'eval.json'} ({e})", file=sys.stderr)
 
 
 def _eval_prior(args) -> None:
@@ -108,9 +119,10 @@ def _eval_prior(args) -> None:
     # The prior replaces the uniform log2 K bits of its own level's latents only (a VQ-VAE-2's
     # other levels keep theirs).
     total = stage1.bits_per_dim - latents * result.saving / subpixels
+    record = {**result.to_dict(), "stage1": stage1.to_dict(), "bits_per_dim_with_prior": total}
+    _save_eval(args.run, ckpt.latest_checkpoint(args.run), {"data": data.spec, "split": args.split, **record})
     if args.json:
-        print(json.dumps({**result.to_dict(), "stage1": stage1.to_dict(),
-                          "bits_per_dim_with_prior": total}, indent=2))
+        print(json.dumps(record, indent=2))
     else:
         print(f"prior: {result.summary()}")
         level = config["source"].get("level")
@@ -334,6 +346,27 @@ def _placement(args) -> dict:
             "compile": args.compile}
 
 
+def cmd_inspect(args) -> None:
+    from .atlas import inspect_run
+    result = inspect_run(args.run, args.out, data=args.data, split=args.split, limit=args.limit,
+                         batch_size=args.batch_size, exemplars=args.exemplars, maps=args.maps,
+                         max_codes=args.max_codes)
+    ins = result.inspection
+    print(f"{ins.num_images} images of {ins.data} ({ins.split}), checkpoint step {ins.step}:")
+    for lv in ins.levels:
+        print(f"  {lv.name}: {lv.used}/{lv.codebook_size} codes used, {lv.dead} dead, perplexity "
+              f"{lv.perplexity:.1f}; most used {lv.order[:5].tolist()}")
+    print(f"wrote {', '.join(p.name for p in result.files)} to {args.out}")
+
+
+def cmd_report(args) -> None:
+    from .report import build_report
+    report = build_report(args.run, args.out, data=args.data, split=args.split, limit=args.limit,
+                          inspect_dir=args.inspect_dir, priors=args.prior, extra_images=args.extra_image)
+    print(f"wrote {args.out}: {len(report.sections)} sections ({', '.join(report.section_ids)}), "
+          f"{report.images} images embedded")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqkit", description="VQ-VAE: discrete latent image models")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -467,6 +500,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="put samples of the uniform prior (every level uniform; left) beside the "
                          "fitted priors' (right)")
     sm.set_defaults(func=cmd_sample)
+
+    ins = sub.add_parser("inspect", help="codebook atlas, usage plot, code maps and codebook PCA "
+                                         "(PNGs) from one pass over a dataset")
+    run_and_data(ins)
+    ins.add_argument("--limit", type=int, help="inspect only the first N images")
+    ins.add_argument("--batch-size", type=int, default=256)
+    ins.add_argument("--exemplars", type=int, default=6, help="image patches shown per code")
+    ins.add_argument("--maps", type=int, default=8, help="images shown with their code maps")
+    ins.add_argument("--max-codes", type=int, help="show only the N most used codes in the atlas")
+    ins.add_argument("-o", "--out", required=True, type=Path, help="folder for the PNGs and inspect.json")
+    ins.set_defaults(func=cmd_inspect)
+
+    rp = sub.add_parser("report", help="one self-contained HTML page: config, training curves, last "
+                                       "eval, reconstructions, atlas and usage (or a prior's curves "
+                                       "and samples)")
+    run_and_data(rp)
+    rp.add_argument("--limit", type=int, help="inspect only the first N images")
+    rp.add_argument("--inspect-dir", type=Path, help="where the atlas PNGs go (default: OUT_files/)")
+    rp.add_argument("--prior", type=Path, action="append", default=[],
+                    help="a prior run fitted to this run's codes: its NLL curves and samples (repeat)")
+    rp.add_argument("--extra-image", type=Path, action="append", default=[],
+                    help="an image to include (sample grid, rate-distortion plot, ...; repeat)")
+    rp.add_argument("-o", "--out", required=True, type=Path, help="the HTML file")
+    rp.set_defaults(func=cmd_report)
 
     m = sub.add_parser("demo", help="train a small VQ-VAE on Fashion-MNIST and show reconstructions")
     m.add_argument("--data", help="Fashion-MNIST folder (IDX files); default: search, then the embedded sample")
