@@ -502,8 +502,13 @@ def main(argv: list[str] | None = None) -> int:
         if not distributed.active():
             raise
         # torchrun ends the other processes; name this one and its error last, in one line.
-        traceback.print_exc()
-        print(f"vqkit: error: {_rank_prefix()}{type(e).__name__}: {e}", file=sys.stderr)
+        if distributed.lost_peers(e):
+            print(f"vqkit: error: rank {distributed.rank()} stopped: the other processes stopped "
+                  f"answering (the rank that failed first names its error) [{str(e).splitlines()[0]}]",
+                  file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(f"vqkit: error: {_rank_prefix()}{type(e).__name__}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vqkit: interrupted (nothing half-written is left behind)", file=sys.stderr)

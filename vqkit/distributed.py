@@ -101,6 +101,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over all processes, in place; returns it."""
+    if active():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Rank ``src``'s ``tensor`` on every process, in place; returns it."""
     if active():
@@ -136,6 +144,17 @@ def rows_of_global_batch(local: torch.Tensor, picks: torch.Tensor) -> torch.Tens
     rows[mine] = local[picks[mine] - start]
     dist.all_reduce(rows)
     return rows
+
+
+def lost_peers(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another process died or stopped
+    answering (a consequence, to be reported as such, not a cause)."""
+    if isinstance(error, dist.DistError):
+        return True
+    # gloo reports a closed peer or a timeout as a plain RuntimeError.
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Timed out"))
 
 
 def barrier() -> None:
@@ -185,12 +204,14 @@ class _Method(nn.Module):
         return getattr(self.module, self.method)(*args, **kwargs)
 
 
-def wrap(model: nn.Module, method: str = "forward"):
+def wrap(model: nn.Module, method: str = "forward", unused_parameters: bool = False):
     """``model`` in ``DistributedDataParallel`` when training is distributed, else the callable
     ``model.<method>`` itself. Call the result instead of the model in the training step.
 
     Buffers are not broadcast from rank 0 before each forward: the EMA codebook is kept
-    identical by its own all-reduce, which the tests check bit for bit.
+    identical by its own all-reduce, which the tests check bit for bit. ``unused_parameters``:
+    the model may hold parameters that take no part in the loss (PixelSNAIL's position
+    encoding without an attention layer); DDP then searches the graph for them every step.
     """
     if not active():
         return model if method == "forward" else getattr(model, method)
@@ -201,7 +222,7 @@ def wrap(model: nn.Module, method: str = "forward"):
     on_cuda = next(model.parameters()).is_cuda
     return nn.parallel.DistributedDataParallel(
         module, device_ids=[torch.cuda.current_device()] if on_cuda else None,
-        forward_sync_buffers=False)
+        forward_sync_buffers=False, find_unused_parameters=unused_parameters)
 
 
 def launch(nproc: int, argv: list[str]) -> int:

@@ -251,7 +251,7 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
     if distributed.is_main():
         ckpt.write_run_config(run_dir, "prior", prior_config.to_dict(), config.to_dict(), source=source,
                               processes=distributed.world_size())
-    nll = distributed.wrap(prior, "nll")
+    nll = distributed.wrap(prior, "nll", unused_parameters=True)
 
     board = TensorBoard(run_dir / "tensorboard", tensorboard and distributed.is_main())
     eval_idx = val_idx[:1024]
