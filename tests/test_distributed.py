@@ -50,15 +50,16 @@ def _images() -> TensorImageSet:
     return TensorImageSet("sample", sample.images[:64], sample.labels[:64], sample.class_names)
 
 
-def _stage1(run: Path, steps: int, batch_size: int, resume: bool = False):
-    config = TrainConfig(data="sample", steps=steps, batch_size=batch_size, lr=1e-3, seed=3)
+def _stage1(run: Path, steps: int, batch_size: int, resume: bool = False, precision: str = "fp32"):
+    config = TrainConfig(data="sample", steps=steps, batch_size=batch_size, lr=1e-3, seed=3,
+                         precision=precision)
     return train(run, STAGE1, config, resume=resume, dataset=_images(), progress=False, tensorboard=False)
 
 
 def _prior(run: Path, codes_dir: Path, batch_size: int):
     codes = load_codes(codes_dir)
     config = PriorTrainConfig(codes=str(codes_dir), steps=PRIOR_STEPS, batch_size=batch_size, lr=3e-3,
-                              eval_every=2)
+                              eval_every=2, precision="fp32")
     return train_prior(run, prior_config_for(codes, "pixelsnail", False, channels=8, layers=1), config,
                        progress=False, tensorboard=False)
 
@@ -97,6 +98,7 @@ def _worker(rank: int, root: str, codes_dir: str) -> None:
         _stage1(root / "resumed", STEPS // 2, PER_RANK)
         _stage1(root / "resumed", STEPS, PER_RANK, resume=True)
         _prior(root / "prior", Path(codes_dir), PER_RANK)
+        _stage1(root / "bf16", STEPS, PER_RANK, precision="bf16")
     finally:
         dist.destroy_process_group()
 
@@ -132,7 +134,7 @@ def _assert_identical(a: dict, b: dict) -> None:
 
 
 def test_every_rank_holds_bit_identical_codebooks_and_parameters(runs):
-    for run in ("straight", "resumed", "prior"):
+    for run in ("straight", "resumed", "prior", "bf16"):
         rank0, rank1 = _ranks(runs, run)
         _assert_identical(rank0, rank1)
     # k-means and dead-code restarts happened, so they too were kept in step.
@@ -153,8 +155,8 @@ def test_distributed_resume_is_bit_identical_to_the_straight_run(runs):
 
 
 def test_two_processes_of_batch_b_match_one_process_of_batch_2b(runs, tmp_path, codes_dir):
-    # Same images per step, same k-means, restarts and EMA on the global statistics; only the
-    # order of float sums differs (per-rank sums all-reduced, gradients averaged by DDP), so
+    # In float32: same images per step, same k-means, restarts and EMA on the global
+    # statistics; only the order of float sums differs (per-rank sums all-reduced, gradients averaged by DDP), so
     # the weights agree to float32 rounding amplified over a few Adam steps.
     _stage1(tmp_path / "single", STEPS, WORLD * PER_RANK)
     single = ckpt.load_model(tmp_path / "single")[0].state_dict()

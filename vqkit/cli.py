@@ -23,6 +23,7 @@ from .generate import (LevelPrior, chain_codes, check_chain, decode_codes, prior
 from .images import ImageError, load_image, make_grid, save_png, side_by_side
 from .hierarchy import PRESETS2, VQVAE2Config, level_names, preset2
 from .model import PRESETS, VQVAEConfig, preset
+from .precision import PRECISIONS
 from .prior import PriorConfig
 from .prior.config import ARCHS
 from .train import TrainConfig, TrainingError, train
@@ -59,7 +60,7 @@ def cmd_train(args) -> None:
     config = TrainConfig(data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, time_budget=args.time_budget,
                          checkpoint_every=args.checkpoint_every, image_size=args.image_size,
-                         skip_bad=args.skip_bad)
+                         skip_bad=args.skip_bad, **_placement(args))
     result = train(args.out, model_config, config, resume=args.resume,
                    tensorboard=not args.no_tensorboard)
     if not distributed.is_main():
@@ -215,7 +216,8 @@ def cmd_train_prior(args) -> None:
                               cond_codes=[str(p) for p in args.cond],
                               val_cond_codes=[str(p) for p in args.val_cond], steps=args.steps,
                               batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                              time_budget=args.time_budget, checkpoint_every=args.checkpoint_every)
+                              time_budget=args.time_budget, checkpoint_every=args.checkpoint_every,
+                              **_placement(args))
     _, val, val_idx = split_indices(codes, config)
     cond, val_cond = load_cond(config, codes, val)
     if args.resume and (Path(args.out) / "config.json").exists():
@@ -330,6 +332,21 @@ def _distributed_args(sp) -> None:
                          f"(default {distributed.DEFAULT_TIMEOUT:.0f})")
 
 
+def _placement_args(sp) -> None:
+    sp.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu, cuda, cuda:N")
+    sp.add_argument("--precision", choices=PRECISIONS, default="auto",
+                    help="bf16: autocast the forward pass to bfloat16 (codebook maths stays float32); "
+                         "auto: bf16 where the device computes it natively, else fp32")
+    sp.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                    help="channels_last memory format (default: with bf16)")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+
+def _placement(args) -> dict:
+    return {"device": args.device, "precision": args.precision, "channels_last": args.channels_last,
+            "compile": args.compile}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqkit", description="VQ-VAE: discrete latent image models")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -355,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-bad", action="store_true", help="skip unreadable image files (counted in the log)")
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     t.add_argument("--no-tensorboard", action="store_true")
+    _placement_args(t)
     _distributed_args(t)
     t.set_defaults(func=cmd_train)
 
@@ -441,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--checkpoint-every", type=int, default=1000)
     tp.add_argument("--resume", action="store_true")
     tp.add_argument("--no-tensorboard", action="store_true")
+    _placement_args(tp)
     _distributed_args(tp)
     tp.set_defaults(func=cmd_train_prior)
 

@@ -2,8 +2,9 @@
 on a CPU, with gloo), launched by ``torchrun``, each training on its own shard of every batch.
 
 The process group is the one ``torchrun`` describes in the environment (``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): NCCL with one CUDA device
-per ``LOCAL_RANK`` when CUDA is available, gloo on the CPU otherwise. Gradients are averaged
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): where CUDA is available,
+each process takes the GPU of its ``LOCAL_RANK`` and CUDA tensors go through NCCL, CPU
+tensors through gloo; without CUDA everything goes through gloo. Gradients are averaged
 by ``DistributedDataParallel``; the EMA codebook, which is not a parameter, is kept identical
 on every process by all-reducing its batch statistics (``quantize.cluster_statistics``).
 
@@ -75,7 +76,7 @@ def setup(timeout: float = DEFAULT_TIMEOUT) -> bool:
         raise ValueError(f"the distributed timeout must be positive, got {timeout}")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = "nccl"
+        backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
@@ -85,13 +86,6 @@ def setup(timeout: float = DEFAULT_TIMEOUT) -> bool:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def device() -> torch.device:
-    """This process's device: ``cuda:LOCAL_RANK`` under NCCL, else the CPU."""
-    if active() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -120,7 +114,7 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """The mean of each scalar over all processes (one collective for the whole dict)."""
     if not active() or not values:
         return values
-    stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=device())
+    stacked = torch.tensor(list(values.values()), dtype=torch.float64)
     dist.all_reduce(stacked)
     return dict(zip(values, (stacked / world_size()).tolist()))
 
@@ -217,11 +211,17 @@ def wrap(model: nn.Module, method: str = "forward", unused_parameters: bool = Fa
         return model if method == "forward" else getattr(model, method)
     module = model if method == "forward" else _Method(model, method)
     # A convolution with one input channel (grey images) gets weight gradients whose strides
-    # differ from the bucket's only along that size-1 dimension: the same memory layout.
+    # differ from the bucket's only along that size-1 dimension: the same memory layout. With
+    # channels_last the layouts do differ and DDP copies each gradient into its bucket, a cost
+    # that benchmarks/bench_distributed.py measures rather than a fault to warn about.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    on_cuda = next(model.parameters()).is_cuda
+    where = next(model.parameters()).device
+    if where.type == "cuda" and where.index != torch.cuda.current_device():
+        raise DistributedError(f"rank {rank()}: the model is on {where} but this process's GPU is "
+                               f"cuda:{torch.cuda.current_device()} (LOCAL_RANK); under torchrun "
+                               "leave --device at auto or cuda")
     return nn.parallel.DistributedDataParallel(
-        module, device_ids=[torch.cuda.current_device()] if on_cuda else None,
+        module, device_ids=[where.index] if where.type == "cuda" else None,
         forward_sync_buffers=False, find_unused_parameters=unused_parameters)
 
 

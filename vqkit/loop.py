@@ -130,6 +130,6 @@ def _time_is_up(start_time: float, time_budget: float | None) -> bool:
         return False
     up = time.monotonic() - start_time > time_budget
     if distributed.active():
-        flag = torch.tensor([float(up)], device=distributed.device())
+        flag = torch.tensor([float(up)])
         up = bool(distributed.broadcast(flag)[0])
     return up

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, precision
 from .config import JsonConfig
 from .data import ImageSet, from_model, in_memory, load_dataset, to_model
 from .images import make_grid
@@ -32,7 +32,7 @@ log = logging.getLogger("vqkit")
 
 
 @dataclass
-class TrainConfig(JsonConfig):
+class TrainConfig(JsonConfig, precision.PlacementConfig):
     """How to train; saved in the run's config.json beside the model configuration."""
 
     data: str
@@ -48,6 +48,7 @@ class TrainConfig(JsonConfig):
     skip_bad: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps must be >= 0, batch_size >= 1 and lr > 0")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.image_every < 1:
@@ -87,8 +88,10 @@ def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config:
         raise TrainingError(f"{config.data}: the training set is empty")
     distributed.check_global_batch(len(dataset), config.batch_size, config.data)
 
+    placement = config.placement()
+    log.info("training on %s", placement.describe())
     torch.manual_seed(config.seed)
-    model = ckpt.build_model(model_config)
+    model = precision.prepare_model(ckpt.build_model(model_config), placement)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     step = 0
     if resume and (run_dir / "latest").exists():
@@ -115,6 +118,7 @@ def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config:
     if distributed.is_main():
         ckpt.write_config(run_dir, model_config, config.to_dict(), processes=distributed.world_size())
     net = distributed.wrap(model)
+    forward = torch.compile(net) if config.compile else net
 
     board = TensorBoard(run_dir / "tensorboard", tensorboard and distributed.is_main())
     fixed_images, _ = dataset.batch(torch.arange(min(8, len(dataset))))
@@ -126,7 +130,8 @@ def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config:
     def step_fn(step: int) -> StepOutput:
         images, _ = dataset.batch(batch_indices(step, len(dataset), config.batch_size, config.seed,
                                                 distributed.rank(), distributed.world_size()))
-        out = net(to_model(images))
+        with precision.autocast(placement):
+            out = forward(precision.prepare_input(to_model(images), placement))
         stats = {"recon_loss": out.recon_loss, "commitment_loss": out.commitment_loss}
         for suffix, codes, ppl, usage, counter in zip(suffixes, _levels(out.codes), _levels(out.perplexity),
                                                       _levels(out.usage), epoch_usage):
@@ -143,7 +148,7 @@ def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config:
                                f"train/epoch_perplexity{suffix}": counter.perplexity}, step)
             epoch_usage = [CodebookUsage(k) for k in model_config.codebook_sizes]
         if step % config.image_every == 0 and board.enabled:
-            board.image("reconstructions", _comparison_grid(model, fixed_images), step)
+            board.image("reconstructions", _comparison_grid(model, fixed_images, placement), step)
 
     return run_loop(run_dir, model, optimizer, step, steps=config.steps, time_budget=config.time_budget,
                     checkpoint_every=config.checkpoint_every, log_every=config.log_every,
@@ -156,11 +161,12 @@ def _levels(value) -> list:
 
 
 @torch.no_grad()
-def _comparison_grid(model: VQVAE | VQVAE2, images: torch.Tensor) -> torch.Tensor:
+def _comparison_grid(model: VQVAE | VQVAE2, images: torch.Tensor,
+                     placement: precision.Placement) -> torch.Tensor:
     """Originals above their reconstructions, uint8 (C, H, W)."""
     was_training = model.training
     model.eval()
-    x = to_model(images)
-    recon = from_model(model.decode(model.encode(x)))
+    x = precision.prepare_input(to_model(images), placement)
+    recon = from_model(model.decode(model.encode(x)).cpu())
     model.train(was_training)
     return make_grid(torch.cat([images, recon]), nrow=len(images))

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, precision
 from .config import JsonConfig
 from .codes import CodeSet, load_codes
 from .loop import StepOutput, TensorBoard, TrainingError, TrainResult, run_loop
@@ -38,7 +38,7 @@ log = logging.getLogger("vqkit")
 
 
 @dataclass
-class PriorTrainConfig(JsonConfig):
+class PriorTrainConfig(JsonConfig, precision.PlacementConfig):
     """How to train a prior; saved in the prior run's config.json.
 
     ``cond_codes`` are the code sets of the levels above ``codes`` that the prior is
@@ -60,6 +60,7 @@ class PriorTrainConfig(JsonConfig):
     eval_every: int = 500
 
     def __post_init__(self):
+        super().__post_init__()
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps must be >= 0, batch_size >= 1 and lr > 0")
         if not 0 < self.val_fraction < 1:
@@ -159,8 +160,9 @@ def load_cond(config: PriorTrainConfig, codes: CodeSet, val: CodeSet) -> tuple[l
     return cond, val_cond
 
 
-def _cond_batch(cond: Sequence[CodeSet], indices: torch.Tensor) -> list[torch.Tensor]:
-    return [c.batch(indices)[0] for c in cond]
+def _cond_batch(cond: Sequence[CodeSet], indices: torch.Tensor,
+                device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    return [c.batch(indices)[0].to(device) for c in cond]
 
 
 def _labels_for(prior: Prior, labels: torch.Tensor) -> torch.Tensor | None:
@@ -185,7 +187,8 @@ def evaluate_prior(prior: Prior, codes: CodeSet, indices: torch.Tensor | None = 
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
         batch, labels = codes.batch(idx)
-        total += float(prior.nll(batch, _labels_for(prior, labels), cond_codes=_cond_batch(cond, idx)).sum())
+        total += float(prior.nll(batch.to(prior.device), _labels_for(prior, labels.to(prior.device)),
+                                 cond_codes=_cond_batch(cond, idx, prior.device)).sum())
     prior.train(was_training)
     return PriorEvalResult(maps=len(indices), bits_per_code=total / len(indices) / math.log(2),
                            uniform_bits_per_code=math.log2(codes.codebook_size))
@@ -231,8 +234,10 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
               "cond_levels": [c.manifest["source"]["level"] for c in cond],
               "cond_level_indices": [c.manifest["source"]["level_index"] for c in cond]}
 
+    placement = config.placement()
+    log.info("training on %s", placement.describe())
     torch.manual_seed(config.seed)
-    prior = build_prior(prior_config)
+    prior = precision.prepare_model(build_prior(prior_config), placement)
     optimizer = torch.optim.Adam(prior.parameters(), lr=config.lr)
     step = 0
     if resume and (run_dir / "latest").exists():
@@ -251,7 +256,8 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
     if distributed.is_main():
         ckpt.write_run_config(run_dir, "prior", prior_config.to_dict(), config.to_dict(), source=source,
                               processes=distributed.world_size())
-    nll = distributed.wrap(prior, "nll", unused_parameters=True)
+    net = distributed.wrap(prior, "nll", unused_parameters=True)
+    forward = torch.compile(net) if config.compile else net
 
     board = TensorBoard(run_dir / "tensorboard", tensorboard and distributed.is_main())
     eval_idx = val_idx[:1024]
@@ -260,8 +266,10 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
         picks = train_idx[batch_indices(step, len(train_idx), config.batch_size, config.seed,
                                         distributed.rank(), distributed.world_size())]
         batch, labels = codes.batch(picks)
-        loss = nll(batch, _labels_for(prior, labels), cond_codes=_cond_batch(cond, picks)).mean()
-        return StepOutput(loss, {"bits_per_code": loss / math.log(2)})
+        with precision.autocast(placement):
+            nll = forward(batch.to(placement.device), _labels_for(prior, labels.to(placement.device)),
+                          cond_codes=_cond_batch(cond, picks, placement.device)).mean()
+        return StepOutput(nll, {"bits_per_code": nll / math.log(2)})
 
     def after_step(step: int, _: StepOutput) -> None:
         if board.enabled and (step % config.eval_every == 0 or step == config.steps):
