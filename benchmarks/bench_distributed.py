@@ -11,7 +11,7 @@ On a machine with as many cores as processes the last two use the same CPU; what
 parallelism adds or costs there is the ratio between them.
 
     python benchmarks/bench_distributed.py [--preset cifar10] [--data cifar10:DIR]
-        [--batch 64] [--steps 30] [--nproc 2]
+        [--batch 64] [--steps 30] [--nproc 2] [--precision auto|fp32|bf16]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def worker(args) -> None:
     distributed.setup()
     per_process = args.batch // distributed.world_size()
     config = TrainConfig(data=args.data, steps=args.steps, batch_size=per_process, lr=1e-3,
-                         checkpoint_every=10 * args.steps)
+                         checkpoint_every=10 * args.steps, device="cpu", precision=args.precision)
     result = train(args.out, preset(args.preset), config, progress=False, tensorboard=False)
     if distributed.is_main():
         print(json.dumps({"seconds": result.seconds, "images_per_s": args.steps * args.batch / result.seconds,
@@ -48,6 +48,7 @@ def worker(args) -> None:
 def measure(args, processes: int, threads: int) -> dict:
     out = Path(args.tmp) / f"run-{processes}x{threads}"
     common = [__file__, "--worker", "--out", str(out), "--preset", args.preset, "--data", args.data, "--batch", str(args.batch),
+              "--precision", args.precision,
               "--steps", str(args.steps), "--threads", str(threads)]
     if processes == 1:
         command = [sys.executable, *common]
@@ -73,6 +74,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64, help="global batch, split between the processes")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (vqkit train --precision)")
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -83,7 +85,9 @@ def main() -> None:
         return
     if args.batch % args.nproc:
         raise SystemExit(f"--batch {args.batch} does not split between {args.nproc} processes")
+    from vqkit.precision import resolve
     print(f"stage-1 training, preset {args.preset}, {args.data}, global batch {args.batch}, "
+          f"{resolve('cpu', args.precision).describe()}, "
           f"{args.steps} steps (k-means and the final checkpoint included), {os.cpu_count()} CPUs")
     print(f"{'mode':>28} {'images/s':>9} {'ratio':>6} {'loss':>7}")
     base = None

@@ -79,7 +79,7 @@ def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config:
     distributed.setup()
     if dataset is None:
         dataset = load_dataset(config.data, "train", image_size=config.image_size, skip_bad=config.skip_bad)
-    dataset = in_memory(dataset, progress=progress)
+    dataset = in_memory(dataset, progress=progress and distributed.is_main())
     if dataset.channels != model_config.in_channels:
         raise TrainingError(f"{config.data}: images have {dataset.channels} channels but the model "
                             f"expects {model_config.in_channels}")
