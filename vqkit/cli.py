@@ -7,11 +7,13 @@ import json
 import logging
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from .codes import (extract_codes, extract_levels, load_codes, read_code_maps, read_level_maps, save_code_maps,
                     save_level_maps)
 from .data import DataError, find_fashion_mnist, from_model, load_dataset, to_model
@@ -56,6 +58,8 @@ def cmd_train(args) -> None:
                          skip_bad=args.skip_bad, **_placement(args))
     result = train(args.out, model_config, config, resume=args.resume,
                    tensorboard=not args.no_tensorboard)
+    if not distributed.is_main():
+        return
     why = "time budget reached" if result.stopped_by_time else "done"
     print(f"{why}: step {result.step} in {result.seconds:.0f} s, loss {result.last_loss:.4f}; "
           f"checkpoint in {args.out}")
@@ -238,6 +242,8 @@ def cmd_train_prior(args) -> None:
                                         layers=args.layers)
     result = train_prior(args.out, prior_config, config, resume=args.resume,
                          tensorboard=not args.no_tensorboard)
+    if not distributed.is_main():
+        return
     prior, _ = load_prior(args.out)
     print(f"step {result.step} in {result.seconds:.0f} s; "
           f"{evaluate_prior(prior, val, val_idx, cond=val_cond).summary()}")
@@ -331,6 +337,16 @@ def cmd_demo(args) -> None:
     print(f"TensorBoard curves: tensorboard --logdir {out}")
 
 
+def _distributed_args(sp) -> None:
+    sp.add_argument("--nproc", type=int, default=1,
+                    help="train data-parallel in this many processes on this machine (launches "
+                         "torchrun; --batch-size is per process); for several machines run "
+                         "torchrun -m vqkit ... yourself")
+    sp.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT,
+                    help="seconds a process waits for the others before the job fails "
+                         f"(default {distributed.DEFAULT_TIMEOUT:.0f})")
+
+
 def _placement_args(sp) -> None:
     sp.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu, cuda, cuda:N")
     sp.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -393,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     t.add_argument("--no-tensorboard", action="store_true")
     _placement_args(t)
+    _distributed_args(t)
     t.set_defaults(func=cmd_train)
 
     def run_and_data(sp, need_data=False):
@@ -480,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--resume", action="store_true")
     tp.add_argument("--no-tensorboard", action="store_true")
     _placement_args(tp)
+    _distributed_args(tp)
     tp.set_defaults(func=cmd_train_prior)
 
     sm = sub.add_parser("sample", help="sample codes from a prior (for a VQ-VAE-2, a prior per level) "
@@ -540,20 +558,60 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        args.func(args)
-    except (DataError, ImageError, ckpt.CheckpointError, TrainingError, ValueError, OSError) as e:
-        print(f"vqkit: error: {e}", file=sys.stderr)
+    nproc = getattr(args, "nproc", 1)
+    if nproc < 1:
+        print(f"vqkit: error: --nproc must be >= 1, got {nproc}", file=sys.stderr)
         return 2
+    if nproc > 1 and not distributed.launched():
+        return distributed.launch(nproc, _without_nproc(argv))
+    try:
+        if distributed.launched() and hasattr(args, "dist_timeout"):
+            distributed.setup(timeout=args.dist_timeout)
+        args.func(args)
+        distributed.shutdown()
+    except (DataError, ImageError, ckpt.CheckpointError, TrainingError, ValueError, OSError) as e:
+        print(f"vqkit: error: {_rank_prefix()}{e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not distributed.active():
+            raise
+        # torchrun ends the other processes; name this one and its error last, in one line.
+        if distributed.lost_peers(e):
+            print(f"vqkit: error: rank {distributed.rank()} stopped: the other processes stopped "
+                  f"answering (the rank that failed first names its error) [{str(e).splitlines()[0]}]",
+                  file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(f"vqkit: error: {_rank_prefix()}{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("vqkit: interrupted (nothing half-written is left behind)", file=sys.stderr)
         return 130
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less ``--nproc N``: the launched processes know their number from torchrun,
+    whose own parser would take ``--nproc`` for an abbreviation of ``--nproc-per-node``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def _rank_prefix() -> str:
+    return f"rank {distributed.rank()} failed: " if distributed.active() else ""
 
 
 if __name__ == "__main__":

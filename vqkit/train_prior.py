@@ -10,6 +10,9 @@ prior conditioned on the code maps of the levels above it (``cond_codes``: code 
 ``vqkit extract`` wrote for the same images, given **top-first**, e.g. ``[CODES/top]`` for the
 bottom prior of two levels, ``[CODES/top, CODES/middle]`` for that of three). Batch ``i`` of
 the conditioning sets is taken at the same indices as the prior's own maps.
+
+Under ``torchrun`` the prior trains data-parallel as stage 1 does (``vqkit.distributed``,
+``train.batch_indices``): ``batch_size`` per process, the global batch sharded between them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from . import precision
+from . import distributed, precision
 from .config import JsonConfig
 from .codes import CodeSet, load_codes
 from .loop import StepOutput, TensorBoard, TrainingError, TrainResult, run_loop
@@ -208,6 +211,7 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
                 resume: bool = False, progress: bool = True, tensorboard: bool = True) -> TrainResult:
     """Train (or with ``resume`` continue) the prior in ``run_dir`` up to ``config.steps``."""
     run_dir = Path(run_dir)
+    distributed.setup()
     codes = load_codes(config.codes)
     if (prior_config.codebook_size, prior_config.height, prior_config.width) != \
             (codes.codebook_size, *codes.shape):
@@ -215,6 +219,7 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
                             f"K={codes.codebook_size}, the prior expects {prior_config.height}x"
                             f"{prior_config.width} with K={prior_config.codebook_size}")
     train_idx, val_codes, val_idx = split_indices(codes, config)
+    distributed.check_global_batch(len(train_idx), config.batch_size, config.codes)
     cond, val_cond = load_cond(config, codes, val_codes)
     given = [[c.codebook_size, *c.shape] for c in cond]
     if prior_config.cond_codes != given:
@@ -233,7 +238,6 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
     log.info("training on %s", placement.describe())
     torch.manual_seed(config.seed)
     prior = precision.prepare_model(build_prior(prior_config), placement)
-    forward = torch.compile(prior.nll) if config.compile else prior.nll
     optimizer = torch.optim.Adam(prior.parameters(), lr=config.lr)
     step = 0
     if resume and (run_dir / "latest").exists():
@@ -241,17 +245,26 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
         if saved["model"] != prior_config.to_dict():
             raise TrainingError(f"{run_dir / 'config.json'}: the prior was trained with another "
                                 "configuration; resume with the same settings")
+        distributed.check_resume_batch(saved["train"], saved.get("processes"), config.batch_size,
+                                       run_dir / "config.json")
         step = ckpt.load_training_state(run_dir, prior, optimizer).step
+        distributed.check_same(step, f"the step of {run_dir / 'latest'}",
+                               "; every process must see the same run folder")
     elif (run_dir / "latest").exists():
         raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it "
                             "or choose another folder")
-    ckpt.write_run_config(run_dir, "prior", prior_config.to_dict(), config.to_dict(), source=source)
+    if distributed.is_main():
+        ckpt.write_run_config(run_dir, "prior", prior_config.to_dict(), config.to_dict(), source=source,
+                              processes=distributed.world_size())
+    net = distributed.wrap(prior, "nll", unused_parameters=True)
+    forward = torch.compile(net) if config.compile else net
 
-    board = TensorBoard(run_dir / "tensorboard", tensorboard)
+    board = TensorBoard(run_dir / "tensorboard", tensorboard and distributed.is_main())
     eval_idx = val_idx[:1024]
 
     def step_fn(step: int) -> StepOutput:
-        picks = train_idx[batch_indices(step, len(train_idx), config.batch_size, config.seed)]
+        picks = train_idx[batch_indices(step, len(train_idx), config.batch_size, config.seed,
+                                        distributed.rank(), distributed.world_size())]
         batch, labels = codes.batch(picks)
         with precision.autocast(placement):
             nll = forward(batch.to(placement.device), _labels_for(prior, labels.to(placement.device)),
@@ -259,7 +272,7 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
         return StepOutput(nll, {"bits_per_code": nll / math.log(2)})
 
     def after_step(step: int, _: StepOutput) -> None:
-        if step % config.eval_every == 0 or step == config.steps:
+        if board.enabled and (step % config.eval_every == 0 or step == config.steps):
             result = evaluate_prior(prior, val_codes, eval_idx, cond=val_cond)
             board.scalars({"val/bits_per_code": result.bits_per_code}, step)
 
