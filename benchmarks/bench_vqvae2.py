@@ -4,13 +4,18 @@ at its default sizes (hidden 128, 2 residual blocks of 32, code dim 64, K = 512;
 yourself; nothing of it is copied into vqkit):
 
     git clone https://github.com/rosinality/vq-vae-2-pytorch /tmp/rosinality
-    python benchmarks/bench_vqvae2.py --peer /tmp/rosinality [--part train|sample|all]
+    python benchmarks/bench_vqvae2.py --peer /tmp/rosinality [--part train|quality|sample|all]
 
 train   stage-1 training images/s and peak memory (RSS above the process's own after imports),
         each configuration in its own subprocess: the peer as published (float32, its loss
         recon MSE + 0.25 latent loss, Adam), the peer under our number format (bf16 autocast +
         channels_last, to show where the difference comes from), vqkit in float32 and vqkit in
         its default placement (``precision=auto``). 256x256 at batch 4 and 64x64 at batch 16.
+quality test PSNR after the same number of steps on the same batches (--data, --image-size,
+        --quality-steps; default 64x64 faces, batch 16, Adam 3e-4 as the peer's train_vqvae.py):
+        the peer as published against vqkit's vqvae2-256 (same architecture, same EMA codebooks,
+        no k-means or restarts) in its default placement, so a faster number format must not
+        cost quality.
 sample  seconds to sample a batch of 8 images at 256x256: top prior (32x32, PixelSNAIL with
         attention), bottom prior conditioned on the top map (64x64, no attention), decode.
         The peer's priors are its defaults (channel 256, 4 blocks of 4 residual blocks of 256,
@@ -27,10 +32,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -132,6 +139,53 @@ def bench_train(args) -> None:
                   flush=True)
 
 
+def bench_quality(args) -> None:
+    from vqkit.checkpoint import load_model
+    from vqkit.data import load_dataset, to_model
+    from vqkit.evaluate import evaluate
+    from vqkit.train import TrainConfig, batch_indices, train
+    import tempfile
+
+    train_set = load_dataset(args.data, "train", image_size=args.image_size)
+    test_set = load_dataset(args.data, "test", image_size=args.image_size)
+    steps, batch = args.quality_steps, 16
+    print(f"\nquality: {args.data} at {args.image_size}x{args.image_size}, {steps} steps of batch {batch}, "
+          f"Adam 3e-4, test PSNR on {len(test_set)} images")
+
+    vqvae, _ = _peer(args.peer)
+    torch.manual_seed(0)
+    peer = vqvae.VQVAE().train()
+    optimizer = torch.optim.Adam(peer.parameters(), lr=3e-4)
+    start = time.perf_counter()
+    for step in range(steps):
+        x = to_model(train_set.batch(batch_indices(step, len(train_set), batch, 0))[0])
+        recon, latent_loss = peer(x)
+        loss = (recon - x).pow(2).mean() + 0.25 * latent_loss.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    peer_seconds = time.perf_counter() - start
+    peer.eval()
+    squared, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(test_set), 100):
+            images = test_set.batch(torch.arange(i, min(i + 100, len(test_set))))[0]
+            recon = peer(to_model(images))[0].clamp(-1, 1)
+            squared += float(((recon + 1) / 2 - images.float() / 255).pow(2).sum())
+            count += images.numel()
+    peer_psnr = 10 * math.log10(1 / (squared / count))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(Path(tmp) / "run", preset2("vqvae2-256"),
+                       TrainConfig(data=args.data, steps=steps, batch_size=batch, lr=3e-4, seed=0,
+                                   image_size=args.image_size, checkpoint_every=10**9),
+                       dataset=train_set, progress=False, tensorboard=False)
+        ours = evaluate(load_model(Path(tmp) / "run")[0], test_set, progress=False)
+    print(f"{'rosinality (fp32)':<34} {peer_psnr:>6.2f} dB   {peer_seconds:>6.0f} s")
+    print(f"{'vqkit (default placement)':<34} {ours.psnr:>6.2f} dB   {result.seconds:>6.0f} s   "
+          f"codes used: {', '.join(f'{lv.name} {lv.codes_used}/{lv.codebook_size}' for lv in ours.levels)}")
+
+
 @torch.no_grad()
 def _peer_sampling_seconds(model, height: int, width: int, condition, positions: int) -> float:
     """The peer's sampler (its sample.py loop body: the network on rows 0..i for position
@@ -209,7 +263,10 @@ def bench_sample(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peer", required=True, help="checkout of rosinality/vq-vae-2-pytorch")
-    p.add_argument("--part", choices=["train", "sample", "all"], default="all")
+    p.add_argument("--part", choices=["train", "quality", "sample", "all"], default="all")
+    p.add_argument("--data", default="folder:../shared/data/faces", help="data for the quality part")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--quality-steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--layers", type=int, default=16, help="gated residual blocks of our priors")
@@ -227,6 +284,8 @@ def main() -> None:
     print(f"torch {torch.__version__}; peer: {args.peer}")
     if args.part in ("train", "all"):
         bench_train(args)
+    if args.part in ("quality", "all"):
+        bench_quality(args)
     if args.part in ("sample", "all"):
         bench_sample(args)
 
