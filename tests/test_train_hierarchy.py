@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import torch
 from PIL import Image
 
 from vqkit import checkpoint as ckpt
 from vqkit.cli import main
-from vqkit.data import load_dataset, sample_dir
+from vqkit.data import from_model, load_dataset, sample_dir
 from vqkit.evaluate import evaluate
 from vqkit.hierarchy import VQVAE2, VQVAE2Config
 from vqkit.train import TrainConfig, train
@@ -53,7 +54,7 @@ def test_eval_reports_every_level(tmp_path):
     assert abs(result.bits_per_dim - result.nll_bits_per_dim - extra) < 1e-9
 
 
-def test_cli_levels_eval_and_unsupported_commands(tmp_path, capsys):
+def test_cli_levels_and_eval(tmp_path, capsys):
     run = tmp_path / "run"
     _train(run, 3)
     out = tmp_path / "levels.png"
@@ -64,8 +65,45 @@ def test_cli_levels_eval_and_unsupported_commands(tmp_path, capsys):
     assert main(["eval", str(run), "--limit", "16", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [lv["name"] for lv in report["levels"]] == ["top", "bottom"]
-    assert main(["encode", str(run), "--limit", "2", "-o", str(tmp_path / "codes.npy")]) == 2
-    assert "2-level VQ-VAE-2" in capsys.readouterr().err
+
+
+def test_cli_encode_decode_round_trip_every_level(tmp_path, capsys):
+    run = tmp_path / "run"
+    _train(run, 3)
+    codes = tmp_path / "codes"
+    assert main(["encode", str(run), "--data", DATA, "--limit", "3", "-o", str(codes)]) == 0
+    assert sorted(p.name for p in codes.iterdir()) == ["bottom.npy", "top.npy"]
+    model, _ = ckpt.load_model(run)
+    images = load_dataset(DATA, "test").batch(torch.arange(3))[0]
+    expected = model.encode(images.float() / 127.5 - 1)
+    for name, level in zip(("top", "bottom"), expected):
+        assert np.array_equal(np.load(codes / f"{name}.npy"), level.numpy())
+    assert main(["encode", str(run), "--data", DATA, "--limit", "2", "-o", str(codes)]) == 0  # replaces its own output
+    assert np.load(codes / "top.npy").shape[0] == 2
+    grid = tmp_path / "decoded.png"
+    assert main(["decode", str(run), str(codes), "-o", str(grid)]) == 0
+    want = from_model(model.decode([c[:2] for c in expected]))
+    got = torch.from_numpy(np.array(Image.open(grid))).unsqueeze(0)
+    assert torch.equal(got[:, 2:30, 2:30], want[0])
+    capsys.readouterr()
+
+
+def test_cli_decode_refuses_mismatched_level_maps(tmp_path, capsys):
+    run = tmp_path / "run"
+    _train(run, 3)
+    codes = tmp_path / "codes"
+    assert main(["encode", str(run), "--data", DATA, "--limit", "2", "-o", str(codes)]) == 0
+    np.save(codes / "top.npy", np.zeros((2, 5, 5), dtype=np.uint16))  # not half the bottom's 14x14
+    assert main(["decode", str(run), str(codes), "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "top.npy" in err and "(7, 7)" in err
+    assert main(["decode", str(run), str(tmp_path / "codes" / "bottom.npy"), "-o", str(tmp_path / "x.png")]) == 2
+    assert "folder of top.npy, bottom.npy" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    assert main(["encode", str(run), "--data", DATA, "--limit", "2", "-o", str(tmp_path / "other")]) == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
 
 
 def test_decode_without_a_level_measures_what_it_adds(tmp_path):

@@ -69,8 +69,9 @@ def config_kind(model_config: VQVAEConfig | VQVAE2Config) -> str:
     return "vqvae2" if isinstance(model_config, VQVAE2Config) else "vqvae"
 
 
-def write_config(run_dir: Path, model_config: VQVAEConfig | VQVAE2Config, train_config: dict) -> None:
-    write_run_config(run_dir, config_kind(model_config), model_config.to_dict(), train_config)
+def write_config(run_dir: Path, model_config: VQVAEConfig | VQVAE2Config, train_config: dict,
+                 **extra) -> None:
+    write_run_config(run_dir, config_kind(model_config), model_config.to_dict(), train_config, **extra)
 
 
 def build_model(config: VQVAEConfig | VQVAE2Config) -> VQVAE | VQVAE2:

@@ -7,21 +7,25 @@ import json
 import logging
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
-from .codec import Codec, read_vq
-from .codes import extract_codes, extract_levels, load_codes, read_code_maps, save_code_maps
+from . import distributed
+from .codec import Codec
+from .codes import (extract_codes, extract_levels, load_codes, read_code_maps, read_level_maps, save_code_maps,
+                    save_level_maps)
 from .data import DataError, find_fashion_mnist, from_model, load_dataset, to_model
-from .evaluate import evaluate
+from .evaluate import evaluate, save_eval
 from .fsutil import atomic_write_text
 from .generate import (LevelPrior, chain_codes, check_chain, decode_codes, prior_codes, stage1_of,
                        uniform_chain_codes, uniform_codes)
 from .images import ImageError, load_image, make_grid, save_png, side_by_side
 from .hierarchy import PRESETS2, VQVAE2Config, level_names, preset2
 from .model import PRESETS, VQVAEConfig, preset
+from .precision import PRECISIONS
 from .prior import PriorConfig
 from .prior.config import ARCHS
 from .train import TrainConfig, TrainingError, train
@@ -47,20 +51,16 @@ def _model_config(args) -> VQVAEConfig | VQVAE2Config:
     return preset2(name) if name in PRESETS2 else preset(name)
 
 
-def _single_level(model, what: str) -> None:
-    if model.config.num_levels > 1:
-        raise ValueError(f"{what} stores one code map per image; this run is a {model.config.num_levels}-level "
-                         "VQ-VAE-2, which it does not support yet (use eval, reconstruct, levels, extract)")
-
-
 def cmd_train(args) -> None:
     model_config = _model_config(args)
     config = TrainConfig(data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, time_budget=args.time_budget,
                          checkpoint_every=args.checkpoint_every, image_size=args.image_size,
-                         skip_bad=args.skip_bad)
+                         skip_bad=args.skip_bad, **_placement(args))
     result = train(args.out, model_config, config, resume=args.resume,
                    tensorboard=not args.no_tensorboard)
+    if not distributed.is_main():
+        return
     why = "time budget reached" if result.stopped_by_time else "done"
     print(f"{why}: step {result.step} in {result.seconds:.0f} s, loss {result.last_loss:.4f}; "
           f"checkpoint in {args.out}")
@@ -77,13 +77,24 @@ def _image_size(run: Path) -> int | None:
 def cmd_eval(args) -> None:
     if ckpt.run_kind(args.run) == "prior":
         return _eval_prior(args)
-    model, _ = ckpt.load_model(args.run)
+    model, checkpoint = ckpt.load_model(args.run)
     data = load_dataset(_eval_data(args, args.run), args.split, image_size=_image_size(args.run))
     result = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json)
+    record = {"data": data.spec, "split": args.split, **result.to_dict()}
+    _save_eval(args.run, checkpoint, record)
     if args.json:
-        print(json.dumps({"data": data.spec, "split": args.split, **result.to_dict()}, indent=2))
+        print(json.dumps(record, indent=2))
     else:
         print(f"{data.spec} ({args.split}): {result.summary()}")
+
+
+def _save_eval(run: Path, checkpoint: ckpt.Checkpoint, record: dict) -> None:
+    """Keep the figures in RUN/eval.json for vqkit report; a read-only run only loses that."""
+    try:
+        save_eval(run, {"step": checkpoint.step, "fingerprint": checkpoint.state.get("fingerprint"),
+                        **record})
+    except OSError as e:
+        print(f"vqkit: warning: could not save {run / 'eval.json'} ({e})", file=sys.stderr)
 
 
 def _eval_prior(args) -> None:
@@ -113,9 +124,10 @@ def _eval_prior(args) -> None:
     # The prior replaces the uniform log2 K bits of its own level's latents only (a VQ-VAE-2's
     # other levels keep theirs).
     total = stage1.bits_per_dim - latents * result.saving / subpixels
+    record = {**result.to_dict(), "stage1": stage1.to_dict(), "bits_per_dim_with_prior": total}
+    _save_eval(args.run, ckpt.latest_checkpoint(args.run), {"data": data.spec, "split": args.split, **record})
     if args.json:
-        print(json.dumps({**result.to_dict(), "stage1": stage1.to_dict(),
-                          "bits_per_dim_with_prior": total}, indent=2))
+        print(json.dumps(record, indent=2))
     else:
         print(f"prior: {result.summary()}")
         level = config["source"].get("level")
@@ -161,19 +173,27 @@ def cmd_levels(args) -> None:
 
 def cmd_encode(args) -> None:
     model, _ = ckpt.load_model(args.run)
-    _single_level(model, "encode")
     images = _images_from_args(args, args.run)
-    codes = torch.cat([model.encode(to_model(images[i:i + 256])) for i in range(0, len(images), 256)])
-    save_code_maps(codes, args.out, model.config.codebook_size)
-    print(f"wrote {args.out}: {len(codes)} code maps of {tuple(codes.shape[1:])}, "
-          f"K = {model.config.codebook_size}")
+    batches = [model.encode(to_model(images[i:i + 256])) for i in range(0, len(images), 256)]
+    if model.config.num_levels == 1:
+        codes = torch.cat(batches)
+        save_code_maps(codes, args.out, model.config.codebook_size)
+        print(f"wrote {args.out}: {len(codes)} code maps of {tuple(codes.shape[1:])}, "
+              f"K = {model.config.codebook_size}")
+        return
+    maps = [torch.cat(level) for level in zip(*batches)]
+    save_level_maps(maps, args.out, model.config.codebook_sizes)
+    shapes = ", ".join(f"{name} {m.shape[1]}x{m.shape[2]}" for name, m in zip(level_names(len(maps)), maps))
+    print(f"wrote {args.out}/: {len(maps[0])} images' code maps ({shapes})")
 
 
 def cmd_decode(args) -> None:
     model, _ = ckpt.load_model(args.run)
-    _single_level(model, "decode")
-    codes = read_code_maps(args.codes, model.config.codebook_size)
-    images = torch.cat([from_model(model.decode(codes[i:i + 256])) for i in range(0, len(codes), 256)])
+    if model.config.num_levels == 1:
+        codes = [read_code_maps(args.codes, model.config.codebook_size)]
+    else:
+        codes = read_level_maps(args.codes, model.config)
+    images = decode_codes(model, codes if model.config.num_levels > 1 else codes[0])
     out = Path(args.out)
     if out.suffix.lower() == ".png":
         save_png(make_grid(images, nrow=args.nrow or min(len(images), 16)), out)
@@ -212,7 +232,8 @@ def cmd_train_prior(args) -> None:
                               cond_codes=[str(p) for p in args.cond],
                               val_cond_codes=[str(p) for p in args.val_cond], steps=args.steps,
                               batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                              time_budget=args.time_budget, checkpoint_every=args.checkpoint_every)
+                              time_budget=args.time_budget, checkpoint_every=args.checkpoint_every,
+                              **_placement(args))
     _, val, val_idx = split_indices(codes, config)
     cond, val_cond = load_cond(config, codes, val)
     if args.resume and (Path(args.out) / "config.json").exists():
@@ -222,6 +243,8 @@ def cmd_train_prior(args) -> None:
                                         layers=args.layers)
     result = train_prior(args.out, prior_config, config, resume=args.resume,
                          tensorboard=not args.no_tensorboard)
+    if not distributed.is_main():
+        return
     prior, _ = load_prior(args.out)
     print(f"step {result.step} in {result.seconds:.0f} s; "
           f"{evaluate_prior(prior, val, val_idx, cond=val_cond).summary()}")
@@ -366,6 +389,52 @@ def cmd_demo(args) -> None:
     print(f"TensorBoard curves: tensorboard --logdir {out}")
 
 
+def _distributed_args(sp) -> None:
+    sp.add_argument("--nproc", type=int, default=1,
+                    help="train data-parallel in this many processes on this machine (launches "
+                         "torchrun; --batch-size is per process); for several machines run "
+                         "torchrun -m vqkit ... yourself")
+    sp.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT,
+                    help="seconds a process waits for the others before the job fails "
+                         f"(default {distributed.DEFAULT_TIMEOUT:.0f})")
+
+
+def _placement_args(sp) -> None:
+    sp.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu, cuda, cuda:N")
+    sp.add_argument("--precision", choices=PRECISIONS, default="auto",
+                    help="bf16: autocast the forward pass to bfloat16 (codebook maths stays float32); "
+                         "auto: bf16 where the device computes it natively, else fp32")
+    sp.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                    help="channels_last memory format (default: with bf16)")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+
+def _placement(args) -> dict:
+    return {"device": args.device, "precision": args.precision, "channels_last": args.channels_last,
+            "compile": args.compile}
+
+
+def cmd_inspect(args) -> None:
+    from .atlas import inspect_run
+    result = inspect_run(args.run, args.out, data=args.data, split=args.split, limit=args.limit,
+                         batch_size=args.batch_size, exemplars=args.exemplars, maps=args.maps,
+                         max_codes=args.max_codes)
+    ins = result.inspection
+    print(f"{ins.num_images} images of {ins.data} ({ins.split}), checkpoint step {ins.step}:")
+    for lv in ins.levels:
+        print(f"  {lv.name}: {lv.used}/{lv.codebook_size} codes used, {lv.dead} dead, perplexity "
+              f"{lv.perplexity:.1f}; most used {lv.order[:5].tolist()}")
+    print(f"wrote {', '.join(p.name for p in result.files)} to {args.out}")
+
+
+def cmd_report(args) -> None:
+    from .report import build_report
+    report = build_report(args.run, args.out, data=args.data, split=args.split, limit=args.limit,
+                          inspect_dir=args.inspect_dir, priors=args.prior, extra_images=args.extra_image)
+    print(f"wrote {args.out}: {len(report.sections)} sections ({', '.join(report.section_ids)}), "
+          f"{report.images} images embedded")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqkit", description="VQ-VAE: discrete latent image models")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -391,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-bad", action="store_true", help="skip unreadable image files (counted in the log)")
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     t.add_argument("--no-tensorboard", action="store_true")
+    _placement_args(t)
+    _distributed_args(t)
     t.set_defaults(func=cmd_train)
 
     def run_and_data(sp, need_data=False):
@@ -425,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("-o", "--out", required=True, type=Path)
     lv.set_defaults(func=cmd_levels)
 
-    en = sub.add_parser("encode", help="images to integer code maps (.npy, N x h x w)")
+    en = sub.add_parser("encode", help="images to integer code maps (.npy, N x h x w; for a VQ-VAE-2, a folder "
+                                       "of top.npy, [middle.npy,] bottom.npy)")
     run_and_data(en)
     en.add_argument("images", nargs="*", help="image files (instead of --data)")
     en.add_argument("--limit", type=int)
@@ -433,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("-o", "--out", required=True, type=Path)
     en.set_defaults(func=cmd_encode)
 
-    d = sub.add_parser("decode", help="code maps (.npy) back to images")
+    d = sub.add_parser("decode", help="code maps (.npy, or a VQ-VAE-2's folder from encode) back to images")
     d.add_argument("run", type=Path)
     d.add_argument("codes", type=Path)
     d.add_argument("-o", "--out", required=True, help="a .png grid, or a folder for one PNG per map")
@@ -476,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--checkpoint-every", type=int, default=1000)
     tp.add_argument("--resume", action="store_true")
     tp.add_argument("--no-tensorboard", action="store_true")
+    _placement_args(tp)
+    _distributed_args(tp)
     tp.set_defaults(func=cmd_train_prior)
 
     sm = sub.add_parser("sample", help="sample codes from a prior (for a VQ-VAE-2, a prior per level) "
@@ -515,18 +589,42 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("-o", "--out", required=True, help="a .png file for one file, else a folder")
     dp.set_defaults(func=cmd_decompress)
 
-    rp = sub.add_parser("rd", help="rate-distortion of .vq files against JPEG and WebP over a folder "
+    rdp = sub.add_parser("rd", help="rate-distortion of .vq files against JPEG and WebP over a folder "
                                    "of images: table and plot")
-    rp.add_argument("runs", nargs="+", type=Path, metavar="RUN",
+    rdp.add_argument("runs", nargs="+", type=Path, metavar="RUN",
                     help="stage-1 run folders (one operating point each)")
-    rp.add_argument("--prior", type=Path, action="append", default=[],
+    rdp.add_argument("--prior", type=Path, action="append", default=[],
                     help="prior run (repeat, top-first per model); each goes to the RUN it was fitted to")
-    rp.add_argument("--data", required=True, type=Path, help="folder of images")
-    rp.add_argument("--limit", type=int, help="only the first N images (in name order)")
-    rp.add_argument("--qualities", default="2,5,10,20,30,50,75,90", help="JPEG/WebP qualities")
-    rp.add_argument("-o", "--out", required=True, type=Path, help="the plot (PNG)")
-    rp.add_argument("--json", type=Path, help="also write every figure as JSON here")
-    rp.set_defaults(func=cmd_rd)
+    rdp.add_argument("--data", required=True, type=Path, help="folder of images")
+    rdp.add_argument("--limit", type=int, help="only the first N images (in name order)")
+    rdp.add_argument("--qualities", default="2,5,10,20,30,50,75,90", help="JPEG/WebP qualities")
+    rdp.add_argument("-o", "--out", required=True, type=Path, help="the plot (PNG)")
+    rdp.add_argument("--json", type=Path, help="also write every figure as JSON here")
+    rdp.set_defaults(func=cmd_rd)
+
+    ins = sub.add_parser("inspect", help="codebook atlas, usage plot, code maps and codebook PCA "
+                                         "(PNGs) from one pass over a dataset")
+    run_and_data(ins)
+    ins.add_argument("--limit", type=int, help="inspect only the first N images")
+    ins.add_argument("--batch-size", type=int, default=256)
+    ins.add_argument("--exemplars", type=int, default=6, help="image patches shown per code")
+    ins.add_argument("--maps", type=int, default=8, help="images shown with their code maps")
+    ins.add_argument("--max-codes", type=int, help="show only the N most used codes in the atlas")
+    ins.add_argument("-o", "--out", required=True, type=Path, help="folder for the PNGs and inspect.json")
+    ins.set_defaults(func=cmd_inspect)
+
+    rp = sub.add_parser("report", help="one self-contained HTML page: config, training curves, last "
+                                       "eval, reconstructions, atlas and usage (or a prior's curves "
+                                       "and samples)")
+    run_and_data(rp)
+    rp.add_argument("--limit", type=int, help="inspect only the first N images")
+    rp.add_argument("--inspect-dir", type=Path, help="where the atlas PNGs go (default: OUT_files/)")
+    rp.add_argument("--prior", type=Path, action="append", default=[],
+                    help="a prior run fitted to this run's codes: its NLL curves and samples (repeat)")
+    rp.add_argument("--extra-image", type=Path, action="append", default=[],
+                    help="an image to include (sample grid, rate-distortion plot, ...; repeat)")
+    rp.add_argument("-o", "--out", required=True, type=Path, help="the HTML file")
+    rp.set_defaults(func=cmd_report)
 
     m = sub.add_parser("demo", help="train a small VQ-VAE on Fashion-MNIST and show reconstructions")
     m.add_argument("--data", help="Fashion-MNIST folder (IDX files); default: search, then the embedded sample")
@@ -543,20 +641,60 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        args.func(args)
-    except (DataError, ImageError, ckpt.CheckpointError, TrainingError, ValueError, OSError) as e:
-        print(f"vqkit: error: {e}", file=sys.stderr)
+    nproc = getattr(args, "nproc", 1)
+    if nproc < 1:
+        print(f"vqkit: error: --nproc must be >= 1, got {nproc}", file=sys.stderr)
         return 2
+    if nproc > 1 and not distributed.launched():
+        return distributed.launch(nproc, _without_nproc(argv))
+    try:
+        if distributed.launched() and hasattr(args, "dist_timeout"):
+            distributed.setup(timeout=args.dist_timeout)
+        args.func(args)
+        distributed.shutdown()
+    except (DataError, ImageError, ckpt.CheckpointError, TrainingError, ValueError, OSError) as e:
+        print(f"vqkit: error: {_rank_prefix()}{e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not distributed.active():
+            raise
+        # torchrun ends the other processes; name this one and its error last, in one line.
+        if distributed.lost_peers(e):
+            print(f"vqkit: error: rank {distributed.rank()} stopped: the other processes stopped "
+                  f"answering (the rank that failed first names its error) [{str(e).splitlines()[0]}]",
+                  file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(f"vqkit: error: {_rank_prefix()}{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("vqkit: interrupted (nothing half-written is left behind)", file=sys.stderr)
         return 130
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less ``--nproc N``: the launched processes know their number from torchrun,
+    whose own parser would take ``--nproc`` for an abbreviation of ``--nproc-per-node``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def _rank_prefix() -> str:
+    return f"rank {distributed.rank()} failed: " if distributed.active() else ""
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from .data import ImageSet, to_model
 from .fsutil import atomic_path, fsync_dir, fsync_file
-from .hierarchy import VQVAE2, level_names
+from .hierarchy import VQVAE2, VQVAE2Config, level_names
 from .model import VQVAE
 
 FORMAT_VERSION = 1
@@ -346,6 +346,54 @@ def read_code_maps(path: str | os.PathLike, codebook_size: int) -> torch.Tensor:
         raise CodeStoreError(f"{path}: codes must lie in [0, {codebook_size}), found "
                              f"[{array.min()}, {array.max()}]")
     return torch.from_numpy(array.astype(np.int64))
+
+
+def save_level_maps(maps: list[torch.Tensor], folder: str | os.PathLike, codebook_sizes: list[int]) -> None:
+    """A VQ-VAE-2's code maps (one (N, h_l, w_l) tensor per level, top-first) as a folder of
+    ``<level name>.npy`` files (``top.npy``, [``middle.npy``], ``bottom.npy``), the
+    ``vqkit encode`` output for a hierarchy. Written under a temporary name and renamed into
+    place; an existing folder is replaced only if it holds nothing but such files."""
+    out = Path(folder)
+    names = [f"{name}.npy" for name in level_names(len(maps))]
+    if out.exists() and (not out.is_dir() or any(p.name not in names for p in out.iterdir())):
+        raise CodeStoreError(f"{out}: exists and is not a folder of level code maps ({', '.join(names)}); "
+                             "refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for name, codes, k in zip(names, maps, codebook_sizes):
+            with open(tmp / name, "wb") as f:
+                np.save(f, codes.cpu().numpy().astype(code_dtype(k)))
+            fsync_file(tmp / name)
+        fsync_dir(tmp)
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_level_maps(folder: str | os.PathLike, config: VQVAE2Config) -> list[torch.Tensor]:
+    """The maps ``save_level_maps`` wrote, top-first, int64, each checked to lie in [0, K_l)
+    and to have the shape the model's strides give it beside the bottom map, so that maps of
+    another model or mixed-up files are refused by name."""
+    folder = Path(folder)
+    names = level_names(config.num_levels)
+    if not folder.is_dir():
+        raise CodeStoreError(f"{folder}: a VQ-VAE-2's codes are a folder of "
+                             f"{', '.join(n + '.npy' for n in names)} (written by vqkit encode)")
+    maps = [read_code_maps(folder / f"{name}.npy", k) for name, k in zip(names, config.codebook_sizes)]
+    scale = 2 ** config.strides[-1]
+    h, w = maps[-1].shape[1:]
+    try:
+        expected = config.latent_shapes(h * scale, w * scale)
+    except ValueError:
+        raise CodeStoreError(f"{folder / 'bottom.npy'}: a {h}x{w} bottom map does not fit the model's "
+                             f"strides {config.strides} (top-first)") from None
+    for name, codes, shape in zip(names, maps, expected):
+        if len(codes) != len(maps[-1]) or tuple(codes.shape[1:]) != tuple(shape):
+            raise CodeStoreError(f"{folder / (name + '.npy')}: {len(codes)} maps of {tuple(codes.shape[1:])}, "
+                                 f"but the bottom level's {len(maps[-1])} maps of {tuple(maps[-1].shape[1:])} "
+                                 f"need {len(maps[-1])} maps of {tuple(shape)} at this level")
+    return maps
 
 
 def _check_replaceable(out: Path, overwrite: bool) -> None:

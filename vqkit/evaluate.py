@@ -11,13 +11,16 @@ to the full PSNR is what the level adds (for the top: the model against its lowe
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from .data import ImageSet, to_model
+from .fsutil import atomic_write_text
 from .hierarchy import VQVAE2, level_names
 from .model import VQVAE
 from .quantize import CodebookUsage
@@ -70,6 +73,18 @@ class EvalResult:
                 f"without this level {lv.psnr_without:.2f} dB"
                 for lv in self.levels)
         return text
+
+
+# The last evaluation of a run, kept in the run folder for ``vqkit report``.
+EVAL_FILE = "eval.json"
+
+
+def save_eval(run: str | Path, record: dict) -> Path:
+    """Write ``record`` (what ``vqkit eval --json`` prints, with the checkpoint's step) to
+    ``RUN/eval.json`` atomically, replacing the previous evaluation."""
+    path = Path(run) / EVAL_FILE
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    return path
 
 
 def _levels(value) -> list:

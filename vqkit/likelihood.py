@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
+
 _HALF_BIN = 1.0 / 255.0
 _EDGE = 0.999  # x beyond this is the first or last bin (x = -1 or 1)
 
@@ -90,7 +92,8 @@ class GaussianLikelihood(nn.Module):
         sq = (params - x).square()
         if self.training:
             with torch.no_grad():
-                batch_var = sq.detach().mean(dim=(0, 2, 3))
+                # The global batch's, in data-parallel training: every process keeps the same.
+                batch_var = distributed.all_reduce_mean(sq.detach().mean(dim=(0, 2, 3)))
                 if bool((self.variance < 0).any()):
                     self.variance.copy_(batch_var)
                 else:

@@ -2,6 +2,10 @@
 
 It owns what every run needs and nothing model-specific: the step counter, the time budget,
 the non-finite-loss stop, atomic checkpoints, the progress bar and TensorBoard scalars.
+
+In data-parallel training (``vqkit.distributed``) every process runs the loop; the loss it
+checks and logs is the mean over the processes (so all stop together on a non-finite loss),
+and rank 0 alone shows progress and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 
 
 class TrainingError(RuntimeError):
@@ -71,20 +76,22 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
              after_step: Callable[[int, StepOutput], None] | None = None,
              desc: str = "train") -> TrainResult:
     """Run ``step_fn`` from ``step`` up to ``steps`` (or until ``time_budget`` seconds), with
-    a checkpoint every ``checkpoint_every`` steps and at the end."""
+    a checkpoint every ``checkpoint_every`` steps and at the end. ``after_step`` runs on every
+    process (it may all-reduce); ``board`` should be enabled on rank 0 only."""
     start_time = time.monotonic()
     stopped_by_time = False
     last_saved = step
     loss_value = math.nan
     model.train()
-    bar = tqdm(total=steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
+    main = distributed.is_main()
+    bar = tqdm(total=steps, initial=step, desc=desc, disable=not (progress and main), dynamic_ncols=True)
     try:
         while step < steps:
-            if time_budget is not None and time.monotonic() - start_time > time_budget:
+            if _time_is_up(start_time, time_budget):
                 stopped_by_time = True
                 break
             out = step_fn(step)
-            loss_value = float(out.loss.detach())
+            loss_value = distributed.mean_over_ranks({"loss": float(out.loss.detach())})["loss"]
             if not math.isfinite(loss_value):
                 kept = (f"the last good checkpoint (step {last_saved}) is kept in {run_dir}"
                         if (run_dir / "latest").exists() else f"no checkpoint was saved in {run_dir} yet")
@@ -98,16 +105,31 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
             if after_step is not None:
                 after_step(step, out)
             if step % log_every == 0 or step == steps:
-                stats = {"loss": loss_value, **{k: float(v.detach()) for k, v in out.stats.items()}}
+                stats = {"loss": loss_value, **distributed.mean_over_ranks(
+                    {k: float(v.detach()) for k, v in out.stats.items()})}
                 bar.set_postfix({k: f"{v:.4g}" for k, v in list(stats.items())[:3]})
                 board.scalars({f"train/{k}": v for k, v in stats.items()}, step)
             if step % checkpoint_every == 0:
-                ckpt.save_checkpoint(run_dir, model, optimizer, step, {"loss": loss_value})
+                if main:
+                    ckpt.save_checkpoint(run_dir, model, optimizer, step, {"loss": loss_value})
                 last_saved = step
     finally:
         bar.close()
         board.close()
-    if step != last_saved or not (run_dir / "latest").exists():
+    if main and (step != last_saved or not (run_dir / "latest").exists()):
         ckpt.save_checkpoint(run_dir, model, optimizer, step, {"loss": loss_value})
+    distributed.barrier()  # the final checkpoint exists when ``run_loop`` returns on any rank
     return TrainResult(step=step, seconds=time.monotonic() - start_time,
                        stopped_by_time=stopped_by_time, last_loss=loss_value)
+
+
+def _time_is_up(start_time: float, time_budget: float | None) -> bool:
+    """Whether the budget is spent; in data-parallel training rank 0's clock decides for all,
+    so that every process runs the same number of steps."""
+    if time_budget is None:
+        return False
+    up = time.monotonic() - start_time > time_budget
+    if distributed.active():
+        flag = torch.tensor([float(up)])
+        up = bool(distributed.broadcast(flag)[0])
+    return up

@@ -23,6 +23,13 @@ averages of the vectors assigned to each code (appendix A.1)::
 
 All codebook maths runs in float32, also under autocast: distances between nearby vectors
 and running averages with decay 0.99 lose most of their digits in bfloat16/float16.
+
+Data-parallel training (``vqkit.distributed``): the codebook must stay identical on every
+process, so everything that changes it is computed over the global batch. The EMA counts and
+sums are all-reduced before the update (``cluster_statistics``), k-means runs Lloyd's steps
+on all-reduced statistics, and the vectors that seed k-means or restart dead codes are rows
+of the global batch chosen by rank 0 (``distributed.rows_of_global_batch``). Outside a
+process group none of this communicates.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import distributed
 
 # Rows of z per distance block: a (rows x K) float32 block is 4 MiB, small enough
 # to stay in cache between the matmul that writes it and the argmin that reads it
@@ -62,6 +71,25 @@ def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         torch.addmm(e_sq, z[start:stop], codebook_t, beta=1.0, alpha=-2.0, out=block)
         torch.argmin(block, dim=1, out=codes[start:stop])
     return codes
+
+
+@torch.no_grad()
+def cluster_statistics(flat: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor,
+                       k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_i`` (K,) and ``s_i = sum_{j: k_j = i} z_j`` (K, D) of the rows ``flat`` (N, D)
+    assigned ``codes`` (N,) with ``counts = bincount(codes)``, summed over all processes when
+    training is distributed (one all-reduce of K x (D+1)).
+
+    Float32, also under autocast: the counts stay exact up to 2**24 per code and the sums keep
+    the digits that the EMA with decay 0.99 accumulates; bfloat16 keeps 8 bits of mantissa.
+    """
+    sums = torch.zeros(k, flat.shape[1], dtype=torch.float32, device=flat.device)
+    sums.index_add_(0, codes, flat.float())
+    counts = counts.float()
+    if distributed.active():
+        both = distributed.all_reduce_sum(torch.cat([counts.unsqueeze(1), sums], 1))
+        counts, sums = both[:, 0], both[:, 1:]
+    return counts, sums
 
 
 def perplexity(counts: torch.Tensor) -> torch.Tensor:
@@ -155,7 +183,11 @@ class VectorQuantizer(nn.Module):
             if self.training:
                 with torch.no_grad():
                     if self.ema:
-                        self._ema_update(flat, codes, counts)
+                        n, sums = cluster_statistics(flat, codes, counts, self.codebook_size)
+                        self._ema_update(n, sums)
+                        counts = n.long()
+                    elif distributed.active():
+                        counts = distributed.all_reduce_sum(counts)
                     if self.restart_after > 0:
                         self._restart_dead_codes(flat, counts)
             z_q_flat = flat + (z_q_flat - flat).detach()
@@ -185,9 +217,8 @@ class VectorQuantizer(nn.Module):
         return F.embedding(codes, self.codebook.float()).permute(0, 3, 1, 2)
 
     @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> None:
-        sums = torch.zeros_like(self.ema_sum).index_add_(0, codes, flat)
-        self.ema_count.mul_(self.decay).add_(counts.float(), alpha=1 - self.decay)
+    def _ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
+        self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         self._codebook_from_ema()
 
@@ -199,14 +230,16 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor) -> None:
-        """Codes unused for ``restart_after`` steps take random vectors of this batch's z_e;
-        with EMA their running statistics restart as if that vector had been seen once."""
+        """Codes unused for ``restart_after`` steps take random vectors of this batch's z_e
+        (the global batch's, chosen by rank 0, when distributed: ``counts`` are then global
+        too, so every process finds the same dead codes); with EMA their running statistics
+        restart as if that vector had been seen once."""
         self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
         dead = torch.nonzero(self.unused_steps >= self.restart_after).squeeze(1)
         if dead.numel() == 0:
             return
-        picks = torch.randint(flat.shape[0], (dead.numel(),), device=flat.device)
-        fresh = flat[picks]
+        picks = torch.randint(flat.shape[0] * distributed.world_size(), (dead.numel(),), device=flat.device)
+        fresh = distributed.rows_of_global_batch(flat, picks)
         if self.ema:
             self.ema_count[dead] = 1.0
             self.ema_sum[dead] = fresh
@@ -219,21 +252,22 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _kmeans_init(self, flat: torch.Tensor) -> None:
-        """Lloyd's k-means on one batch of z_e; empty clusters are re-seeded at random."""
+        """Lloyd's k-means on one batch of z_e (the global batch when distributed);
+        empty clusters are re-seeded at random."""
         k = self.codebook_size
-        n = flat.shape[0]
+        n = flat.shape[0] * distributed.world_size()
         picks = torch.randperm(n, device=flat.device)[:k] if n >= k else \
             torch.randint(n, (k,), device=flat.device)
-        centers = flat[picks].clone()
+        centers = distributed.rows_of_global_batch(flat, picks)
         counts = torch.zeros(k, device=flat.device)
         for _ in range(self.kmeans_iters):
             codes = nearest_codes(flat, centers)
-            counts = torch.bincount(codes, minlength=k).float()
-            sums = torch.zeros_like(centers).index_add_(0, codes, flat)
+            counts, sums = cluster_statistics(flat, codes, torch.bincount(codes, minlength=k), k)
             empty = counts == 0
             centers = torch.where(empty.unsqueeze(1), centers, sums / counts.clamp(min=1).unsqueeze(1))
             if empty.any():
-                centers[empty] = flat[torch.randint(n, (int(empty.sum()),), device=flat.device)]
+                picks = torch.randint(n, (int(empty.sum()),), device=flat.device)
+                centers[empty] = distributed.rows_of_global_batch(flat, picks)
         self.codebook.data.copy_(centers)
         if self.ema:
             self.ema_count.copy_(counts.clamp(min=1))

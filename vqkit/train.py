@@ -4,6 +4,10 @@ Determinism: the model is initialised from ``seed``; batch ``s`` is a slice of a
 seeded by ``(seed, epoch)``, so the data order is a function of the step alone; the global
 RNG (k-means seeding, dead-code restarts) is saved with every checkpoint. Training N steps,
 stopping and resuming for N more therefore gives the same weights as 2N steps straight.
+
+Under ``torchrun`` the model trains data-parallel (``vqkit.distributed``): ``batch_size`` is
+per process, batch ``s`` is the global batch of ``batch_size`` x processes images sharded
+between them, and a run resumes with any split of the same global batch.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed, precision
 from .config import JsonConfig
 from .data import ImageSet, from_model, in_memory, load_dataset, to_model
 from .images import make_grid
@@ -27,7 +32,7 @@ log = logging.getLogger("vqkit")
 
 
 @dataclass
-class TrainConfig(JsonConfig):
+class TrainConfig(JsonConfig, precision.PlacementConfig):
     """How to train; saved in the run's config.json beside the model configuration."""
 
     data: str
@@ -43,20 +48,27 @@ class TrainConfig(JsonConfig):
     skip_bad: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps must be >= 0, batch_size >= 1 and lr > 0")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.image_every < 1:
             raise ValueError("checkpoint_every, log_every and image_every must be >= 1")
 
 
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
+def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0,
+                  world_size: int = 1) -> torch.Tensor:
     """Indices of batch ``step``: epochs are fresh permutations; the last partial batch of
-    an epoch is dropped, so every batch has ``min(batch_size, n)`` images."""
-    per_epoch = max(n // batch_size, 1)
+    an epoch is dropped, so every batch has ``min(batch_size, n)`` images.
+
+    With ``world_size`` processes, batch ``step`` is the global batch of ``batch_size *
+    world_size`` images and process ``rank`` takes its ``rank``-th slice of ``batch_size``."""
+    global_size = batch_size * world_size
+    per_epoch = max(n // global_size, 1)
     epoch, offset = divmod(step, per_epoch)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g)
-    return perm[offset * batch_size:(offset + 1) * batch_size]
+    start = offset * global_size + rank * batch_size
+    return perm[start:start + batch_size]
 
 
 def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config: TrainConfig, resume: bool = False,
@@ -64,18 +76,22 @@ def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config:
     """Train (or with ``resume`` continue) the model in ``run_dir`` up to ``config.steps``;
     a ``VQVAE2Config`` trains a hierarchy, with per-level statistics in the logs."""
     run_dir = Path(run_dir)
+    distributed.setup()
     if dataset is None:
         dataset = load_dataset(config.data, "train", image_size=config.image_size, skip_bad=config.skip_bad)
-    dataset = in_memory(dataset, progress=progress)
+    dataset = in_memory(dataset, progress=progress and distributed.is_main())
     if dataset.channels != model_config.in_channels:
         raise TrainingError(f"{config.data}: images have {dataset.channels} channels but the model "
                             f"expects {model_config.in_channels}")
     model_config.latent_shapes(dataset.height, dataset.width)
     if len(dataset) < 1:
         raise TrainingError(f"{config.data}: the training set is empty")
+    distributed.check_global_batch(len(dataset), config.batch_size, config.data)
 
+    placement = config.placement()
+    log.info("training on %s", placement.describe())
     torch.manual_seed(config.seed)
-    model = ckpt.build_model(model_config)
+    model = precision.prepare_model(ckpt.build_model(model_config), placement)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     step = 0
     if resume and (run_dir / "latest").exists():
@@ -83,32 +99,39 @@ def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config:
         if saved["model"] != model_config.to_dict() or saved["kind"] != ckpt.config_kind(model_config):
             raise TrainingError(f"{run_dir / 'config.json'}: the run was trained with another model "
                                 "configuration; resume with the same preset/config")
-        for key in ("seed", "batch_size"):  # together with the step they fix the data order
-            if saved["train"].get(key) != getattr(config, key):
-                raise TrainingError(f"{run_dir / 'config.json'}: the run used {key}="
-                                    f"{saved['train'].get(key)}; resume with the same value")
+        # Together with the step, the seed and the global batch fix the data order.
+        if saved["train"].get("seed") != config.seed:
+            raise TrainingError(f"{run_dir / 'config.json'}: the run used seed="
+                                f"{saved['train'].get('seed')}; resume with the same value")
+        distributed.check_resume_batch(saved["train"], saved.get("processes"), config.batch_size,
+                                       run_dir / "config.json")
         if saved["train"].get("data") != config.data:
             log.warning("resuming %s on %s (it was trained on %s)", run_dir, config.data,
                         saved["train"].get("data"))
         step = ckpt.load_training_state(run_dir, model, optimizer).step
-        ckpt.write_config(run_dir, model_config, config.to_dict())
+        distributed.check_same(step, f"the step of {run_dir / 'latest'}",
+                               "; every process must see the same run folder")
         log.info("resuming %s from step %d", run_dir, step)
-    else:
-        if (run_dir / "latest").exists():
-            raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it "
-                                "or choose another folder")
-        ckpt.write_config(run_dir, model_config, config.to_dict())
+    elif (run_dir / "latest").exists():
+        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it "
+                            "or choose another folder")
+    if distributed.is_main():
+        ckpt.write_config(run_dir, model_config, config.to_dict(), processes=distributed.world_size())
+    net = distributed.wrap(model)
+    forward = torch.compile(net) if config.compile else net
 
-    board = TensorBoard(run_dir / "tensorboard", tensorboard)
+    board = TensorBoard(run_dir / "tensorboard", tensorboard and distributed.is_main())
     fixed_images, _ = dataset.batch(torch.arange(min(8, len(dataset))))
-    per_epoch = max(len(dataset) // config.batch_size, 1)
+    per_epoch = max(len(dataset) // (config.batch_size * distributed.world_size()), 1)
     names = level_names(model_config.num_levels)
     suffixes = [""] if len(names) == 1 else [f"_{name}" for name in names]
     epoch_usage = [CodebookUsage(k) for k in model_config.codebook_sizes]
 
     def step_fn(step: int) -> StepOutput:
-        images, _ = dataset.batch(batch_indices(step, len(dataset), config.batch_size, config.seed))
-        out = model(to_model(images))
+        images, _ = dataset.batch(batch_indices(step, len(dataset), config.batch_size, config.seed,
+                                                distributed.rank(), distributed.world_size()))
+        with precision.autocast(placement):
+            out = forward(precision.prepare_input(to_model(images), placement))
         stats = {"recon_loss": out.recon_loss, "commitment_loss": out.commitment_loss}
         for suffix, codes, ppl, usage, counter in zip(suffixes, _levels(out.codes), _levels(out.perplexity),
                                                       _levels(out.usage), epoch_usage):
@@ -120,11 +143,12 @@ def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config:
         nonlocal epoch_usage
         if step % per_epoch == 0:
             for suffix, counter in zip(suffixes, epoch_usage):
+                distributed.all_reduce_sum(counter.counts)
                 board.scalars({f"train/epoch_codes_used{suffix}": counter.used,
                                f"train/epoch_perplexity{suffix}": counter.perplexity}, step)
             epoch_usage = [CodebookUsage(k) for k in model_config.codebook_sizes]
-        if step % config.image_every == 0:
-            board.image("reconstructions", _comparison_grid(model, fixed_images), step)
+        if step % config.image_every == 0 and board.enabled:
+            board.image("reconstructions", _comparison_grid(model, fixed_images, placement), step)
 
     return run_loop(run_dir, model, optimizer, step, steps=config.steps, time_budget=config.time_budget,
                     checkpoint_every=config.checkpoint_every, log_every=config.log_every,
@@ -137,11 +161,12 @@ def _levels(value) -> list:
 
 
 @torch.no_grad()
-def _comparison_grid(model: VQVAE | VQVAE2, images: torch.Tensor) -> torch.Tensor:
+def _comparison_grid(model: VQVAE | VQVAE2, images: torch.Tensor,
+                     placement: precision.Placement) -> torch.Tensor:
     """Originals above their reconstructions, uint8 (C, H, W)."""
     was_training = model.training
     model.eval()
-    x = to_model(images)
-    recon = from_model(model.decode(model.encode(x)))
+    x = precision.prepare_input(to_model(images), placement)
+    recon = from_model(model.decode(model.encode(x)).cpu())
     model.train(was_training)
     return make_grid(torch.cat([images, recon]), nrow=len(images))

@@ -10,6 +10,9 @@ prior conditioned on the code maps of the levels above it (``cond_codes``: code 
 ``vqkit extract`` wrote for the same images, given **top-first**, e.g. ``[CODES/top]`` for the
 bottom prior of two levels, ``[CODES/top, CODES/middle]`` for that of three). Batch ``i`` of
 the conditioning sets is taken at the same indices as the prior's own maps.
+
+Under ``torchrun`` the prior trains data-parallel as stage 1 does (``vqkit.distributed``,
+``train.batch_indices``): ``batch_size`` per process, the global batch sharded between them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed, precision
 from .config import JsonConfig
 from .codes import CodeSet, load_codes
 from .loop import StepOutput, TensorBoard, TrainingError, TrainResult, run_loop
@@ -34,7 +38,7 @@ log = logging.getLogger("vqkit")
 
 
 @dataclass
-class PriorTrainConfig(JsonConfig):
+class PriorTrainConfig(JsonConfig, precision.PlacementConfig):
     """How to train a prior; saved in the prior run's config.json.
 
     ``cond_codes`` are the code sets of the levels above ``codes`` that the prior is
@@ -56,6 +60,7 @@ class PriorTrainConfig(JsonConfig):
     eval_every: int = 500
 
     def __post_init__(self):
+        super().__post_init__()
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps must be >= 0, batch_size >= 1 and lr > 0")
         if not 0 < self.val_fraction < 1:
@@ -155,8 +160,9 @@ def load_cond(config: PriorTrainConfig, codes: CodeSet, val: CodeSet) -> tuple[l
     return cond, val_cond
 
 
-def _cond_batch(cond: Sequence[CodeSet], indices: torch.Tensor) -> list[torch.Tensor]:
-    return [c.batch(indices)[0] for c in cond]
+def _cond_batch(cond: Sequence[CodeSet], indices: torch.Tensor,
+                device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    return [c.batch(indices)[0].to(device) for c in cond]
 
 
 def _labels_for(prior: Prior, labels: torch.Tensor) -> torch.Tensor | None:
@@ -181,7 +187,8 @@ def evaluate_prior(prior: Prior, codes: CodeSet, indices: torch.Tensor | None = 
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
         batch, labels = codes.batch(idx)
-        total += float(prior.nll(batch, _labels_for(prior, labels), cond_codes=_cond_batch(cond, idx)).sum())
+        total += float(prior.nll(batch.to(prior.device), _labels_for(prior, labels.to(prior.device)),
+                                 cond_codes=_cond_batch(cond, idx, prior.device)).sum())
     prior.train(was_training)
     return PriorEvalResult(maps=len(indices), bits_per_code=total / len(indices) / math.log(2),
                            uniform_bits_per_code=math.log2(codes.codebook_size))
@@ -204,6 +211,7 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
                 resume: bool = False, progress: bool = True, tensorboard: bool = True) -> TrainResult:
     """Train (or with ``resume`` continue) the prior in ``run_dir`` up to ``config.steps``."""
     run_dir = Path(run_dir)
+    distributed.setup()
     codes = load_codes(config.codes)
     if (prior_config.codebook_size, prior_config.height, prior_config.width) != \
             (codes.codebook_size, *codes.shape):
@@ -211,6 +219,7 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
                             f"K={codes.codebook_size}, the prior expects {prior_config.height}x"
                             f"{prior_config.width} with K={prior_config.codebook_size}")
     train_idx, val_codes, val_idx = split_indices(codes, config)
+    distributed.check_global_batch(len(train_idx), config.batch_size, config.codes)
     cond, val_cond = load_cond(config, codes, val_codes)
     given = [[c.codebook_size, *c.shape] for c in cond]
     if prior_config.cond_codes != given:
@@ -225,8 +234,10 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
               "cond_levels": [c.manifest["source"]["level"] for c in cond],
               "cond_level_indices": [c.manifest["source"]["level_index"] for c in cond]}
 
+    placement = config.placement()
+    log.info("training on %s", placement.describe())
     torch.manual_seed(config.seed)
-    prior = build_prior(prior_config)
+    prior = precision.prepare_model(build_prior(prior_config), placement)
     optimizer = torch.optim.Adam(prior.parameters(), lr=config.lr)
     step = 0
     if resume and (run_dir / "latest").exists():
@@ -234,23 +245,34 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
         if saved["model"] != prior_config.to_dict():
             raise TrainingError(f"{run_dir / 'config.json'}: the prior was trained with another "
                                 "configuration; resume with the same settings")
+        distributed.check_resume_batch(saved["train"], saved.get("processes"), config.batch_size,
+                                       run_dir / "config.json")
         step = ckpt.load_training_state(run_dir, prior, optimizer).step
+        distributed.check_same(step, f"the step of {run_dir / 'latest'}",
+                               "; every process must see the same run folder")
     elif (run_dir / "latest").exists():
         raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it "
                             "or choose another folder")
-    ckpt.write_run_config(run_dir, "prior", prior_config.to_dict(), config.to_dict(), source=source)
+    if distributed.is_main():
+        ckpt.write_run_config(run_dir, "prior", prior_config.to_dict(), config.to_dict(), source=source,
+                              processes=distributed.world_size())
+    net = distributed.wrap(prior, "nll", unused_parameters=True)
+    forward = torch.compile(net) if config.compile else net
 
-    board = TensorBoard(run_dir / "tensorboard", tensorboard)
+    board = TensorBoard(run_dir / "tensorboard", tensorboard and distributed.is_main())
     eval_idx = val_idx[:1024]
 
     def step_fn(step: int) -> StepOutput:
-        picks = train_idx[batch_indices(step, len(train_idx), config.batch_size, config.seed)]
+        picks = train_idx[batch_indices(step, len(train_idx), config.batch_size, config.seed,
+                                        distributed.rank(), distributed.world_size())]
         batch, labels = codes.batch(picks)
-        nll = prior.nll(batch, _labels_for(prior, labels), cond_codes=_cond_batch(cond, picks)).mean()
+        with precision.autocast(placement):
+            nll = forward(batch.to(placement.device), _labels_for(prior, labels.to(placement.device)),
+                          cond_codes=_cond_batch(cond, picks, placement.device)).mean()
         return StepOutput(nll, {"bits_per_code": nll / math.log(2)})
 
     def after_step(step: int, _: StepOutput) -> None:
-        if step % config.eval_every == 0 or step == config.steps:
+        if board.enabled and (step % config.eval_every == 0 or step == config.steps):
             result = evaluate_prior(prior, val_codes, eval_idx, cond=val_cond)
             board.scalars({"val/bits_per_code": result.bits_per_code}, step)
 

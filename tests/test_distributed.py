@@ -1,0 +1,241 @@
+"""Data-parallel training on 2 gloo processes: identical ranks, equivalence with one process
+on the doubled batch, exact resume, the CLI launcher and a failing rank ending the job.
+
+The 2-process runs happen once, in ``runs`` (one ``torch.multiprocessing.spawn`` of two
+workers that train several small runs in turn), and the tests check what they left behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from vqkit import checkpoint as ckpt
+from vqkit import distributed
+from vqkit import train as train_module
+from vqkit import train_prior as train_prior_module
+from vqkit.cli import main
+from vqkit.codes import extract_codes, load_codes
+from vqkit.data import TensorImageSet, load_dataset, sample_dir
+from vqkit.model import VQVAEConfig
+from vqkit.quantize import VectorQuantizer
+from vqkit.train import TrainConfig, batch_indices, train
+from vqkit.train_prior import PriorTrainConfig, prior_config_for, train_prior
+
+torch.set_num_threads(1)
+
+DATA = f"fashion-mnist:{sample_dir()}"
+# K = 64 codes for 2 x 2 images of 7 x 7 latents, unused after 2 steps: codes die and are
+# restarted from the global batch during the run, after k-means on the first one.
+STAGE1 = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
+                     code_dim=4, codebook_size=64, ema=True, kmeans_init=True, restart_after=2)
+PER_RANK = 2
+STEPS = 6
+PRIOR_STEPS = 4
+WORLD = 2
+
+
+def _images() -> TensorImageSet:
+    sample = load_dataset(DATA, "train")
+    return TensorImageSet("sample", sample.images[:64], sample.labels[:64], sample.class_names)
+
+
+def _stage1(run: Path, steps: int, batch_size: int, resume: bool = False, precision: str = "fp32"):
+    config = TrainConfig(data="sample", steps=steps, batch_size=batch_size, lr=1e-3, seed=3,
+                         precision=precision)
+    return train(run, STAGE1, config, resume=resume, dataset=_images(), progress=False, tensorboard=False)
+
+
+def _prior(run: Path, codes_dir: Path, batch_size: int):
+    codes = load_codes(codes_dir)
+    config = PriorTrainConfig(codes=str(codes_dir), steps=PRIOR_STEPS, batch_size=batch_size, lr=3e-3,
+                              eval_every=2, precision="fp32")
+    return train_prior(run, prior_config_for(codes, "pixelsnail", False, channels=8, layers=1), config,
+                       progress=False, tensorboard=False)
+
+
+def _spy_on_ranks(root: Path, rank: int) -> None:
+    """Save every rank's model at the end of each run (``root/RUN-rankR.safetensors``) and
+    count the codes restarted (``root/restarts-rankR.json``)."""
+    for module in (train_module, train_prior_module):
+        real_loop = module.run_loop
+
+        def run_loop(run_dir, model, *args, _real=real_loop, **kwargs):
+            result = _real(run_dir, model, *args, **kwargs)
+            weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+            save_file(weights, str(root / f"{Path(run_dir).name}-rank{rank}.safetensors"))
+            return result
+
+        module.run_loop = run_loop
+    real_restart = VectorQuantizer._restart_dead_codes
+    restarted = []
+
+    def restart(self, flat, counts):
+        real_restart(self, flat, counts)
+        restarted.append(int((self.unused_steps == 0).sum() - (counts > 0).sum()))
+        (root / f"restarts-rank{rank}.json").write_text(json.dumps(sum(restarted)))
+
+    VectorQuantizer._restart_dead_codes = restart
+
+
+def _worker(rank: int, root: str, codes_dir: str) -> None:
+    torch.set_num_threads(1)
+    root = Path(root)
+    dist.init_process_group("gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=WORLD)
+    try:
+        _spy_on_ranks(root, rank)
+        _stage1(root / "straight", STEPS, PER_RANK)
+        _stage1(root / "resumed", STEPS // 2, PER_RANK)
+        _stage1(root / "resumed", STEPS, PER_RANK, resume=True)
+        _prior(root / "prior", Path(codes_dir), PER_RANK)
+        _stage1(root / "bf16", STEPS, PER_RANK, precision="bf16")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def codes_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("codes")
+    config = dataclasses.replace(STAGE1, restart_after=0)
+    train(root / "run", config, TrainConfig(data="sample", steps=5, batch_size=8), dataset=_images(),
+          progress=False, tensorboard=False)
+    model, checkpoint = ckpt.load_model(root / "run")
+    source = {"run": str(root / "run"), "fingerprint": checkpoint.state["fingerprint"], "data": DATA,
+              "split": "train"}
+    extract_codes(model, _images(), root / "codes", progress=False, source=source)
+    return root / "codes"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, codes_dir) -> Path:
+    root = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(str(root), str(codes_dir)), nprocs=WORLD)
+    return root
+
+
+def _ranks(root: Path, run: str) -> list[dict[str, torch.Tensor]]:
+    return [load_file(str(root / f"{run}-rank{r}.safetensors")) for r in range(WORLD)]
+
+
+def _assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_every_rank_holds_bit_identical_codebooks_and_parameters(runs):
+    for run in ("straight", "resumed", "prior", "bf16"):
+        rank0, rank1 = _ranks(runs, run)
+        _assert_identical(rank0, rank1)
+    # k-means and dead-code restarts happened, so they too were kept in step.
+    assert json.loads((runs / "restarts-rank0.json").read_text()) > 0
+    assert not torch.equal(_ranks(runs, "straight")[0]["quantizer.ema_count"], torch.ones(64))
+
+
+def test_rank0_alone_writes_the_run_and_its_checkpoint_is_the_ranks_model(runs):
+    model, checkpoint = ckpt.load_model(runs / "straight")
+    assert checkpoint.step == STEPS
+    _assert_identical(model.state_dict(), _ranks(runs, "straight")[0])
+    saved = ckpt.read_config(runs / "straight")
+    assert saved["processes"] == WORLD and saved["train"]["batch_size"] == PER_RANK
+
+
+def test_distributed_resume_is_bit_identical_to_the_straight_run(runs):
+    _assert_identical(_ranks(runs, "resumed")[0], _ranks(runs, "straight")[0])
+
+
+def test_two_processes_of_batch_b_match_one_process_of_batch_2b(runs, tmp_path, codes_dir):
+    # In float32: same images per step, same k-means, restarts and EMA on the global
+    # statistics; only the order of float sums differs (per-rank sums all-reduced, gradients averaged by DDP), so
+    # the weights agree to float32 rounding amplified over a few Adam steps.
+    _stage1(tmp_path / "single", STEPS, WORLD * PER_RANK)
+    single = ckpt.load_model(tmp_path / "single")[0].state_dict()
+    for key, value in _ranks(runs, "straight")[0].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, single[key], rtol=1e-4, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(value, single[key]), key
+    _prior(tmp_path / "prior", codes_dir, WORLD * PER_RANK)
+    single = load_file(str(ckpt.latest_checkpoint(tmp_path / "prior").path / "model.safetensors"))
+    for key, value in _ranks(runs, "prior")[0].items():
+        torch.testing.assert_close(value, single[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_ranks_take_disjoint_slices_of_the_global_batch():
+    for step in range(7):
+        whole = batch_indices(step, 50, 12, seed=1)
+        shards = [batch_indices(step, 50, 4, seed=1, rank=r, world_size=3) for r in range(3)]
+        assert torch.equal(torch.cat(shards), whole)
+    assert torch.equal(batch_indices(3, 50, 8, seed=1), batch_indices(3, 50, 8, seed=1, rank=0, world_size=1))
+
+
+def test_resuming_needs_the_same_global_batch(runs, tmp_path):
+    # A 2 x 2 run resumes in one process with batch 4 (same data order), not with batch 2.
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(runs / "straight", run)
+    with pytest.raises(distributed.DistributedError, match=r"global batch of 4 \(2 x 2 process"):
+        _stage1(run, STEPS + 2, PER_RANK, resume=True)
+    assert _stage1(run, STEPS + 2, WORLD * PER_RANK, resume=True).step == STEPS + 2
+
+
+def _cli(*args: str, env_extra: dict | None = None, script: list[str] | None = None, timeout: float = 120):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, *(script or ["-m", "vqkit"]), *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def test_cli_nproc_launches_torchrun(tmp_path):
+    out = tmp_path / "run"
+    result = _cli("train", "--data", DATA, "--preset", "demo", "-o", str(out), "--steps", "4",
+                  "--batch-size", "4", "--nproc", "2", "--no-tensorboard")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("done: step 4") == 1  # rank 0 alone reports
+    assert ckpt.read_config(out)["processes"] == 2 and ckpt.latest_checkpoint(out).step == 4
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
+    # Rank 1 raises at its third batch while rank 0 waits in a collective with a 300 s timeout:
+    # torchrun must end rank 0, not the timeout (the subprocess timeout turns a hang into a
+    # failure), and the error must name the rank.
+    result = _failing_job(tmp_path, "raise", timeout=300)
+    assert result.returncode != 0
+    assert "vqkit: error: rank 1 failed: cannot read batch 2 (injected)" in result.stderr
+    assert "rank 0 failed" not in result.stderr
+    assert not (tmp_path / "run" / "latest").exists()
+
+
+def test_a_rank_that_stops_answering_ends_the_job_at_the_timeout(tmp_path):
+    result = _failing_job(tmp_path, "hang", timeout=3)
+    assert result.returncode != 0
+    assert "vqkit: error: rank 0 stopped: the other processes stopped answering" in result.stderr
+
+
+def _failing_job(tmp_path: Path, failure: str, timeout: float) -> subprocess.CompletedProcess:
+    script = Path(__file__).with_name("ddp_failing_rank.py")
+    return _cli("--standalone", "--nproc_per_node=2", str(script), "train", "--data", DATA,
+                "--preset", "demo", "-o", str(tmp_path / "run"), "--steps", "20", "--batch-size", "4",
+                "--no-tensorboard", "--dist-timeout", str(timeout), env_extra={"FAILURE": failure},
+                script=["-m", "torch.distributed.run"], timeout=45)
+
+
+def test_helpers_are_no_ops_in_one_process():
+    assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1
+    t = torch.arange(5.0)
+    assert distributed.all_reduce_sum(t) is t
+    assert torch.equal(distributed.rows_of_global_batch(t.reshape(5, 1), torch.tensor([4, 0])),
+                       torch.tensor([[4.0], [0.0]]))
+    assert distributed.mean_over_ranks({"loss": 1.5}) == {"loss": 1.5}
+    model = torch.nn.Linear(2, 2)
+    assert distributed.wrap(model) is model
+    assert main(["train", "--data", DATA, "-o", "unused", "--nproc", "0"]) == 2
