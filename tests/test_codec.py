@@ -190,6 +190,10 @@ def test_every_damage_gets_its_error(codec, runs):
         other.decompress(data, "x.vq")
     with pytest.raises(CodecError, match="made with another model"):
         other.decompress(codec.compress(_image(30, 45), "uniform").data, "x.vq")
+    retrained = Codec(codec.model, ckpt.latest_checkpoint(runs / "run").state["fingerprint"], codec.chain,
+                      ["other top prior weights", "other bottom prior weights"])
+    with pytest.raises(CodecError, match="made with another model.*stage-1 model and priors"):
+        retrained.decompress(data, "x.vq")
     with pytest.raises(CodecError, match="x.vq: corrupt header: sizes do not fit"):
         codec.decompress(_rewrite_header(data, 60, "<I", 56), "x.vq")  # another tile height
 

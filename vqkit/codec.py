@@ -354,7 +354,7 @@ class Codec:
         self.model = model.eval()
         self.chain = chain
         config = model.config
-        self.stride = 2 ** (sum(config.strides) if isinstance(model, VQVAE2) else config.downsample)
+        self.stride = config.total_stride if isinstance(model, VQVAE2) else 2 ** config.downsample
         self.radices = list(config.codebook_sizes)
         stage1 = {"fingerprint": stage1_fingerprint, "config": config.to_dict()}
         self.fingerprints = {"uniform": _hash({"stage1": stage1})}
@@ -410,6 +410,8 @@ class Codec:
             raise CodecError("prior mode needs the prior runs (one per level, top-first)")
 
     def _padded(self, height: int, width: int, mode: str) -> tuple[int, int, int, int]:
+        """(padded height, padded width, tile height, tile width): prior mode pads to whole
+        tiles; uniform mode pads to the model's total stride and codes the image as one tile."""
         th, tw = self.tile if mode == "prior" else (self.stride, self.stride)
         ph, pw = -(-height // th) * th, -(-width // tw) * tw
         return ph, pw, *((th, tw) if mode == "prior" else (ph, pw))
@@ -418,8 +420,9 @@ class Codec:
         c = self.model.config.in_channels
         if image.dim() != 3 or image.shape[0] != c or image.dtype != torch.uint8:
             raise CodecError(f"expected a uint8 image ({c}, H, W), got {image.dtype} {tuple(image.shape)}")
-        if image.shape[1] * image.shape[2] > MAX_PIXELS:
-            raise CodecError(f"image of {image.shape[1]}x{image.shape[2]} exceeds {MAX_PIXELS} pixels")
+        if image.shape[1] < 1 or image.shape[2] < 1 or image.shape[1] * image.shape[2] > MAX_PIXELS:
+            raise CodecError(f"an image of {image.shape[1]}x{image.shape[2]} pixels cannot be coded "
+                             f"(1 to {MAX_PIXELS} pixels)")
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor, mode: str = "prior") -> list[torch.Tensor]:
