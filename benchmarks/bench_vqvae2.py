@@ -187,16 +187,17 @@ def bench_quality(args) -> None:
             count += images.numel()
     peer_psnr = 10 * math.log10(1 / (squared / count))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train(Path(tmp) / "run", preset2("vqvae2-256"),
-                       TrainConfig(data=args.data, steps=steps, batch_size=batch, lr=3e-4, seed=0,
-                                   image_size=args.image_size, checkpoint_every=10**9),
-                       dataset=train_set, progress=False, tensorboard=False)
-        ours = evaluate(load_model(Path(tmp) / "run")[0], test_set, progress=False)
     print(f"{'rosinality (fp32)':<34} {peer_psnr:>6.2f} dB   {peer_seconds:>6.0f} s   "
-          f"codes used: top {len(used_top)}/{K}, bottom {len(used_bottom)}/{K}")
-    print(f"{'vqkit (default placement)':<34} {ours.psnr:>6.2f} dB   {result.seconds:>6.0f} s   "
-          f"codes used: {', '.join(f'{lv.name} {lv.codes_used}/{lv.codebook_size}' for lv in ours.levels)}")
+          f"codes used: top {len(used_top)}/{K}, bottom {len(used_bottom)}/{K}", flush=True)
+    for precision, label in (("fp32", "vqkit fp32"), ("auto", "vqkit default (precision=auto)")):
+        with tempfile.TemporaryDirectory() as tmp:
+            result = train(Path(tmp) / "run", preset2("vqvae2-256"),
+                           TrainConfig(data=args.data, steps=steps, batch_size=batch, lr=3e-4, seed=0,
+                                       image_size=args.image_size, checkpoint_every=10**9, precision=precision),
+                           dataset=train_set, progress=False, tensorboard=False)
+            ours = evaluate(load_model(Path(tmp) / "run")[0], test_set, progress=False)
+        print(f"{label:<34} {ours.psnr:>6.2f} dB   {result.seconds:>6.0f} s   codes used: "
+              f"{', '.join(f'{lv.name} {lv.codes_used}/{lv.codebook_size}' for lv in ours.levels)}", flush=True)
 
 
 @torch.no_grad()
