@@ -122,21 +122,29 @@ def train_child(args) -> dict:
 
 
 def bench_train(args) -> None:
-    print(f"\nstage-1 training, {args.threads} threads (best of {args.rounds} rounds)")
-    print(f"{'image':>7} {'batch':>5}  {'implementation':<40} {'images/s':>9} {'vs peer':>8} {'peak MiB':>9} {'params':>10} {'GMAC/image':>11}")
+    """Every configuration runs ``--repeats`` times, interleaved, in fresh subprocesses; the
+    fastest run of each is kept (on a shared machine it is the least disturbed one)."""
+    print(f"\nstage-1 training, {args.threads} threads (best of {args.repeats} processes x {args.rounds} rounds)")
+    print(f"{'image':>7} {'batch':>5}  {'implementation':<44} {'images/s':>9} {'vs peer':>8} {'peak MiB':>9} "
+          f"{'params':>10} {'GMAC/image':>11}")
+    impls = (("peer", "rosinality (fp32, as published)"),
+             ("peer-bf16", "rosinality + bf16 autocast + channels_last"),
+             ("vqkit-fp32", "vqkit fp32"), ("vqkit", "vqkit default (precision=auto)"))
     for size, batch, steps in ((256, 4, 3), (64, 16, 8)):
-        peer_rate = None
-        for impl, label in (("peer", "rosinality (fp32, as published)"),
-                            ("peer-bf16", "rosinality + bf16 autocast + channels_last"),
-                            ("vqkit-fp32", "vqkit fp32"), ("vqkit", "vqkit default (precision=auto)")):
-            cmd = [sys.executable, __file__, "--child", "train", "--impl", impl, "--peer", args.peer,
-                   "--size", str(size), "--batch", str(batch), "--steps", str(steps),
-                   "--rounds", str(args.rounds), "--threads", str(args.threads)]
-            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-            peer_rate = peer_rate or r["images_per_s"]
-            print(f"{size:>4}px {batch:>5}  {label:<40} {r['images_per_s']:>9.1f} "
-                  f"{r['images_per_s'] / peer_rate:>7.2f}x {r['peak_mib']:>9.0f} {r['params']:>10,} {r['gmacs']:>11.2f}",
-                  flush=True)
+        best: dict[str, dict] = {}
+        for _ in range(args.repeats):
+            for impl, _ in impls:
+                cmd = [sys.executable, __file__, "--child", "train", "--impl", impl, "--peer", args.peer,
+                       "--size", str(size), "--batch", str(batch), "--steps", str(steps),
+                       "--rounds", str(args.rounds), "--threads", str(args.threads)]
+                r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+                if impl not in best or r["images_per_s"] > best[impl]["images_per_s"]:
+                    best[impl] = r
+        for impl, label in impls:
+            r = best[impl]
+            print(f"{size:>4}px {batch:>5}  {label:<44} {r['images_per_s']:>9.1f} "
+                  f"{r['images_per_s'] / best['peer']['images_per_s']:>7.2f}x {r['peak_mib']:>9.0f} "
+                  f"{r['params']:>10,} {r['gmacs']:>11.2f}", flush=True)
 
 
 def bench_quality(args) -> None:
@@ -167,23 +175,29 @@ def bench_quality(args) -> None:
     peer_seconds = time.perf_counter() - start
     peer.eval()
     squared, count = 0.0, 0
+    used_top, used_bottom = set(), set()
     with torch.no_grad():
         for i in range(0, len(test_set), 100):
             images = test_set.batch(torch.arange(i, min(i + 100, len(test_set))))[0]
-            recon = peer(to_model(images))[0].clamp(-1, 1)
+            quant_t, quant_b, _, id_t, id_b = peer.encode(to_model(images))
+            recon = peer.decode(quant_t, quant_b).clamp(-1, 1)
+            used_top.update(id_t.unique().tolist())
+            used_bottom.update(id_b.unique().tolist())
             squared += float(((recon + 1) / 2 - images.float() / 255).pow(2).sum())
             count += images.numel()
     peer_psnr = 10 * math.log10(1 / (squared / count))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train(Path(tmp) / "run", preset2("vqvae2-256"),
-                       TrainConfig(data=args.data, steps=steps, batch_size=batch, lr=3e-4, seed=0,
-                                   image_size=args.image_size, checkpoint_every=10**9),
-                       dataset=train_set, progress=False, tensorboard=False)
-        ours = evaluate(load_model(Path(tmp) / "run")[0], test_set, progress=False)
-    print(f"{'rosinality (fp32)':<34} {peer_psnr:>6.2f} dB   {peer_seconds:>6.0f} s")
-    print(f"{'vqkit (default placement)':<34} {ours.psnr:>6.2f} dB   {result.seconds:>6.0f} s   "
-          f"codes used: {', '.join(f'{lv.name} {lv.codes_used}/{lv.codebook_size}' for lv in ours.levels)}")
+    print(f"{'rosinality (fp32)':<34} {peer_psnr:>6.2f} dB   {peer_seconds:>6.0f} s   "
+          f"codes used: top {len(used_top)}/{K}, bottom {len(used_bottom)}/{K}", flush=True)
+    for precision, label in (("fp32", "vqkit fp32"), ("auto", "vqkit default (precision=auto)")):
+        with tempfile.TemporaryDirectory() as tmp:
+            result = train(Path(tmp) / "run", preset2("vqvae2-256"),
+                           TrainConfig(data=args.data, steps=steps, batch_size=batch, lr=3e-4, seed=0,
+                                       image_size=args.image_size, checkpoint_every=10**9, precision=precision),
+                           dataset=train_set, progress=False, tensorboard=False)
+            ours = evaluate(load_model(Path(tmp) / "run")[0], test_set, progress=False)
+        print(f"{label:<34} {ours.psnr:>6.2f} dB   {result.seconds:>6.0f} s   codes used: "
+              f"{', '.join(f'{lv.name} {lv.codes_used}/{lv.codebook_size}' for lv in ours.levels)}", flush=True)
 
 
 @torch.no_grad()
@@ -268,7 +282,8 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--quality-steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="timed rounds inside each training process")
+    p.add_argument("--repeats", type=int, default=3, help="processes per training configuration")
     p.add_argument("--layers", type=int, default=16, help="gated residual blocks of our priors")
     p.add_argument("--peer-positions", type=int, default=4, help="positions timed per row for the peer")
     p.add_argument("--child", help=argparse.SUPPRESS)
