@@ -9,7 +9,6 @@ import struct
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import torch
 from vqkit import checkpoint as ckpt
 from vqkit.cli import main
 from vqkit.codec import (MAGIC, Codec, CodecError, _from_tiles, _to_tiles, header_size, pack_uniform,
-                         parse, unpack_uniform, uniform_payload_bytes)
+                         unpack_uniform, uniform_payload_bytes)
 from vqkit.data import sample_dir
 from vqkit.hierarchy import VQVAE2Config
 from vqkit.images import load_image, save_png
