@@ -37,15 +37,19 @@ import math
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from vqkit.checkpoint import build_model
+from vqkit.checkpoint import build_model, load_model
+from vqkit.data import load_dataset, to_model
+from vqkit.evaluate import evaluate
 from vqkit.hierarchy import preset2
 from vqkit.precision import Placement, autocast, prepare_input, prepare_model, resolve
 from vqkit.prior import PriorConfig, build_prior, sample
+from vqkit.train import TrainConfig, batch_indices, train
 
 K, N_SAMPLES = 512, 8
 
@@ -149,12 +153,6 @@ def bench_train(args) -> None:
 
 
 def bench_quality(args) -> None:
-    from vqkit.checkpoint import load_model
-    from vqkit.data import load_dataset, to_model
-    from vqkit.evaluate import evaluate
-    from vqkit.train import TrainConfig, batch_indices, train
-    import tempfile
-
     train_set = load_dataset(args.data, "train", image_size=args.image_size)
     test_set = load_dataset(args.data, "test", image_size=args.image_size)
     steps, batch = args.quality_steps, 16

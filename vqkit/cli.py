@@ -189,11 +189,9 @@ def cmd_encode(args) -> None:
 
 def cmd_decode(args) -> None:
     model, _ = ckpt.load_model(args.run)
-    if model.config.num_levels == 1:
-        codes = [read_code_maps(args.codes, model.config.codebook_size)]
-    else:
-        codes = read_level_maps(args.codes, model.config)
-    images = decode_codes(model, codes if model.config.num_levels > 1 else codes[0])
+    codes = read_code_maps(args.codes, model.config.codebook_size) if model.config.num_levels == 1 \
+        else read_level_maps(args.codes, model.config)
+    images = decode_codes(model, codes)
     out = Path(args.out)
     if out.suffix.lower() == ".png":
         save_png(make_grid(images, nrow=args.nrow or min(len(images), 16)), out)
