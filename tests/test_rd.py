@@ -3,6 +3,7 @@ interpolation at matched rates, and the whole measurement with a codec, from the
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -58,6 +59,17 @@ def test_pillow_roundtrip_sizes_and_quality():
     grey = x[:1]
     size, back = pillow_roundtrip(grey, "JPEG", 75)
     assert back.shape == grey.shape and size > 0
+
+
+def test_jpeg_gets_optimised_huffman_tables():
+    # A fair baseline: the same pixels as libjpeg's default tables, in a smaller file.
+    x = _photo(64, 80)
+    size, back = pillow_roundtrip(x, "JPEG", 2)
+    buffer = io.BytesIO()
+    Image.fromarray(x.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=2)
+    with Image.open(io.BytesIO(buffer.getvalue())) as plain:
+        assert torch.equal(back, torch.from_numpy(np.array(plain)).permute(2, 0, 1))
+    assert size < buffer.tell()
 
 
 def test_matched_interpolates_at_the_codecs_rate():
