@@ -121,3 +121,6 @@ def test_measure_and_cli(one_level, tmp_path, capsys):
     assert len(json.loads((tmp_path / "rd.json").read_text())["points"]) == 5
     assert main(["rd", str(one_level / "run"), "--data", str(tmp_path / "none"), "-o", str(tmp_path / "x.png")]) == 2
     assert "no such folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        main(["rd", str(one_level / "run"), "--data", str(folder), "--qualities", "10,0", "-o", "x.png"])
+    assert exit.value.code == 2 and "qualities run from 1 to 100" in capsys.readouterr().err

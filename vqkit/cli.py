@@ -283,6 +283,16 @@ def cmd_sample(args) -> None:
     print(f"wrote {args.out}: {n} {what}")
 
 
+def _qualities(text: str) -> list[int]:
+    try:
+        qualities = [int(q) for q in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not all(1 <= q <= 100 for q in qualities):
+        raise argparse.ArgumentTypeError(f"qualities run from 1 to 100, got {text}")
+    return qualities
+
+
 def _codec(args) -> Codec:
     return Codec.load(args.run, args.prior)
 
@@ -315,7 +325,7 @@ def cmd_decompress(args) -> None:
 
 
 def cmd_rd(args) -> None:
-    from .rd import image_files, measure, plot
+    from .rd import QUALITIES, image_files, measure, plot
     runs = {run: [] for run in args.runs}
     fingerprints = {ckpt.latest_checkpoint(run).state.get("fingerprint"): run for run in args.runs}
     for prior in args.prior:
@@ -326,7 +336,7 @@ def cmd_rd(args) -> None:
         runs[run].append(prior)
     codecs = {Path(run).name: Codec.load(run, priors) for run, priors in runs.items()}
     files = image_files(args.data)[:args.limit]
-    result = measure(codecs, files, [int(q) for q in args.qualities.split(",")])
+    result = measure(codecs, files, args.qualities or QUALITIES)
     print(result.table())
     plot(result, args.out)
     if args.json:
@@ -595,7 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prior run (repeat, top-first per model); each goes to the RUN it was fitted to")
     rdp.add_argument("--data", required=True, type=Path, help="folder of images")
     rdp.add_argument("--limit", type=int, help="only the first N images (in name order)")
-    rdp.add_argument("--qualities", default="2,5,10,20,30,50,75,90", help="JPEG/WebP qualities")
+    rdp.add_argument("--qualities", type=_qualities,
+                    help="JPEG/WebP qualities, comma-separated (default 1,3,5,10,20,30,50,75,90)")
     rdp.add_argument("-o", "--out", required=True, type=Path, help="the plot (PNG)")
     rdp.add_argument("--json", type=Path, help="also write every figure as JSON here")
     rdp.set_defaults(func=cmd_rd)
