@@ -3,7 +3,7 @@ stage-1 model and its priors for a CPU budget, then ``vqkit rd`` on the held-out
 own resolution beside JPEG and WebP.
 
     python benchmarks/bench_codec.py --photos ../shared/data/photos -o runs/codec \
-        --model benchmarks/configs/photos-8x.json --model benchmarks/configs/photos-4x-k16.json \
+        --model benchmarks/configs/photos-8x.json --model benchmarks/configs/photos-2level-8x.json \
         --stage1-budget 2400 --prior-budget 600
 
 Every step is a ``vqkit`` command (printed before it runs, so any one can be repeated by hand)
