@@ -187,7 +187,7 @@ def test_decode_float_codes(run, capsys, tmp_path):
 
 def test_decode_never_unpickles(run, capsys, tmp_path, monkeypatch):
     bad = tmp_path / "codes.npy"
-    np.save(bad, np.array([{"a": 1}, [2, 3]], dtype=object), allow_pickle=True)
+    np.save(bad, np.array([{"a": 1}, [2, 3]], dtype=object))  # np.save pickles object arrays
     import pickle
 
     def forbidden(*args, **kwargs):

@@ -256,7 +256,7 @@ def test_missing_folder(tmp_path):
 def test_pickled_codes_are_refused_without_unpickling(stored, tmp_path, monkeypatch):
     folder = tmp_path / "codes"
     shutil.copytree(stored, folder)
-    np.save(folder / "codes.npy", np.array([{"a": 1}, [2, 3]], dtype=object), allow_pickle=True)
+    np.save(folder / "codes.npy", np.array([{"a": 1}, [2, 3]], dtype=object))  # pickled by np.save
 
     def forbidden(*args, **kwargs):
         raise AssertionError("load_codes unpickled a file")
