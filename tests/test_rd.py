@@ -85,6 +85,23 @@ def test_matched_interpolates_at_the_codecs_rate():
     assert "m prior" in result.table() and json.dumps(result.to_dict())
 
 
+def test_beside_pairs_each_jpeg_setting_with_the_best_vq_point_of_no_more_bits():
+    points = [Point("jpeg", "1", 0.08, 21.0, 0.75), Point("jpeg", "5", 0.13, 24.0, 0.84),
+              Point("jpeg", "20", 0.4, 30.0, 0.95), Point("webp", "1", 0.16, 28.0, 0.92),
+              Point("a prior", "prior", 0.07, 24.5, 0.90), Point("a uniform", "uniform", 0.14, 24.5, 0.90),
+              Point("b prior", "prior", 0.10, 25.5, 0.91), Point("c prior", "prior", 0.35, 25.0, 0.94)]
+    beside = {(b.point.method, b.point.setting): b.vq for b in RDResult(["a.png"], 100, points).beside()}
+    # Below JPEG's lowest rate interpolation has nothing to say; this still does.
+    assert beside[("jpeg", "1")].method == "a prior"
+    assert beside[("jpeg", "5")].method == "b prior"
+    assert beside[("jpeg", "20")].method == "b prior"  # c costs less but reconstructs worse
+    assert beside[("webp", "1")].method == "b prior"
+    assert RDResult(["a.png"], 100, points[:4] + points[-1:]).beside()[0].vq is None
+    table = RDResult(["a.png"], 100, points).table()
+    assert "+3.50" in table and "+1.50" in table and "-4.50" in table  # JPEG 20: the first loss after a win
+    assert "-2.50" not in table and "webp   beats every .vq point" in table
+
+
 @pytest.fixture(scope="module")
 def one_level(tmp_path_factory):
     root = tmp_path_factory.mktemp("rd")

@@ -13,6 +13,9 @@ same pixels), which would flatter any codec compared with it.
 ``matched`` puts each ``.vq`` operating point beside JPEG and WebP *at the same rate*: their
 PSNR and MS-SSIM curves (mean rate against mean distortion over the qualities) are linearly
 interpolated at the ``.vq`` point's bits per pixel; a rate outside a curve's range gives None.
+``beside`` looks from the other side, with no interpolation: each JPEG or WebP setting beside
+the best ``.vq`` point that costs no more bits per pixel, which still answers when a ``.vq``
+point lies below JPEG's lowest rate.
 """
 
 from __future__ import annotations
@@ -97,6 +100,15 @@ class Matched:
 
 
 @dataclass
+class Beside:
+    """A JPEG or WebP point and the ``.vq`` point of highest PSNR among those of no more bits
+    per pixel (None when every ``.vq`` point costs more)."""
+
+    point: Point
+    vq: Point | None
+
+
+@dataclass
 class RDResult:
     images: list[str]
     pixels: int
@@ -115,9 +127,18 @@ class RDResult:
                                _interp(webp, p.bpp, "psnr"), _interp(webp, p.bpp, "ms_ssim")))
         return out
 
+    def beside(self) -> list[Beside]:
+        vq = [p for p in self.points if p.method not in ("jpeg", "webp")]
+        out = []
+        for p in self.curve("jpeg") + self.curve("webp"):
+            cheaper = [q for q in vq if q.bpp <= p.bpp]
+            out.append(Beside(p, max(cheaper, key=lambda q: q.psnr) if cheaper else None))
+        return out
+
     def to_dict(self) -> dict:
         return {"images": self.images, "pixels": self.pixels, "points": [asdict(p) for p in self.points],
-                "matched": [{**asdict(m), "point": asdict(m.point)} for m in self.matched()]}
+                "matched": [{**asdict(m), "point": asdict(m.point)} for m in self.matched()],
+                "beside": [asdict(b) for b in self.beside()]}
 
     def table(self) -> str:
         rows = [f"{'method':<24} {'setting':>8} {'bpp':>7} {'PSNR dB':>8} {'MS-SSIM':>8} "
@@ -134,6 +155,24 @@ class RDResult:
             rows.append(f"{p.method:<24} {p.bpp:7.4f} {p.psnr:7.2f} {_fmt(m.jpeg_psnr, 7, 2)} "
                         f"{_fmt(m.webp_psnr, 7, 2)} {p.ms_ssim:8.4f} {_fmt(m.jpeg_ms_ssim, 8, 4)} "
                         f"{_fmt(m.webp_ms_ssim, 8, 4)}")
+        rows.append("")
+        rows.append("JPEG and WebP beside the best .vq point of no more bits per pixel (where the .vq point "
+                    "wins, and the first setting after a win where it does not):")
+        rows.append(f"{'method':<6} {'setting':>7} {'bpp':>7} {'PSNR':>7} {'MS-SSIM':>8}   {'.vq point':<24} "
+                    f"{'bpp':>7} {'PSNR':>7} {'MS-SSIM':>8} {'gain dB':>8}")
+        beside = self.beside()
+        for fmt in ("jpeg", "webp"):
+            won = False
+            for b in (b for b in beside if b.point.method == fmt):
+                p, q = b.point, b.vq
+                wins = q is not None and q.psnr > p.psnr
+                if wins or won:
+                    rows.append(f"{p.method:<6} {p.setting:>7} {p.bpp:7.4f} {p.psnr:7.2f} {p.ms_ssim:8.4f}   "
+                                f"{q.method:<24} {q.bpp:7.4f} {q.psnr:7.2f} {q.ms_ssim:8.4f} "
+                                f"{q.psnr - p.psnr:+8.2f}")
+                won = wins
+            if not any(b.vq is not None and b.vq.psnr > b.point.psnr for b in beside if b.point.method == fmt):
+                rows.append(f"{fmt:<6} beats every .vq point of no more bits at each of its settings")
         return "\n".join(rows)
 
 
