@@ -260,7 +260,9 @@ def plot(result: RDResult, path: str | Path) -> None:
             ax.plot([p.bpp for p in curve], [getattr(p, what) for p in curve], style,
                     label=method.upper() if method in ("jpeg", "webp") else method,
                     markersize=6 if method in ("jpeg", "webp") else 12)
-        ax.set_xlabel("bits per pixel")
+        # Logarithmic: low rates, where the codecs differ most, would otherwise share a corner.
+        ax.set_xscale("log")
+        ax.set_xlabel("bits per pixel (log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
