@@ -4,7 +4,7 @@ own resolution beside JPEG and WebP.
 
     python benchmarks/bench_codec.py --photos ../shared/data/photos -o runs/codec \
         --model benchmarks/configs/photos-8x.json --model benchmarks/configs/photos-2level-8x.json \
-        --stage1-budget 2400 --prior-budget 600
+        --stage1-budget 3900 --prior-budget 900
 
 Every step is a ``vqkit`` command (printed before it runs, so any one can be repeated by hand)
 and a step whose output already exists is skipped: a stopped benchmark goes on where it stopped,
@@ -47,8 +47,8 @@ def main() -> None:
     p.add_argument("--model", type=Path, action="append", required=True,
                    help="stage-1 model config JSON (repeat); its file name names the run")
     p.add_argument("--per-photo", type=int, default=400, help="training crops per photo")
-    p.add_argument("--stage1-budget", type=float, default=2400, help="seconds of stage-1 training per model")
-    p.add_argument("--prior-budget", type=float, default=600, help="seconds of training per prior")
+    p.add_argument("--stage1-budget", type=float, default=3900, help="seconds of stage-1 training per model")
+    p.add_argument("--prior-budget", type=float, default=900, help="seconds of training per prior")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--limit", type=int, help="measure only the first N held-out photos")
     args = p.parse_args()
