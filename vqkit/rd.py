@@ -7,8 +7,8 @@ header included, over the original H x W pixels) and the distortion as PSNR,
 average each over the images. JPEG and WebP come from Pillow (libjpeg with 4:2:0 chroma
 subsampling and optimised Huffman tables, libwebp's lossy mode) at several qualities, coded in
 memory. The optimised tables matter at low rates: with libjpeg's default tables a quality-2
-file of the benchmark's photos is 1.9 times as large (0.167 against 0.088 bits per pixel, the
-same pixels), which would flatter any codec compared with it.
+file of the benchmark's held-out photos is twice as large (0.162 against 0.082 bits per pixel,
+the same pixels), which would flatter any codec compared with it.
 
 ``matched`` puts each ``.vq`` operating point beside JPEG and WebP *at the same rate*: their
 PSNR and MS-SSIM curves (mean rate against mean distortion over the qualities) are linearly
