@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+from vqkit.codes import load_codes
 
 HERE = Path(__file__).resolve().parent
 ATTENTION_MAX_POSITIONS = 256
@@ -72,8 +72,8 @@ def main() -> None:
         levels, test_levels = level_folders(codes), level_folders(test)
         for index, (level, test_level) in enumerate(zip(levels, test_levels)):
             prior = args.out / (f"{name}-prior" if len(levels) == 1 else f"{name}-prior-{level.name}")
-            positions = int(np.prod(np.load(level / "codes.npy", mmap_mode="r").shape[1:]))
-            if index == 0 and positions <= ATTENTION_MAX_POSITIONS:
+            h, w = load_codes(level).shape
+            if index == 0 and h * w <= ATTENTION_MAX_POSITIONS:
                 arch = ["--arch", "pixelsnail", "--channels", "64", "--layers", "4", "--batch-size", "32"]
             else:
                 arch = ["--arch", "pixelcnn", "--channels", "64", "--layers", "4", "--batch-size", "16"]

@@ -160,10 +160,12 @@ class RDResult:
                     "wins, and the first setting after a win where it does not):")
         rows.append(f"{'method':<6} {'setting':>7} {'bpp':>7} {'PSNR':>7} {'MS-SSIM':>8}   {'.vq point':<24} "
                     f"{'bpp':>7} {'PSNR':>7} {'MS-SSIM':>8} {'gain dB':>8}")
+        beside = self.beside()
         for fmt in ("jpeg", "webp"):
-            settings = [b for b in self.beside() if b.point.method == fmt]
+            settings = [b for b in beside if b.point.method == fmt]
             wins = [b.vq is not None and b.vq.psnr > b.point.psnr for b in settings]
-            for i, (b, p, q) in enumerate((b, b.point, b.vq) for b in settings):
+            for i, b in enumerate(settings):
+                p, q = b.point, b.vq
                 if wins[i] or (i > 0 and wins[i - 1]):
                     rows.append(f"{p.method:<6} {p.setting:>7} {p.bpp:7.4f} {p.psnr:7.2f} {p.ms_ssim:8.4f}   "
                                 f"{q.method:<24} {q.bpp:7.4f} {q.psnr:7.2f} {q.ms_ssim:8.4f} "
