@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vqkit.codes import load_codes
+from vqkit.runs.codes import load_codes
 
 HERE = Path(__file__).resolve().parent
 ATTENTION_MAX_POSITIONS = 256

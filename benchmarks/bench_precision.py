@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from vqkit.checkpoint import build_model
-from vqkit.hierarchy import PRESETS2, preset2
-from vqkit.model import preset
+from vqkit.runs.checkpoint import build_model
+from vqkit.nn.vqvae2 import PRESETS2, preset2
+from vqkit.nn.vqvae import preset
 from vqkit.precision import Placement, autocast, native_bf16, prepare_input, prepare_model
 
 

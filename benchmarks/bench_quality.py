@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from vqkit.checkpoint import load_model
-from vqkit.data import load_dataset
-from vqkit.evaluate import evaluate
-from vqkit.hierarchy import PRESETS2, preset2
-from vqkit.model import preset
-from vqkit.train import TrainConfig, train
+from vqkit.runs.checkpoint import load_model
+from vqkit.data.datasets import load_dataset
+from vqkit.train.evaluate import evaluate
+from vqkit.nn.vqvae2 import PRESETS2, preset2
+from vqkit.nn.vqvae import preset
+from vqkit.train.stage1 import TrainConfig, train
 
 
 def main() -> None:

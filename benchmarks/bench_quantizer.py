@@ -2,7 +2,7 @@
 
 Compares, in one run and at the same thread count:
   matmul    torch.mm of the same shape (N x D) @ (D x K): the ceiling for the distances
-  vqkit     vqkit.quantize.VectorQuantizer(ema=True), blocked distances with a fused argmin
+  vqkit     vqkit.nn.quantize.VectorQuantizer(ema=True), blocked distances with a fused argmin
   plain     full N x K distance matrix, argmin, gather; EMA by index_add
   one-hot   the common reproduction pattern: N x K distances and an N x K one-hot matrix
             used for the lookup and the EMA statistics
@@ -62,7 +62,7 @@ def run_case(case: str, k: int, repeats: int) -> dict:
     z = torch.randn(N, D, requires_grad=True)
     codebook = torch.randn(k, D)
     if case == "vqkit":
-        from vqkit.quantize import VectorQuantizer
+        from vqkit.nn.quantize import VectorQuantizer
         q = VectorQuantizer(k, D, ema=True).train()
         q.codebook.copy_(codebook)
         q.ema_sum.copy_(codebook)

@@ -43,13 +43,13 @@ from pathlib import Path
 
 import torch
 
-from vqkit.checkpoint import build_model, load_model
-from vqkit.data import load_dataset, to_model
-from vqkit.evaluate import evaluate
-from vqkit.hierarchy import preset2
+from vqkit.runs.checkpoint import build_model, load_model
+from vqkit.data.datasets import load_dataset, to_model
+from vqkit.train.evaluate import evaluate
+from vqkit.nn.vqvae2 import preset2
 from vqkit.precision import Placement, autocast, prepare_input, prepare_model, resolve
 from vqkit.prior import PriorConfig, build_prior, sample
-from vqkit.train import TrainConfig, batch_indices, train
+from vqkit.train.stage1 import TrainConfig, batch_indices, train
 
 K, N_SAMPLES = 512, 8
 

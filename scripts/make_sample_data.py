@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vqkit.data import load_dataset, sample_dir  # noqa: E402
+from vqkit.data.datasets import load_dataset, sample_dir  # noqa: E402
 from vqkit.fsutil import atomic_write_bytes  # noqa: E402
 
 COUNTS = {"train": 1500, "test": 500}

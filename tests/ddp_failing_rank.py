@@ -6,8 +6,8 @@ import os
 import sys
 import time
 
-from vqkit import train
-from vqkit.cli import main
+from vqkit.train import stage1 as train
+from vqkit.cli.main import main
 
 if os.environ.get("RANK") == "1":
     real_to_model = train.to_model

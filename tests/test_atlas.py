@@ -1,4 +1,4 @@
-"""vqkit.atlas against counts, distances and crops computed independently on fixed data."""
+"""vqkit.inspect.atlas against counts, distances and crops computed independently on fixed data."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from vqkit import checkpoint as ckpt
-from vqkit.atlas import (ExemplarBank, atlas_image, crops_at, inspect_model, load_complete, pca,
+from vqkit.runs import checkpoint as ckpt
+from vqkit.inspect.atlas import (ExemplarBank, atlas_image, crops_at, inspect_model, load_complete, pca,
                          usage_figure, write_inspection)
-from vqkit.cli import main
-from vqkit.data import from_model, load_dataset, sample_dir, to_model
-from vqkit.hierarchy import VQVAE2, VQVAE2Config
-from vqkit.model import VQVAEConfig
-from vqkit.train import TrainConfig, train
+from vqkit.cli.main import main
+from vqkit.data.datasets import from_model, load_dataset, sample_dir, to_model
+from vqkit.nn.vqvae2 import VQVAE2, VQVAE2Config
+from vqkit.nn.vqvae import VQVAEConfig
+from vqkit.train.stage1 import TrainConfig, train
 
 torch.set_num_threads(1)
 

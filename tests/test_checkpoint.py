@@ -1,4 +1,4 @@
-"""Behaviour tests for vqkit.checkpoint: exact round trips, corrupt or foreign run folders,
+"""Behaviour tests for vqkit.runs.checkpoint: exact round trips, corrupt or foreign run folders,
 crash safety of save_checkpoint, pruning, and resuming state without pickle."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vqkit import checkpoint as ckpt
-from vqkit.checkpoint import (
+from vqkit.runs import checkpoint as ckpt
+from vqkit.runs.checkpoint import (
     KEEP_CHECKPOINTS,
     CheckpointError,
     latest_checkpoint,
@@ -23,7 +23,7 @@ from vqkit.checkpoint import (
     save_checkpoint,
     write_config,
 )
-from vqkit.model import VQVAE, VQVAEConfig
+from vqkit.nn.vqvae import VQVAE, VQVAEConfig
 
 # Tiny convolutions are slower with several threads on a shared two-core machine.
 torch.set_num_threads(1)
@@ -222,7 +222,7 @@ class _Crash(RuntimeError):
 
 
 def _crash_on_call(monkeypatch, name: str, call: int):
-    """Replace ``vqkit.checkpoint.<name>`` by a wrapper that raises on its ``call``-th use."""
+    """Replace ``vqkit.runs.checkpoint.<name>`` by a wrapper that raises on its ``call``-th use."""
     original = getattr(ckpt, name)
     calls = {"n": 0}
 

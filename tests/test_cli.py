@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vqkit import checkpoint as ckpt
-from vqkit.cli import main
-from vqkit.data import from_model, load_dataset, sample_dir, to_model
+from vqkit.runs import checkpoint as ckpt
+from vqkit.cli.main import main
+from vqkit.data.datasets import from_model, load_dataset, sample_dir, to_model
 
 # Tiny convolutions are slower with several threads on a shared two-core machine.
 torch.set_num_threads(1)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vqkit import checkpoint as ckpt
-from vqkit.cli import main
-from vqkit.codes import load_codes
-from vqkit.data import load_dataset, sample_dir, to_model
-from vqkit.model import VQVAEConfig
-from vqkit.train import TrainConfig, train
+from vqkit.runs import checkpoint as ckpt
+from vqkit.cli.main import main
+from vqkit.runs.codes import load_codes
+from vqkit.data.datasets import load_dataset, sample_dir, to_model
+from vqkit.nn.vqvae import VQVAEConfig
+from vqkit.train.stage1 import TrainConfig, train
 
 # Tiny convolutions are slower with several threads on a shared two-core machine.
 torch.set_num_threads(1)

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from vqkit import checkpoint as ckpt
-from vqkit.cli import main
-from vqkit.codec import (MAGIC, Codec, CodecError, _from_tiles, _to_tiles, header_size, pack_uniform,
+from vqkit.runs import checkpoint as ckpt
+from vqkit.cli.main import main
+from vqkit.codec.codec import (MAGIC, Codec, CodecError, _from_tiles, _to_tiles, header_size, pack_uniform,
                          unpack_uniform, uniform_payload_bytes)
-from vqkit.data import sample_dir
-from vqkit.hierarchy import VQVAE2Config
-from vqkit.images import load_image, save_png
-from vqkit.model import VQVAEConfig
-from vqkit.train import TrainConfig, train
+from vqkit.data.datasets import sample_dir
+from vqkit.nn.vqvae2 import VQVAE2Config
+from vqkit.data.images import load_image, save_png
+from vqkit.nn.vqvae import VQVAEConfig
+from vqkit.train.stage1 import TrainConfig, train
 
 torch.set_num_threads(1)
 
@@ -148,7 +148,7 @@ def test_another_process_and_thread_count_decode_the_same_codes(codec, runs, tmp
     script = (
         "import sys, torch, numpy as np\n"
         "torch.set_num_threads(2)\n"
-        "from vqkit.codec import Codec, read_vq\n"
+        "from vqkit.codec.codec import Codec, read_vq\n"
         f"codec = Codec.load({str(runs / 'run')!r}, [{str(runs / 'top')!r}, {str(runs / 'bottom')!r}])\n"
         f"_, codes = codec.decompress_codes(read_vq({str(path)!r}))\n"
         f"np.save({str(tmp_path / 'codes.npy')!r}, np.concatenate([c.numpy().ravel() for c in codes]))\n")

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from vqkit.codes import CodeSet, CodeStoreError, code_dtype, extract_codes, load_codes
-from vqkit.data import TensorImageSet, load_dataset, sample_dir, to_model
-from vqkit.model import VQVAE, VQVAEConfig
+from vqkit.runs.codes import CodeSet, CodeStoreError, code_dtype, extract_codes, load_codes
+from vqkit.data.datasets import TensorImageSet, load_dataset, sample_dir, to_model
+from vqkit.nn.vqvae import VQVAE, VQVAEConfig
 
 # Tiny convolutions are slower with several threads on a shared two-core machine.
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""Behaviour tests for vqkit.data: real dataset files, the embedded sample, and broken inputs."""
+"""Behaviour tests for vqkit.data.datasets: real dataset files, the embedded sample, and broken inputs."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from shared_data import SHARED, needs_shared
-from vqkit import data
-from vqkit.data import (
+from vqkit.data import datasets as data
+from vqkit.data.datasets import (
     FASHION_MNIST_CLASSES,
     DataError,
     find_fashion_mnist,
@@ -398,7 +398,7 @@ def test_find_fashion_mnist_order(tmp_path, monkeypatch):
 
 
 def test_in_memory_copies_a_folder_set_once(tmp_path):
-    from vqkit.data import TensorImageSet, in_memory
+    from vqkit.data.datasets import TensorImageSet, in_memory
 
     for cls in ("a", "b"):
         (tmp_path / cls).mkdir()

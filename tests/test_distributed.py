@@ -20,17 +20,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from vqkit import checkpoint as ckpt
+from vqkit.runs import checkpoint as ckpt
 from vqkit import distributed
-from vqkit import train as train_module
-from vqkit import train_prior as train_prior_module
-from vqkit.cli import main
-from vqkit.codes import extract_codes, load_codes
-from vqkit.data import TensorImageSet, load_dataset, sample_dir
-from vqkit.model import VQVAEConfig
-from vqkit.quantize import VectorQuantizer
-from vqkit.train import TrainConfig, batch_indices, train
-from vqkit.train_prior import PriorTrainConfig, prior_config_for, train_prior
+from vqkit.train import stage1 as train_module
+from vqkit.train import prior as train_prior_module
+from vqkit.cli.main import main
+from vqkit.runs.codes import extract_codes, load_codes
+from vqkit.data.datasets import TensorImageSet, load_dataset, sample_dir
+from vqkit.nn.vqvae import VQVAEConfig
+from vqkit.nn.quantize import VectorQuantizer
+from vqkit.train.stage1 import TrainConfig, batch_indices, train
+from vqkit.train.prior import PriorTrainConfig, prior_config_for, train_prior
 
 torch.set_num_threads(1)
 

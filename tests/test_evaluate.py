@@ -1,4 +1,4 @@
-"""Behaviour tests for vqkit.evaluate: every figure recomputed by hand from model outputs."""
+"""Behaviour tests for vqkit.train.evaluate: every figure recomputed by hand from model outputs."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from vqkit.data import TensorImageSet, to_model
-from vqkit.evaluate import evaluate
-from vqkit.model import VQVAE, VQVAEConfig
+from vqkit.data.datasets import TensorImageSet, to_model
+from vqkit.train.evaluate import evaluate
+from vqkit.nn.vqvae import VQVAE, VQVAEConfig
 
 # Tiny convolutions are slower with several threads on a shared two-core machine.
 torch.set_num_threads(1)

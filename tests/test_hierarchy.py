@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqkit.hierarchy import PRESET2_IMAGE_SIZE, PRESETS2, VQVAE2, VQVAE2Config, preset2
+from vqkit.nn.vqvae2 import PRESET2_IMAGE_SIZE, PRESETS2, VQVAE2, VQVAE2Config, preset2
 
 # The machine's cores are shared with benchmarks; note this setting is process-wide.
 torch.set_num_threads(1)

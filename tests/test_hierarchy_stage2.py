@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from vqkit import checkpoint as ckpt
-from vqkit.cli import main
-from vqkit.codes import CodeStoreError, extract_levels, load_codes
-from vqkit.data import load_dataset, sample_dir, to_model
-from vqkit.generate import LevelPrior, chain_codes, check_chain, decode_codes
-from vqkit.hierarchy import VQVAE2, VQVAE2Config
-from vqkit.train import TrainConfig, train
-from vqkit.train_prior import evaluate_prior, load_prior
+from vqkit.runs import checkpoint as ckpt
+from vqkit.cli.main import main
+from vqkit.runs.codes import CodeStoreError, extract_levels, load_codes
+from vqkit.data.datasets import load_dataset, sample_dir, to_model
+from vqkit.runs.generate import LevelPrior, chain_codes, check_chain, decode_codes
+from vqkit.nn.vqvae2 import VQVAE2, VQVAE2Config
+from vqkit.train.stage1 import TrainConfig, train
+from vqkit.train.prior import evaluate_prior, load_prior
 
 # Tiny convolutions are slower with several threads on a shared two-core machine.
 torch.set_num_threads(1)

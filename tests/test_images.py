@@ -1,4 +1,4 @@
-"""Behaviour tests for vqkit.images: decoding, centre-crop/resize, grids and PNG output."""
+"""Behaviour tests for vqkit.data.images: decoding, centre-crop/resize, grids and PNG output."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from shared_data import SHARED
-from vqkit.images import ImageError, load_image, make_grid, read_image_size, save_png
+from vqkit.data.images import ImageError, load_image, make_grid, read_image_size, save_png
 
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from vqkit.likelihood import (GaussianLikelihood, LogisticMixtureLikelihood, bits_per_dim,
+from vqkit.nn.likelihood import (GaussianLikelihood, LogisticMixtureLikelihood, bits_per_dim,
                               discretized_gaussian_log_prob, discretized_logistic_log_prob)
 
 ALL_VALUES = torch.arange(256).float() / 127.5 - 1  # every 8-bit value on the [-1, 1] scale

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vqkit.model import PRESETS, VQVAE, VQVAEConfig, preset
+from vqkit.nn.vqvae import PRESETS, VQVAE, VQVAEConfig, preset
 
 TINY = dict(hidden=8, res_hidden=4, num_res_blocks=1, code_dim=4, codebook_size=16)
 

@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from vqkit import precision
-from vqkit.checkpoint import build_model, load_model
-from vqkit.data import TensorImageSet
-from vqkit.hierarchy import VQVAE2Config
+from vqkit.runs.checkpoint import build_model, load_model
+from vqkit.data.datasets import TensorImageSet
+from vqkit.nn.vqvae2 import VQVAE2Config
 from vqkit.precision import Placement, autocast, prepare_input, prepare_model, resolve
-from vqkit.quantize import VectorQuantizer
-from vqkit.train import TrainConfig, train
+from vqkit.nn.quantize import VectorQuantizer
+from vqkit.train.stage1 import TrainConfig, train
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")

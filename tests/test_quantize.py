@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from vqkit import quantize
-from vqkit.quantize import CodebookUsage, VectorQuantizer, nearest_codes, perplexity
+from vqkit.nn import quantize
+from vqkit.nn.quantize import CodebookUsage, VectorQuantizer, nearest_codes, perplexity
 
 
 def test_nearest_codes_equals_brute_force_across_block_boundaries(monkeypatch):

@@ -1,4 +1,4 @@
-"""Behaviour tests for vqkit.train: exact resume, learning, failure handling, data order."""
+"""Behaviour tests for vqkit.train.stage1: exact resume, learning, failure handling, data order."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from vqkit import checkpoint as ckpt
-from vqkit import train as train_module
-from vqkit.data import TensorImageSet, load_dataset, sample_dir
-from vqkit.model import VQVAEConfig
-from vqkit.quantize import VectorQuantizer
-from vqkit.train import TrainConfig, TrainingError, batch_indices, train
+from vqkit.runs import checkpoint as ckpt
+from vqkit.train import stage1 as train_module
+from vqkit.data.datasets import TensorImageSet, load_dataset, sample_dir
+from vqkit.nn.vqvae import VQVAEConfig
+from vqkit.nn.quantize import VectorQuantizer
+from vqkit.train.stage1 import TrainConfig, TrainingError, batch_indices, train
 
 # Tiny convolutions are slower with several threads on a shared two-core machine.
 torch.set_num_threads(1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..config import JsonConfig
+from vqkit.config import JsonConfig
 
 ARCHS = ("pixelcnn", "pixelsnail")
 

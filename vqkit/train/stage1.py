@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from . import distributed, precision
-from .config import JsonConfig
-from .data import ImageSet, from_model, in_memory, load_dataset, to_model
-from .images import make_grid
-from .loop import StepOutput, TensorBoard, TrainingError, TrainResult, run_loop
-from .hierarchy import VQVAE2, VQVAE2Config, level_names
-from .model import VQVAE, VQVAEConfig
-from .quantize import CodebookUsage
+from vqkit.runs import checkpoint as ckpt
+from vqkit import distributed, precision
+from vqkit.config import JsonConfig
+from vqkit.data.datasets import ImageSet, from_model, in_memory, load_dataset, to_model
+from vqkit.data.images import make_grid
+from vqkit.train.loop import StepOutput, TensorBoard, TrainingError, TrainResult, run_loop
+from vqkit.nn.vqvae2 import VQVAE2, VQVAE2Config, level_names
+from vqkit.nn.vqvae import VQVAE, VQVAEConfig
+from vqkit.nn.quantize import CodebookUsage
 
 log = logging.getLogger("vqkit")
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
+from vqkit import distributed
 
 # Rows of z per distance block: a (rows x K) float32 block is 4 MiB, small enough
 # to stay in cache between the matmul that writes it and the argmin that reads it

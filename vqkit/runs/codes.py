@@ -36,10 +36,10 @@ import torch
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from .data import ImageSet, to_model
-from .fsutil import atomic_path, fsync_dir, fsync_file
-from .hierarchy import VQVAE2, VQVAE2Config, level_names
-from .model import VQVAE
+from vqkit.data.datasets import ImageSet, to_model
+from vqkit.fsutil import atomic_path, fsync_dir, fsync_file
+from vqkit.nn.vqvae2 import VQVAE2, VQVAE2Config, level_names
+from vqkit.nn.vqvae import VQVAE
 
 FORMAT_VERSION = 1
 KIND = "vqkit-codes"

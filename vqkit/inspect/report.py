@@ -10,7 +10,7 @@ run has (``Report.sections`` names them by id):
 * ``eval``: the figures of the last ``vqkit eval`` (``RUN/eval.json``: MSE, PSNR, bits/dim and,
   for a hierarchy, each level's);
 * ``reconstructions``: the first test images above their reconstructions;
-* ``atlas-<level>``, ``usage``, ``code-maps``, ``pca``: the figures of ``vqkit.atlas``;
+* ``atlas-<level>``, ``usage``, ``code-maps``, ``pca``: the figures of ``vqkit.inspect.atlas``;
 * ``prior-<i>``: for each prior run given (``priors``): its NLL curves, last evaluation and
   samples;
 * ``extra-<i>``: images given as files (``extra_images``: sample grids of ``vqkit sample``,
@@ -44,16 +44,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from . import checkpoint as ckpt  # noqa: E402
-from .atlas import (InspectOutput, figure_png, image_png, inspect_model, load_complete, rgb_image,  # noqa: E402
+from vqkit.runs import checkpoint as ckpt  # noqa: E402
+from vqkit.inspect.atlas import (InspectOutput, figure_png, image_png, inspect_model, load_complete, rgb_image,  # noqa: E402
                     run_dataset, write_inspection)
-from .data import from_model, to_model  # noqa: E402
-from .evaluate import EVAL_FILE  # noqa: E402
-from .fsutil import atomic_write_text  # noqa: E402
-from .generate import prior_codes, stage1_of  # noqa: E402
-from .hierarchy import VQVAE2  # noqa: E402
-from .images import ImageError, make_grid  # noqa: E402
-from .train_prior import load_prior  # noqa: E402
+from vqkit.data.datasets import from_model, to_model  # noqa: E402
+from vqkit.train.evaluate import EVAL_FILE  # noqa: E402
+from vqkit.fsutil import atomic_write_text  # noqa: E402
+from vqkit.runs.generate import prior_codes, stage1_of  # noqa: E402
+from vqkit.nn.vqvae2 import VQVAE2  # noqa: E402
+from vqkit.data.images import ImageError, make_grid  # noqa: E402
+from vqkit.train.prior import load_prior  # noqa: E402
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 MSE is measured on the [0, 1] pixel scale with reconstructions clamped, averaged over every
 subpixel of the set; PSNR = 10 log10(1 / MSE) of that average. Bits/dim is the ELBO of
-``vqkit.likelihood.bits_per_dim``: reconstruction NLL plus log K_l nats per latent of each
+``vqkit.nn.likelihood.bits_per_dim``: reconstruction NLL plus log K_l nats per latent of each
 level. For a hierarchy, each level also reports its map size, its reduction factor (image
 values per code) and the PSNR of the reconstruction from that level and those above it
 alone (VQ-VAE-2 Figure 3), and the PSNR with that level zeroed and all others kept: the gap
@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .data import ImageSet, to_model
-from .fsutil import atomic_write_text
-from .hierarchy import VQVAE2, level_names
-from .model import VQVAE
-from .quantize import CodebookUsage
+from vqkit.data.datasets import ImageSet, to_model
+from vqkit.fsutil import atomic_write_text
+from vqkit.nn.vqvae2 import VQVAE2, level_names
+from vqkit.nn.vqvae import VQVAE
+from vqkit.nn.quantize import CodebookUsage
 
 
 @dataclass

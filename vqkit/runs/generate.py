@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from .data import from_model
-from .hierarchy import VQVAE2, level_names
-from .model import VQVAE
-from .prior import Prior
-from .prior.sampling import sample
+from vqkit.runs import checkpoint as ckpt
+from vqkit.data.datasets import from_model
+from vqkit.nn.vqvae2 import VQVAE2, level_names
+from vqkit.nn.vqvae import VQVAE
+from vqkit.prior import Prior
+from vqkit.prior.sampling import sample
 
 
 def stage1_of(prior_config: dict, prior_run: Path) -> VQVAE | VQVAE2:

@@ -1,7 +1,7 @@
 """Small image utilities: decode image files to uint8 tensors, tile batches, write PNGs.
 
 All tensors here are uint8 in (C, H, W) layout (batches: (N, C, H, W)), C = 1 (grey) or
-3 (RGB). The [-1, 1] float convention the models use lives in ``vqkit.data``.
+3 (RGB). The [-1, 1] float convention the models use lives in ``vqkit.data.datasets``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ _MODES = {1: "L", 3: "RGB"}
 class ImageError(ValueError):
     """An image file that cannot be used; the message names the file and the problem.
 
-    ``vqkit.data`` re-raises it as ``vqkit.data.DataError`` for files read through a dataset.
+    ``vqkit.data.datasets`` re-raises it as ``vqkit.data.datasets.DataError`` for files read through a dataset.
     """
 
 

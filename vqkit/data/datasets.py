@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vqkit.images import ImageError, load_image, read_image_size
+from vqkit.data.images import ImageError, load_image, read_image_size
 
 log = logging.getLogger("vqkit")
 
@@ -540,7 +540,7 @@ _SYSTEM_FASHION_DIRS = (
 
 def sample_dir() -> Path:
     """Folder of the embedded Fashion-MNIST sample (1,500 train + 500 test images, IDX .gz)."""
-    return Path(__file__).parent / "sample_data" / "fashion-mnist"
+    return Path(__file__).parent.parent / "sample_data" / "fashion-mnist"
 
 
 def _has_idx_files(d: Path) -> bool:

@@ -14,10 +14,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .config import JsonConfig
-from .likelihood import LikelihoodOutput, make_likelihood
-from .nets import Decoder, Encoder
-from .quantize import VectorQuantizer
+from vqkit.config import JsonConfig
+from vqkit.nn.likelihood import LikelihoodOutput, make_likelihood
+from vqkit.nn.nets import Decoder, Encoder
+from vqkit.nn.quantize import VectorQuantizer
 
 
 def check_network_fields(config) -> None:

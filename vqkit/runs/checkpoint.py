@@ -27,9 +27,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .fsutil import atomic_write_text, fsync_dir, fsync_file
-from .hierarchy import VQVAE2, VQVAE2Config
-from .model import VQVAE, VQVAEConfig
+from vqkit.fsutil import atomic_write_text, fsync_dir, fsync_file
+from vqkit.nn.vqvae2 import VQVAE2, VQVAE2Config
+from vqkit.nn.vqvae import VQVAE, VQVAEConfig
 
 FORMAT_VERSION = 1
 KEEP_CHECKPOINTS = 2

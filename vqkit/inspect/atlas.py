@@ -2,11 +2,11 @@
 
 The discrete latents of VQ-VAE (van den Oord et al. 2017) and VQ-VAE-2 (Razavi et al. 2019)
 are words a person can look at. One streaming pass over a dataset (``inspect_model``) gathers,
-for every level (top-first, as in ``vqkit.hierarchy``):
+for every level (top-first, as in ``vqkit.nn.vqvae2``):
 
 * ``counts`` (K,): how often each code is the nearest one (eq. 1) over the whole dataset; it
   is the bincount of the maps ``VQVAE.encode``/``VQVAE2.encode`` return, and gives the used and
-  dead codes and the perplexity ``exp(H(p))`` of ``vqkit.quantize.perplexity``;
+  dead codes and the perplexity ``exp(H(p))`` of ``vqkit.nn.quantize.perplexity``;
 * ``exemplars`` (K, M, C, P, P): for each code, the M image patches whose ``z_e`` lie nearest
   to the code vector (smallest ``||z_e - e_k||^2``, the most typical uses of the code), a
   bounded top-M kept per code while the data streams by;
@@ -48,12 +48,12 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from . import checkpoint as ckpt  # noqa: E402
-from .data import ImageSet, from_model, load_dataset, to_model  # noqa: E402
-from .fsutil import atomic_path, atomic_write_text  # noqa: E402
-from .hierarchy import VQVAE2, level_names  # noqa: E402
-from .model import VQVAE  # noqa: E402
-from .quantize import perplexity  # noqa: E402
+from vqkit.runs import checkpoint as ckpt  # noqa: E402
+from vqkit.data.datasets import ImageSet, from_model, load_dataset, to_model  # noqa: E402
+from vqkit.fsutil import atomic_path, atomic_write_text  # noqa: E402
+from vqkit.nn.vqvae2 import VQVAE2, level_names  # noqa: E402
+from vqkit.nn.vqvae import VQVAE  # noqa: E402
+from vqkit.nn.quantize import perplexity  # noqa: E402
 
 # Grey that pads crops where they leave the image: visibly "outside", not a pixel value.
 _PAD = 128

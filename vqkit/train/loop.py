@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from . import distributed
+from vqkit.runs import checkpoint as ckpt
+from vqkit import distributed
 
 
 class TrainingError(RuntimeError):

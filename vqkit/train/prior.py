@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from . import distributed, precision
-from .config import JsonConfig
-from .codes import CodeSet, load_codes
-from .loop import StepOutput, TensorBoard, TrainingError, TrainResult, run_loop
-from .prior import Prior, PriorConfig, build_prior
-from .train import batch_indices
+from vqkit.runs import checkpoint as ckpt
+from vqkit import distributed, precision
+from vqkit.config import JsonConfig
+from vqkit.runs.codes import CodeSet, load_codes
+from vqkit.train.loop import StepOutput, TensorBoard, TrainingError, TrainResult, run_loop
+from vqkit.prior import Prior, PriorConfig, build_prior
+from vqkit.train.stage1 import batch_indices
 
 log = logging.getLogger("vqkit")
 

@@ -34,11 +34,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .config import JsonConfig
-from .likelihood import LikelihoodOutput, make_likelihood
-from .model import check_network_fields
-from .nets import Decoder, Encoder
-from .quantize import QuantizerOutput, VectorQuantizer
+from vqkit.config import JsonConfig
+from vqkit.nn.likelihood import LikelihoodOutput, make_likelihood
+from vqkit.nn.vqvae import check_network_fields
+from vqkit.nn.nets import Decoder, Encoder
+from vqkit.nn.quantize import QuantizerOutput, VectorQuantizer
 
 
 @dataclass
@@ -73,7 +73,7 @@ class VQVAE2Config(JsonConfig):
         check_network_fields(self)
         if len(self.strides) < 2:
             raise ValueError(f"a VQ-VAE-2 needs at least two levels, got strides={self.strides}; "
-                             "use vqkit.model.VQVAE for a single level")
+                             "use vqkit.nn.vqvae.VQVAE for a single level")
         if len(self.codebook_sizes) != len(self.strides):
             raise ValueError(f"codebook_sizes has {len(self.codebook_sizes)} entries but strides has "
                              f"{len(self.strides)}: give one per level, top-first")

@@ -33,9 +33,9 @@ from PIL import Image
 from pytorch_msssim import ms_ssim as _ms_ssim
 from tqdm import tqdm
 
-from .codec import Codec, uniform_payload_bytes
-from .fsutil import atomic_path
-from .images import load_image
+from vqkit.codec.codec import Codec, uniform_payload_bytes
+from vqkit.fsutil import atomic_path
+from vqkit.data.images import load_image
 
 # Dense at low qualities, where JPEG's PSNR climbs fastest per bit, so that its value
 # interpolated at a .vq file's rate is close to a file JPEG can actually write.

@@ -1,6 +1,6 @@
 """Decoder likelihoods p(x | z_q) over 8-bit pixels, and the ELBO in bits per dimension.
 
-Pixels are in [-1, 1] (see ``vqkit.data``): the 256 values of a subpixel are bins of width
+Pixels are in [-1, 1] (see ``vqkit.data.datasets``): the 256 values of a subpixel are bins of width
 2/255 centred on ``x = v / 127.5 - 1``. Both likelihoods put a probability mass on each bin
 (the end bins absorb the tails), so their negative log-likelihood is a true code length.
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
+from vqkit import distributed
 
 _HALF_BIN = 1.0 / 255.0
 _EDGE = 0.999  # x beyond this is the first or last bin (x = -1 or 1)

@@ -12,24 +12,24 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from . import distributed
-from .codec import Codec
-from .codes import (extract_codes, extract_levels, load_codes, read_code_maps, read_level_maps, save_code_maps,
+from vqkit.runs import checkpoint as ckpt
+from vqkit import distributed
+from vqkit.codec.codec import Codec
+from vqkit.runs.codes import (extract_codes, extract_levels, load_codes, read_code_maps, read_level_maps, save_code_maps,
                     save_level_maps)
-from .data import DataError, find_fashion_mnist, from_model, load_dataset, to_model
-from .evaluate import evaluate, save_eval
-from .fsutil import atomic_write_text
-from .generate import (LevelPrior, chain_codes, check_chain, decode_codes, prior_codes, stage1_of,
+from vqkit.data.datasets import DataError, find_fashion_mnist, from_model, load_dataset, to_model
+from vqkit.train.evaluate import evaluate, save_eval
+from vqkit.fsutil import atomic_write_text
+from vqkit.runs.generate import (LevelPrior, chain_codes, check_chain, decode_codes, prior_codes, stage1_of,
                        uniform_chain_codes, uniform_codes)
-from .images import ImageError, load_image, make_grid, save_png, side_by_side
-from .hierarchy import PRESETS2, VQVAE2Config, level_names, preset2
-from .model import PRESETS, VQVAEConfig, preset
-from .precision import PRECISIONS
-from .prior import PriorConfig
-from .prior.config import ARCHS
-from .train import TrainConfig, TrainingError, train
-from .train_prior import (PriorTrainConfig, check_cond_sets, evaluate_prior, load_cond, load_prior,
+from vqkit.data.images import ImageError, load_image, make_grid, save_png, side_by_side
+from vqkit.nn.vqvae2 import PRESETS2, VQVAE2Config, level_names, preset2
+from vqkit.nn.vqvae import PRESETS, VQVAEConfig, preset
+from vqkit.precision import PRECISIONS
+from vqkit.prior import PriorConfig
+from vqkit.prior.config import ARCHS
+from vqkit.train.stage1 import TrainConfig, TrainingError, train
+from vqkit.train.prior import (PriorTrainConfig, check_cond_sets, evaluate_prior, load_cond, load_prior,
                           prior_config_for, split_indices, train_prior)
 
 log = logging.getLogger("vqkit")
@@ -325,7 +325,7 @@ def cmd_decompress(args) -> None:
 
 
 def cmd_rd(args) -> None:
-    from .rd import QUALITIES, image_files, measure, plot
+    from vqkit.codec.rd import QUALITIES, image_files, measure, plot
     runs = {run: [] for run in args.runs}
     fingerprints = {ckpt.latest_checkpoint(run).state.get("fingerprint"): run for run in args.runs}
     for prior in args.prior:
@@ -423,7 +423,7 @@ def _placement(args) -> dict:
 
 
 def cmd_inspect(args) -> None:
-    from .atlas import inspect_run
+    from vqkit.inspect.atlas import inspect_run
     result = inspect_run(args.run, args.out, data=args.data, split=args.split, limit=args.limit,
                          batch_size=args.batch_size, exemplars=args.exemplars, maps=args.maps,
                          max_codes=args.max_codes)
@@ -436,7 +436,7 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import build_report
+    from vqkit.inspect.report import build_report
     report = build_report(args.run, args.out, data=args.data, split=args.split, limit=args.limit,
                           inspect_dir=args.inspect_dir, priors=args.prior, extra_images=args.extra_image)
     print(f"wrote {args.out}: {len(report.sections)} sections ({', '.join(report.section_ids)}), "

@@ -64,14 +64,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from .data import to_model
-from .fsutil import atomic_write_bytes
-from .generate import LevelPrior, check_chain, decode_codes
-from .hierarchy import VQVAE2
-from .images import load_image, save_png
-from .model import VQVAE
-from .train_prior import load_prior
+from vqkit.runs import checkpoint as ckpt
+from vqkit.data.datasets import to_model
+from vqkit.fsutil import atomic_write_bytes
+from vqkit.runs.generate import LevelPrior, check_chain, decode_codes
+from vqkit.nn.vqvae2 import VQVAE2
+from vqkit.data.images import load_image, save_png
+from vqkit.nn.vqvae import VQVAE
+from vqkit.train.prior import load_prior
 
 MAGIC = b"\x89VQK\r\n\x1a\n"
 FORMAT_VERSION = 1
