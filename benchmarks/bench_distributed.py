@@ -30,7 +30,7 @@ import torch
 def worker(args) -> None:
     """One training run (one process, or one rank under torchrun); rank 0 prints JSON."""
     from vqkit import distributed
-    from vqkit.nn.vqvae import preset
+    from vqkit.nn.presets import preset
     from vqkit.train.stage1 import TrainConfig, train
 
     torch.set_num_threads(args.threads)

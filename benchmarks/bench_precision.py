@@ -16,9 +16,8 @@ import time
 
 import torch
 
-from vqkit.runs.checkpoint import build_model
-from vqkit.nn.vqvae2 import PRESETS2, preset2
-from vqkit.nn.vqvae import preset
+from vqkit.nn.presets import PRESETS, preset
+from vqkit.nn.vqvae import build_model
 from vqkit.precision import Placement, autocast, native_bf16, prepare_input, prepare_model
 
 
@@ -49,7 +48,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    config = preset2(args.preset) if args.preset in PRESETS2 else preset(args.preset)
+    config = preset(args.preset) if args.preset in PRESETS else preset(args.preset)
     torch.manual_seed(0)
     base = build_model(config)
     x = torch.rand(args.batch, config.in_channels, args.size, args.size) * 2 - 1

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-from vqkit.runs.checkpoint import load_model
 from vqkit.data.datasets import load_dataset
+from vqkit.nn.presets import PRESETS, preset
+from vqkit.runs.checkpoint import load_model
 from vqkit.train.evaluate import evaluate
-from vqkit.nn.vqvae2 import PRESETS2, preset2
-from vqkit.nn.vqvae import preset
 from vqkit.train.stage1 import TrainConfig, train
 
 
@@ -45,7 +44,7 @@ def main() -> None:
     config = TrainConfig(data=args.data, steps=10**9, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, time_budget=args.budget, checkpoint_every=10**9,
                        image_size=args.image_size)
-    model_config = preset2(args.preset) if args.preset in PRESETS2 else preset(args.preset)
+    model_config = preset(args.preset) if args.preset in PRESETS else preset(args.preset)
     result = train(out, model_config, config, progress=False)
     model, _ = load_model(out)
     metrics = evaluate(model, load_dataset(args.data, "test", image_size=args.image_size), progress=False)

@@ -43,13 +43,15 @@ from pathlib import Path
 
 import torch
 
-from vqkit.runs.checkpoint import build_model, load_model
 from vqkit.data.datasets import load_dataset, to_model
-from vqkit.train.evaluate import evaluate
-from vqkit.nn.vqvae2 import preset2
+from vqkit.nn.presets import preset
+from vqkit.nn.vqvae import build_model
 from vqkit.precision import Placement, autocast, prepare_input, prepare_model, resolve
 from vqkit.prior import PriorConfig, build_prior, sample
-from vqkit.train.stage1 import TrainConfig, batch_indices, train
+from vqkit.runs.checkpoint import load_model
+from vqkit.train.evaluate import evaluate
+from vqkit.train.loop import batch_indices
+from vqkit.train.stage1 import TrainConfig, train
 
 K, N_SAMPLES = 512, 8
 
@@ -99,7 +101,7 @@ def train_child(args) -> dict:
             return (recon.float() - x).pow(2).mean() + 0.25 * latent_loss.mean()
         placement = Placement(torch.device("cpu"), bf16=args.impl == "peer-bf16", channels_last=args.impl == "peer-bf16")
     else:
-        model = build_model(preset2("vqvae2-256"))
+        model = build_model(preset("vqvae2-256"))
         loss_of = lambda m, x: m(x).loss  # noqa: E731
         placement = resolve("cpu", "fp32" if args.impl == "vqkit-fp32" else "auto")
     macs = conv_macs(model, torch.zeros(1, 3, args.size, args.size))
@@ -190,7 +192,7 @@ def bench_quality(args) -> None:
           f"codes used: top {len(used_top)}/{K}, bottom {len(used_bottom)}/{K}", flush=True)
     for precision, label in (("fp32", "vqkit fp32"), ("auto", "vqkit default (precision=auto)")):
         with tempfile.TemporaryDirectory() as tmp:
-            result = train(Path(tmp) / "run", preset2("vqvae2-256"),
+            result = train(Path(tmp) / "run", preset("vqvae2-256"),
                            TrainConfig(data=args.data, steps=steps, batch_size=batch, lr=3e-4, seed=0,
                                        image_size=args.image_size, checkpoint_every=10**9, precision=precision),
                            dataset=train_set, progress=False, tensorboard=False)
@@ -240,7 +242,7 @@ def bench_sample(args) -> None:
     top = build_prior(PriorConfig(height=32, width=32, attention_every=4, **common)).eval()
     bottom = build_prior(PriorConfig(height=64, width=64, attention_every=args.layers + 1,
                                      cond_codes=[[K, 32, 32]], cond_layers=3, **common)).eval()
-    stage1 = build_model(preset2("vqvae2-256")).eval()
+    stage1 = build_model(preset("vqvae2-256")).eval()
     top_codes = torch.randint(K, (N_SAMPLES, 32, 32))
     bottom_codes = torch.randint(K, (N_SAMPLES, 64, 64))
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vqkit.runs import checkpoint as ckpt
-from vqkit.inspect.atlas import (ExemplarBank, atlas_image, crops_at, inspect_model, load_complete, pca,
-                         usage_figure, write_inspection)
 from vqkit.cli.main import main
 from vqkit.data.datasets import from_model, load_dataset, sample_dir, to_model
-from vqkit.nn.vqvae2 import VQVAE2, VQVAE2Config
-from vqkit.nn.vqvae import VQVAEConfig
+from vqkit.inspect.atlas import load_complete, write_inspection
+from vqkit.inspect.figures import atlas_image, usage_figure
+from vqkit.inspect.stats import ExemplarBank, crops_at, inspect_model, pca
+from vqkit.nn.vqvae import VQVAE2, VQVAE2Config, VQVAEConfig
+from vqkit.runs import checkpoint as ckpt
 from vqkit.train.stage1 import TrainConfig, train
 
 torch.set_num_threads(1)
@@ -65,7 +65,7 @@ def test_usage_equals_a_bincount_of_vqkit_encode(run, tmp_path, capsys):
 def test_usage_figure_plots_the_sorted_counts(run, test_images):
     model, _ = ckpt.load_model(run)
     ins = inspect_model(model, test_images, limit=64)
-    codes = model.encode(to_model(test_images.batch(torch.arange(64))[0]))
+    [codes] = model.encode(to_model(test_images.batch(torch.arange(64))[0]))
     counts = torch.bincount(codes.flatten(), minlength=16)
     fig = usage_figure(ins)
     ax = fig.axes[0]
@@ -82,8 +82,8 @@ def test_exemplars_are_the_nearest_positions_to_each_code(run, test_images):
     ins = inspect_model(model, test_images, limit=n, batch_size=7, exemplars=m)
     lv = ins.levels[0]
     images = test_images.batch(torch.arange(n))[0]
-    z_e = model.encoder(to_model(images))
-    codebook = model.quantizer.codebook
+    z_e = model.encoders[0](to_model(images))
+    codebook = model.quantizers[0].codebook
     flat = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
     codes = torch.cdist(flat.double(), codebook.double()).argmin(1)
     dist = (flat - codebook[codes]).square().sum(1)
@@ -125,7 +125,7 @@ def test_each_code_decodes_from_a_filled_map(run, test_images):
     model, _ = ckpt.load_model(run)
     ins = inspect_model(model, test_images, limit=16)
     for k in (0, 7, 15):
-        expected = from_model(model.decode(torch.full((1, 7, 7), k)))[0]
+        expected = from_model(model.decode([torch.full((1, 7, 7), k)]))[0]
         assert torch.equal(ins.levels[0].decoded[k], expected)
     atlas = atlas_image(ins.levels[0])
     assert atlas.width > 100 and atlas.height > 100

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vqkit.runs import checkpoint as ckpt
 from vqkit.cli.main import main
 from vqkit.data.datasets import from_model, load_dataset, sample_dir, to_model
+from vqkit.runs import checkpoint as ckpt
 
 # Tiny convolutions are slower with several threads on a shared two-core machine.
 torch.set_num_threads(1)
@@ -102,9 +102,9 @@ def test_encode_then_decode(run, capsys, tmp_path):
 
     model, _ = ckpt.load_model(run)
     images = load_dataset(DATA, "test").images[:5]
-    expected_codes = model.encode(to_model(images))
+    [expected_codes] = model.encode(to_model(images))
     assert np.array_equal(codes, expected_codes.numpy())
-    expected = from_model(model.decode(expected_codes))
+    expected = from_model(model.decode([expected_codes]))
 
     grid = tmp_path / "out.png"
     _ok(capsys, ["decode", run, codes_path, "-o", grid])
@@ -133,7 +133,7 @@ def test_encode_image_files(run, capsys, tmp_path):
     out = tmp_path / "codes.npy"
     _ok(capsys, ["encode", run, *paths, "-o", out])
     model, _ = ckpt.load_model(run)
-    assert np.array_equal(np.load(out), model.encode(to_model(test.images[:2])).numpy())
+    assert np.array_equal(np.load(out), model.encode(to_model(test.images[:2]))[0].numpy())
 
 
 # --------------------------------------------------------------------------------------------

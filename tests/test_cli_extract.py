@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vqkit.runs import checkpoint as ckpt
 from vqkit.cli.main import main
-from vqkit.runs.codes import load_codes
 from vqkit.data.datasets import load_dataset, sample_dir, to_model
 from vqkit.nn.vqvae import VQVAEConfig
+from vqkit.runs import checkpoint as ckpt
+from vqkit.runs.codes import load_codes
 from vqkit.train.stage1 import TrainConfig, train
 
 # Tiny convolutions are slower with several threads on a shared two-core machine.
@@ -36,7 +36,7 @@ def test_extract_writes_the_run_codes(tmp_path, capsys):
     assert len(codes) == 10 and codes.shape == (7, 7) and codes.codebook_size == 16
     train_set = load_dataset(DATA, "train")
     maps, labels = codes.batch(torch.arange(10))
-    assert torch.equal(maps, model.encode(to_model(train_set.images[:10])))
+    assert torch.equal(maps, model.encode(to_model(train_set.images[:10]))[0])
     assert torch.equal(labels, train_set.labels[:10])
     source = codes.manifest["source"]
     assert source["fingerprint"] == checkpoint.state["fingerprint"]

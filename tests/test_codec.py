@@ -14,14 +14,22 @@ import numpy as np
 import pytest
 import torch
 
-from vqkit.runs import checkpoint as ckpt
 from vqkit.cli.main import main
-from vqkit.codec.codec import (MAGIC, Codec, CodecError, _from_tiles, _to_tiles, header_size, pack_uniform,
-                         unpack_uniform, uniform_payload_bytes)
+from vqkit.codec.codec import (
+    MAGIC,
+    Codec,
+    CodecError,
+    _from_tiles,
+    _to_tiles,
+    header_size,
+    pack_uniform,
+    uniform_payload_bytes,
+    unpack_uniform,
+)
 from vqkit.data.datasets import sample_dir
-from vqkit.nn.vqvae2 import VQVAE2Config
 from vqkit.data.images import load_image, save_png
-from vqkit.nn.vqvae import VQVAEConfig
+from vqkit.nn.vqvae import VQVAE2Config, VQVAEConfig
+from vqkit.runs import checkpoint as ckpt
 from vqkit.train.stage1 import TrainConfig, train
 
 torch.set_num_threads(1)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from vqkit.runs.codes import CodeSet, CodeStoreError, code_dtype, extract_codes, load_codes
 from vqkit.data.datasets import TensorImageSet, load_dataset, sample_dir, to_model
 from vqkit.nn.vqvae import VQVAE, VQVAEConfig
+from vqkit.runs.codes import CodeSet, CodeStoreError, code_dtype, extract_codes, load_codes
 
 # Tiny convolutions are slower with several threads on a shared two-core machine.
 torch.set_num_threads(1)
@@ -40,8 +40,8 @@ def model(dataset) -> VQVAE:
                           restart_after=0))
     # Codebook entries drawn from the encoder's own outputs, so that many codes are used.
     with torch.no_grad():
-        z_e = m.encoder(to_model(dataset.images)).permute(0, 2, 3, 1).reshape(-1, 4)
-        m.quantizer.codebook.copy_(z_e[torch.randperm(len(z_e))[:K]])
+        z_e = m.encoders[0](to_model(dataset.images)).permute(0, 2, 3, 1).reshape(-1, 4)
+        m.quantizers[0].codebook.copy_(z_e[torch.randperm(len(z_e))[:K]])
     return m.eval()
 
 
@@ -62,12 +62,12 @@ def test_round_trip_decodes_like_in_memory(model, dataset, stored):
     assert isinstance(codes.codes, np.memmap) and codes.codes.dtype == np.uint16
     assert codes.codes.shape == (N, 7, 7) and codes.shape == (7, 7)
     x = to_model(dataset.images)
-    expected = model.encode(x)
+    [expected] = model.encode(x)
     assert len(torch.unique(expected)) > 1  # a meaningful comparison, not one repeated code
     loaded, labels = codes.batch(torch.arange(N))
     assert loaded.dtype == torch.int64 and labels.dtype == torch.int64
     assert torch.equal(loaded, expected)
-    assert torch.equal(model.decode(loaded), model.decode(expected))
+    assert torch.equal(model.decode([loaded]), model.decode([expected]))
     assert torch.equal(labels, dataset.labels)
 
 
@@ -104,12 +104,12 @@ def test_manifest(stored):
 
 def test_limit_and_unlabelled_dataset(model, dataset, tmp_path):
     unlabelled = TensorImageSet("folder:x", dataset.images, torch.zeros(N, dtype=torch.int64), None)
-    codes = extract_codes(model, unlabelled, tmp_path / "c", batch_size=BATCH, limit=10,
-                          progress=False, source=SOURCE)
+    [codes] = extract_codes(model, unlabelled, tmp_path / "c", batch_size=BATCH, limit=10,
+                            progress=False, source=SOURCE)
     assert len(codes) == 10 and codes.num_classes is None
     assert codes.manifest["class_names"] is None
     assert np.array_equal(codes.labels, np.full(10, -1))
-    assert torch.equal(codes.batch(torch.arange(10))[0], model.encode(to_model(dataset.images[:10])))
+    assert torch.equal(codes.batch(torch.arange(10))[0], model.encode(to_model(dataset.images[:10]))[0])
 
 
 def test_code_dtype():
@@ -158,7 +158,7 @@ def test_refuses_to_overwrite(model, dataset, stored, tmp_path):
     assert "overwrite" in str(e.value)
     assert (out / "codes.npy").read_bytes() == before and _leftovers(tmp_path) == []
 
-    codes = extract_codes(model, dataset, out, limit=3, overwrite=True, progress=False, source=SOURCE)
+    [codes] = extract_codes(model, dataset, out, limit=3, overwrite=True, progress=False, source=SOURCE)
     assert len(codes) == 3 and len(load_codes(out)) == 3
     assert _leftovers(tmp_path) == []
 

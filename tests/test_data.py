@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from shared_data import SHARED, needs_shared
+
 from vqkit.data import datasets as data
 from vqkit.data.datasets import (
     FASHION_MNIST_CLASSES,
@@ -24,8 +24,6 @@ from vqkit.data.datasets import (
     sample_dir,
     to_model,
 )
-
-
 
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 CIFAR_BATCH1_COUNTS = [1005, 974, 1032, 1016, 999, 937, 1030, 1001, 1025, 981]

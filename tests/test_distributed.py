@@ -20,17 +20,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from vqkit.runs import checkpoint as ckpt
 from vqkit import distributed
-from vqkit.train import stage1 as train_module
-from vqkit.train import prior as train_prior_module
 from vqkit.cli.main import main
-from vqkit.runs.codes import extract_codes, load_codes
 from vqkit.data.datasets import TensorImageSet, load_dataset, sample_dir
-from vqkit.nn.vqvae import VQVAEConfig
 from vqkit.nn.quantize import VectorQuantizer
-from vqkit.train.stage1 import TrainConfig, batch_indices, train
+from vqkit.nn.vqvae import VQVAEConfig
+from vqkit.runs import checkpoint as ckpt
+from vqkit.runs.codes import extract_codes, load_codes
+from vqkit.train import prior as train_prior_module
+from vqkit.train import stage1 as train_module
+from vqkit.train.loop import batch_indices
 from vqkit.train.prior import PriorTrainConfig, prior_config_for, train_prior
+from vqkit.train.stage1 import TrainConfig, train
 
 torch.set_num_threads(1)
 
@@ -139,7 +140,7 @@ def test_every_rank_holds_bit_identical_codebooks_and_parameters(runs):
         _assert_identical(rank0, rank1)
     # k-means and dead-code restarts happened, so they too were kept in step.
     assert json.loads((runs / "restarts-rank0.json").read_text()) > 0
-    assert not torch.equal(_ranks(runs, "straight")[0]["quantizer.ema_count"], torch.ones(64))
+    assert not torch.equal(_ranks(runs, "straight")[0]["quantizers.0.ema_count"], torch.ones(64))
 
 
 def test_rank0_alone_writes_the_run_and_its_checkpoint_is_the_ranks_model(runs):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from vqkit.data.datasets import TensorImageSet, to_model
-from vqkit.train.evaluate import evaluate
 from vqkit.nn.vqvae import VQVAE, VQVAEConfig
+from vqkit.train.evaluate import evaluate
 
 # Tiny convolutions are slower with several threads on a shared two-core machine.
 torch.set_num_threads(1)
@@ -46,7 +46,7 @@ def _by_hand(model: VQVAE, images: torch.Tensor) -> dict:
     with torch.no_grad():
         x = to_model(images)
         out = model(x)
-        codes = model.encode(x)
+        [codes] = model.encode(x)
     x01 = (x.double() + 1) / 2
     rec01 = (out.x_hat.double().clamp(-1, 1) + 1) / 2
     mse = float((rec01 - x01).square().mean())

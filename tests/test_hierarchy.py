@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqkit.nn.vqvae2 import PRESET2_IMAGE_SIZE, PRESETS2, VQVAE2, VQVAE2Config, preset2
+from vqkit.nn.presets import PRESET_IMAGE_SIZE, PRESETS, preset
+from vqkit.nn.vqvae import VQVAE2, VQVAE2Config
 
 # The machine's cores are shared with benchmarks; note this setting is process-wide.
 torch.set_num_threads(1)
@@ -168,14 +169,14 @@ def test_tiny_two_level_model_overfits_a_batch():
 
 
 def test_config_round_trip_and_validation():
-    config = preset2("faces-3level")
+    config = preset("faces-3level")
     assert VQVAE2Config.from_dict(config.to_dict()) == config
     assert VQVAE2Config(strides=(1, 2), codebook_sizes=(8, 8)) == \
         VQVAE2Config.from_dict(VQVAE2Config(strides=(1, 2), codebook_sizes=(8, 8)).to_dict())
     config.strides.append(5)
-    assert PRESETS2["faces-3level"].strides == [1, 1, 2]  # presets are copied, not shared
+    assert PRESETS["faces-3level"].strides == [1, 1, 2]  # presets are copied, not shared
     with pytest.raises(ValueError, match="unknown VQ-VAE-2 config keys: bogus"):
-        VQVAE2Config.from_dict({**preset2("cifar10-2level").to_dict(), "bogus": 1})
+        VQVAE2Config.from_dict({**preset("cifar10-2level").to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="at least two levels"):
         VQVAE2Config(strides=[2], codebook_sizes=[8])
     with pytest.raises(ValueError, match="codebook_sizes has 2 entries but strides has 3"):
@@ -186,8 +187,8 @@ def test_config_round_trip_and_validation():
         VQVAE2Config(codebook_sizes=[8, 0])
     with pytest.raises(ValueError, match="likelihood"):
         VQVAE2Config(likelihood="laplace")
-    with pytest.raises(ValueError, match="unknown VQ-VAE-2 preset"):
-        preset2("imagenet")
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("imagenet")
 
 
 @pytest.mark.parametrize("name,shapes", [
@@ -197,12 +198,12 @@ def test_config_round_trip_and_validation():
     ("faces-3level", [(8, 8), (16, 16), (32, 32)]),
 ])
 def test_preset_code_map_shapes(name, shapes):
-    size = PRESET2_IMAGE_SIZE[name]
-    assert preset2(name).latent_shapes(size, size) == shapes
+    size = PRESET_IMAGE_SIZE[name]
+    assert preset(name).latent_shapes(size, size) == shapes
 
 
 def test_vqvae2_256_preset_is_the_papers_two_level_model():
-    c = PRESETS2["vqvae2-256"]
+    c = PRESETS["vqvae2-256"]
     assert (c.hidden, c.res_hidden, c.num_res_blocks, c.code_dim, c.codebook_sizes) == \
         (128, 32, 2, 64, [512, 512])
     assert c.ema and c.beta == 0.25
@@ -211,8 +212,8 @@ def test_vqvae2_256_preset_is_the_papers_two_level_model():
 @pytest.mark.parametrize("name", ["cifar10-2level", "faces-3level", "vqvae2-256"])
 def test_presets_run_at_their_native_size(name):
     torch.manual_seed(0)
-    size = PRESET2_IMAGE_SIZE[name]
-    model = VQVAE2(preset2(name))
+    size = PRESET_IMAGE_SIZE[name]
+    model = VQVAE2(preset(name))
     x = torch.rand(1, 3, size, size) * 2 - 1
     out = model(x)
     assert out.x_hat.shape == x.shape

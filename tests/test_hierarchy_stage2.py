@@ -11,14 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from vqkit.runs import checkpoint as ckpt
 from vqkit.cli.main import main
-from vqkit.runs.codes import CodeStoreError, extract_levels, load_codes
 from vqkit.data.datasets import load_dataset, sample_dir, to_model
+from vqkit.nn.vqvae import VQVAE2, VQVAE2Config
+from vqkit.runs import checkpoint as ckpt
+from vqkit.runs.checkpoint import load_prior
+from vqkit.runs.codes import CodeStoreError, extract_codes, load_codes
 from vqkit.runs.generate import LevelPrior, chain_codes, check_chain, decode_codes
-from vqkit.nn.vqvae2 import VQVAE2, VQVAE2Config
+from vqkit.train.prior import evaluate_prior
 from vqkit.train.stage1 import TrainConfig, train
-from vqkit.train.prior import evaluate_prior, load_prior
 
 # Tiny convolutions are slower with several threads on a shared two-core machine.
 torch.set_num_threads(1)
@@ -84,7 +85,7 @@ def test_a_crash_mid_extraction_leaves_no_level_behind(stage2, tmp_path, monkeyp
 
     monkeypatch.setattr(data, "batch", crashing)
     with pytest.raises(RuntimeError, match="killed"):
-        extract_levels(model, data, tmp_path / "codes", batch_size=8, limit=N, progress=False,
+        extract_codes(model, data, tmp_path / "codes", batch_size=8, limit=N, progress=False,
                        source={"run": "r"})
     assert list(tmp_path.iterdir()) == []
 

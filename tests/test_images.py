@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from shared_data import SHARED
-from vqkit.data.images import ImageError, load_image, make_grid, read_image_size, save_png
 
+from vqkit.data.images import ImageError, load_image, make_grid, read_image_size, save_png
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

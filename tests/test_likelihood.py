@@ -3,8 +3,13 @@ import math
 import pytest
 import torch
 
-from vqkit.nn.likelihood import (GaussianLikelihood, LogisticMixtureLikelihood, bits_per_dim,
-                              discretized_gaussian_log_prob, discretized_logistic_log_prob)
+from vqkit.nn.likelihood import (
+    GaussianLikelihood,
+    LogisticMixtureLikelihood,
+    bits_per_dim,
+    discretized_gaussian_log_prob,
+    discretized_logistic_log_prob,
+)
 
 ALL_VALUES = torch.arange(256).float() / 127.5 - 1  # every 8-bit value on the [-1, 1] scale
 
@@ -43,5 +48,7 @@ def test_gaussian_variance_follows_the_training_error():
 def test_bits_per_dim_adds_log_k_per_latent():
     # 3072 subpixels, 64 latents, K = 512, NLL of 5000 nats.
     expected = (5000 + 64 * math.log(512)) / (3072 * math.log(2))
-    assert bits_per_dim(5000.0, 3072, 64, 512) == pytest.approx(expected)
-    assert bits_per_dim(0.0, 8, 8, 256) == pytest.approx(8.0)  # 8 bits per latent, one per subpixel
+    assert bits_per_dim(5000.0, 3072, [64], [512]) == pytest.approx(expected)
+    assert bits_per_dim(0.0, 8, [8], [256]) == pytest.approx(8.0)  # 8 bits per latent, one per subpixel
+    # Two levels: each adds its own log K_l per latent.
+    assert bits_per_dim(0.0, 16, [2, 8], [16, 256]) == pytest.approx((2 * 4 + 8 * 8) / 16)

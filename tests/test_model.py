@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from vqkit.nn.vqvae import PRESETS, VQVAE, VQVAEConfig, preset
+from vqkit.nn.presets import PRESETS, preset
+from vqkit.nn.vqvae import VQVAE, VQVAEConfig
 
 TINY = dict(hidden=8, res_hidden=4, num_res_blocks=1, code_dim=4, codebook_size=16)
 
@@ -17,7 +18,7 @@ def test_presets_shapes(name, shape, latent):
     model = VQVAE(preset(name))
     x = torch.rand(shape) * 2 - 1
     out = model(x)
-    assert out.codes.shape == (shape[0], *latent)
+    assert [c.shape for c in out.codes] == [(shape[0], *latent)]
     assert out.x_hat.shape == shape
     assert out.nll.shape == (shape[0],)
     model.eval()
@@ -37,9 +38,9 @@ def test_training_step_reaches_encoder_decoder_and_codebook(likelihood):
                               likelihood=likelihood, **TINY))
     out = model(torch.rand(2, 3, 8, 8) * 2 - 1)
     out.loss.backward()
-    assert model.encoder.net[0].weight.grad.abs().sum() > 0
+    assert model.encoders[0].net[0].weight.grad.abs().sum() > 0
     assert model.decoder.net[0].weight.grad.abs().sum() > 0
-    assert model.quantizer.codebook.grad.abs().sum() > 0
+    assert model.quantizers[0].codebook.grad.abs().sum() > 0
     assert torch.isfinite(out.nll).all()
 
 
@@ -47,13 +48,13 @@ def test_reconstruction_gradient_does_not_leak_into_the_codebook():
     torch.manual_seed(0)
     model = VQVAE(VQVAEConfig(in_channels=1, ema=False, kmeans_init=False, restart_after=0, **TINY))
     out = model(torch.rand(2, 1, 8, 8) * 2 - 1)
-    grad = torch.autograd.grad(out.recon_loss, model.quantizer.codebook, allow_unused=True)[0]
+    grad = torch.autograd.grad(out.recon_loss, model.quantizers[0].codebook, allow_unused=True)[0]
     assert grad is None or torch.count_nonzero(grad) == 0
 
 
 def test_size_not_divisible_by_stride_is_a_clear_error():
     model = VQVAE(VQVAEConfig(in_channels=1, downsample=2, **TINY))
-    with pytest.raises(ValueError, match="not divisible by the model's stride 4"):
+    with pytest.raises(ValueError, match="not divisible by the model's total stride 4"):
         model(torch.zeros(1, 1, 30, 28))
     with pytest.raises(ValueError, match=r"expected images \(B, 1, H, W\)"):
         model(torch.zeros(1, 3, 28, 28))

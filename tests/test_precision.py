@@ -2,11 +2,11 @@ import pytest
 import torch
 
 from vqkit import precision
-from vqkit.runs.checkpoint import build_model, load_model
 from vqkit.data.datasets import TensorImageSet
-from vqkit.nn.vqvae2 import VQVAE2Config
-from vqkit.precision import Placement, autocast, prepare_input, prepare_model, resolve
 from vqkit.nn.quantize import VectorQuantizer
+from vqkit.nn.vqvae import VQVAE2Config, build_model
+from vqkit.precision import Placement, autocast, prepare_input, prepare_model, resolve
+from vqkit.runs.checkpoint import load_model
 from vqkit.train.stage1 import TrainConfig, train
 
 torch.set_num_threads(1)

@@ -14,9 +14,9 @@ from PIL import Image
 
 from vqkit.cli.main import main
 from vqkit.codec.codec import Codec
+from vqkit.codec.rd import Point, RDResult, measure, ms_ssim, pillow_roundtrip, psnr
 from vqkit.data.datasets import sample_dir
 from vqkit.nn.vqvae import VQVAEConfig
-from vqkit.codec.rd import Point, RDResult, measure, ms_ssim, pillow_roundtrip, psnr
 from vqkit.train.stage1 import TrainConfig, train
 
 torch.set_num_threads(1)

@@ -14,15 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from vqkit.runs import checkpoint as ckpt
 from vqkit.cli.main import main
-from vqkit.runs.codes import extract_codes, load_codes
 from vqkit.data.datasets import load_dataset, sample_dir
-from vqkit.nn.vqvae2 import VQVAE2Config
-from vqkit.nn.vqvae import VQVAEConfig
 from vqkit.inspect.report import build_report, read_scalars
-from vqkit.train.stage1 import TrainConfig, train
+from vqkit.nn.vqvae import VQVAE2Config, VQVAEConfig
+from vqkit.runs import checkpoint as ckpt
+from vqkit.runs.codes import extract_codes, load_codes
 from vqkit.train.prior import PriorTrainConfig, prior_config_for, train_prior
+from vqkit.train.stage1 import TrainConfig, train
 
 torch.set_num_threads(1)
 

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from vqkit.data.datasets import TensorImageSet, load_dataset, sample_dir
+from vqkit.nn.quantize import VectorQuantizer
+from vqkit.nn.vqvae import VQVAEConfig
 from vqkit.runs import checkpoint as ckpt
 from vqkit.train import stage1 as train_module
-from vqkit.data.datasets import TensorImageSet, load_dataset, sample_dir
-from vqkit.nn.vqvae import VQVAEConfig
-from vqkit.nn.quantize import VectorQuantizer
-from vqkit.train.stage1 import TrainConfig, TrainingError, batch_indices, train
+from vqkit.train.loop import batch_indices
+from vqkit.train.stage1 import TrainConfig, TrainingError, train
 
 # Tiny convolutions are slower with several threads on a shared two-core machine.
 torch.set_num_threads(1)

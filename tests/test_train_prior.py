@@ -9,16 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from vqkit.runs import checkpoint as ckpt
 from vqkit.cli.main import main
-from vqkit.runs.codes import CodeStoreError, extract_codes, load_codes
 from vqkit.data.datasets import load_dataset, sample_dir
+from vqkit.nn.vqvae import VQVAEConfig
+from vqkit.runs import checkpoint as ckpt
+from vqkit.runs.checkpoint import load_prior
+from vqkit.runs.codes import CodeStoreError, extract_codes, load_codes
 from vqkit.runs.generate import prior_codes, uniform_codes
 from vqkit.train.loop import TrainingError
-from vqkit.nn.vqvae import VQVAEConfig
+from vqkit.train.prior import PriorTrainConfig, evaluate_prior, prior_config_for, split_indices, train_prior
 from vqkit.train.stage1 import TrainConfig, train
-from vqkit.train.prior import (PriorTrainConfig, evaluate_prior, load_prior, prior_config_for,
-                               split_indices, train_prior)
 
 torch.set_num_threads(1)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from vqkit.errors import ConfigError
+
 
 class JsonConfig:
     """Mixin for configuration dataclasses: ``to_dict`` for JSON, ``from_dict`` that refuses
@@ -20,5 +22,5 @@ class JsonConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown {cls.label} keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown {cls.label} keys: {', '.join(unknown)}")
         return cls(**data)

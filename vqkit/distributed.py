@@ -33,13 +33,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vqkit.errors import UsageError, VqkitError
+
 # Seconds a process waits in a collective before it gives up: long enough for rank 0 to write
 # a checkpoint or evaluate a prior while the others wait, short enough that a lost process
 # ends the job instead of hanging it.
 DEFAULT_TIMEOUT = 600.0
 
 
-class DistributedError(ValueError):
+class DistributedError(VqkitError, ValueError):
     """The processes of a run disagree (a different checkpoint, too small a data set)."""
 
 
@@ -73,7 +75,7 @@ def setup(timeout: float = DEFAULT_TIMEOUT) -> bool:
     if active() or not launched():
         return active()
     if timeout <= 0:
-        raise ValueError(f"the distributed timeout must be positive, got {timeout}")
+        raise UsageError(f"the distributed timeout must be positive, got {timeout}")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "cpu:gloo,cuda:nccl"

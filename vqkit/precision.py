@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vqkit.errors import ConfigError
+
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -52,7 +54,7 @@ class PlacementConfig:
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+            raise ConfigError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
 
     def placement(self) -> Placement:
         return resolve(self.device, self.precision, self.channels_last)
@@ -66,14 +68,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was asked for but CUDA is not available here")
+            raise ConfigError(f"device {name!r} was asked for but CUDA is not available here")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
-        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -104,7 +106,7 @@ def resolve(device: str = "auto", precision: str = "auto", channels_last: bool |
     bf16 convolutions fast on the CPU. (On the AMX machine it also sped float32 up by 1.05x to
     1.27x, but it was not measured on CPUs without native bf16, so it stays opt-in there.)"""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     where = resolve_device(device)
     bf16 = native_bf16(where) if precision == "auto" else precision == "bf16"
     return Placement(device=where, bf16=bf16, channels_last=bf16 if channels_last is None else channels_last)

@@ -5,50 +5,49 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import traceback
 from pathlib import Path
 
 import torch
 
-from vqkit.runs import checkpoint as ckpt
 from vqkit import distributed
 from vqkit.codec.codec import Codec
-from vqkit.runs.codes import (extract_codes, extract_levels, load_codes, read_code_maps, read_level_maps, save_code_maps,
-                    save_level_maps)
-from vqkit.data.datasets import DataError, find_fashion_mnist, from_model, load_dataset, to_model
-from vqkit.train.evaluate import evaluate, save_eval
+from vqkit.data.datasets import from_model, load_dataset, to_model
+from vqkit.data.images import load_image, make_grid, save_png, side_by_side
+from vqkit.errors import UsageError, VqkitError
 from vqkit.fsutil import atomic_write_text
-from vqkit.runs.generate import (LevelPrior, chain_codes, check_chain, decode_codes, prior_codes, stage1_of,
-                       uniform_chain_codes, uniform_codes)
-from vqkit.data.images import ImageError, load_image, make_grid, save_png, side_by_side
-from vqkit.nn.vqvae2 import PRESETS2, VQVAE2Config, level_names, preset2
-from vqkit.nn.vqvae import PRESETS, VQVAEConfig, preset
+from vqkit.nn.presets import PRESETS, preset
+from vqkit.nn.vqvae import StageOneConfig, level_names
 from vqkit.precision import PRECISIONS
 from vqkit.prior import PriorConfig
 from vqkit.prior.config import ARCHS
-from vqkit.train.stage1 import TrainConfig, TrainingError, train
-from vqkit.train.prior import (PriorTrainConfig, check_cond_sets, evaluate_prior, load_cond, load_prior,
-                          prior_config_for, split_indices, train_prior)
+from vqkit.runs import checkpoint as ckpt
+from vqkit.runs.codes import extract_codes, load_codes, read_maps, save_maps
+from vqkit.runs.generate import LevelPrior, chain_codes, check_chain, decode_codes, uniform_chain_codes
+from vqkit.train.demo import run_demo
+from vqkit.train.evaluate import evaluate, save_eval
+from vqkit.train.prior import (
+    PriorEvalResult,
+    PriorTrainConfig,
+    evaluate_prior,
+    evaluate_prior_run,
+    load_cond,
+    prior_config_for,
+    split_indices,
+    train_prior,
+)
+from vqkit.train.stage1 import TrainConfig, train
 
 log = logging.getLogger("vqkit")
 
 
-def _model_config(args) -> VQVAEConfig | VQVAE2Config:
+def _model_config(args) -> StageOneConfig:
     if args.config:
-        path = Path(args.config)
-        try:
-            data = json.loads(path.read_text())
-            return (VQVAE2Config if isinstance(data, dict) and "strides" in data else VQVAEConfig).from_dict(data)
-        except FileNotFoundError:
-            raise ValueError(f"{path}: no such config file") from None
-        except (json.JSONDecodeError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: invalid model config ({e})") from None
+        return ckpt.read_model_config(args.config)
     if args.preset is None and args.resume and (Path(args.out) / "config.json").exists():
         return ckpt.model_config_of(args.out)
-    name = args.preset or "cifar10"
-    return preset2(name) if name in PRESETS2 else preset(name)
+    return preset(args.preset or "cifar10")
 
 
 def cmd_train(args) -> None:
@@ -98,41 +97,18 @@ def _save_eval(run: Path, checkpoint: ckpt.Checkpoint, record: dict) -> None:
 
 
 def _eval_prior(args) -> None:
-    """Held-out NLL of a prior, and the stage-1 model's bits/dim with the prior in place of
-    the uniform log K term."""
-    prior, config = load_prior(args.run)
-    train_config = PriorTrainConfig(**config["train"])
-    if args.codes:
-        val = load_codes(args.codes)
-        val_idx = torch.arange(len(val))
-        cond = [load_codes(path) for path in args.cond]
-        check_cond_sets(val, cond)
-    else:
-        codes = load_codes(train_config.codes)
-        _, val, val_idx = split_indices(codes, train_config)
-        _, cond = load_cond(train_config, codes, val)
-    if args.limit is not None:
-        val_idx = val_idx[:args.limit]
-    result = evaluate_prior(prior, val, val_idx, cond=cond)
-    model = stage1_of(config, args.run)
-    stage1_run = Path(config["source"]["run"])
-    data = load_dataset(args.data or ckpt.read_config(stage1_run)["train"]["data"], args.split,
-                        image_size=_image_size(stage1_run))
-    stage1 = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json)
-    latents = prior.config.height * prior.config.width
-    subpixels = data.channels * data.height * data.width
-    # The prior replaces the uniform log2 K bits of its own level's latents only (a VQ-VAE-2's
-    # other levels keep theirs).
-    total = stage1.bits_per_dim - latents * result.saving / subpixels
-    record = {**result.to_dict(), "stage1": stage1.to_dict(), "bits_per_dim_with_prior": total}
-    _save_eval(args.run, ckpt.latest_checkpoint(args.run), {"data": data.spec, "split": args.split, **record})
+    record = evaluate_prior_run(args.run, data=args.data, split=args.split, codes=args.codes, cond=args.cond,
+                                limit=args.limit, batch_size=args.batch_size, progress=not args.json)
+    _save_eval(args.run, ckpt.latest_checkpoint(args.run), record)
     if args.json:
         print(json.dumps(record, indent=2))
     else:
-        print(f"prior: {result.summary()}")
-        level = config["source"].get("level")
-        print(f"{data.spec} ({args.split}): {stage1.bits_per_dim:.3f} bits/dim with the uniform prior, "
-              f"{total:.3f} with this prior" + (f" for the {level} level" if level else ""))
+        prior = PriorEvalResult(record["maps"], record["bits_per_code"], record["uniform_bits_per_code"])
+        print(f"prior: {prior.summary()}")
+        level = record["level"]
+        print(f"{record['data']} ({args.split}): {record['stage1']['bits_per_dim']:.3f} bits/dim with the "
+              f"uniform prior, {record['bits_per_dim_with_prior']:.3f} with this prior"
+              + (f" for the {level} level" if level else ""))
 
 
 def cmd_reconstruct(args) -> None:
@@ -151,7 +127,7 @@ def _images_from_args(args, run: Path) -> torch.Tensor:
         n = len(data) if args.limit is None else min(args.limit, len(data))
         return data.batch(torch.arange(n))[0]
     if not args.images:
-        raise ValueError("give image files or --data SPEC")
+        raise UsageError("give image files or --data SPEC")
     return torch.stack([load_image(p, args.image_size or _image_size(run), config.in_channels)
                         for p in args.images])
 
@@ -162,9 +138,7 @@ def cmd_levels(args) -> None:
     images, _ = data.batch(torch.arange(min(args.n, len(data))))
     x = to_model(images)
     codes = model.encode(x)
-    codes = codes if isinstance(codes, list) else [codes]
-    columns = [from_model(model.decode_levels(codes, upto) if len(codes) > 1 else model.decode(codes[0]))
-               for upto in range(1, len(codes) + 1)] + [images]
+    columns = [from_model(model.decode_levels(codes, upto)) for upto in range(1, len(codes) + 1)] + [images]
     save_png(make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=len(columns)), args.out)
     names = level_names(len(codes))
     print(f"wrote {args.out}: per image (row), decoded from the {names[0]} level alone, "
@@ -175,23 +149,16 @@ def cmd_encode(args) -> None:
     model, _ = ckpt.load_model(args.run)
     images = _images_from_args(args, args.run)
     batches = [model.encode(to_model(images[i:i + 256])) for i in range(0, len(images), 256)]
-    if model.config.num_levels == 1:
-        codes = torch.cat(batches)
-        save_code_maps(codes, args.out, model.config.codebook_size)
-        print(f"wrote {args.out}: {len(codes)} code maps of {tuple(codes.shape[1:])}, "
-              f"K = {model.config.codebook_size}")
-        return
     maps = [torch.cat(level) for level in zip(*batches)]
-    save_level_maps(maps, args.out, model.config.codebook_sizes)
-    shapes = ", ".join(f"{name} {m.shape[1]}x{m.shape[2]}" for name, m in zip(level_names(len(maps)), maps))
-    print(f"wrote {args.out}/: {len(maps[0])} images' code maps ({shapes})")
+    save_maps(maps, args.out, model.config.codebook_sizes)
+    shapes = ", ".join(f"{name} {m.shape[1]}x{m.shape[2]}, K = {k}" for name, m, k in
+                       zip(level_names(len(maps)), maps, model.config.codebook_sizes))
+    print(f"wrote {args.out}: {len(maps[0])} images' code maps ({shapes})")
 
 
 def cmd_decode(args) -> None:
     model, _ = ckpt.load_model(args.run)
-    codes = read_code_maps(args.codes, model.config.codebook_size) if model.config.num_levels == 1 \
-        else read_level_maps(args.codes, model.config)
-    images = decode_codes(model, codes)
+    images = decode_codes(model, read_maps(args.codes, model.config))
     out = Path(args.out)
     if out.suffix.lower() == ".png":
         save_png(make_grid(images, nrow=args.nrow or min(len(images), 16)), out)
@@ -208,20 +175,13 @@ def cmd_extract(args) -> None:
     source = {"run": str(Path(args.run).resolve()), "step": checkpoint.step,
               "fingerprint": checkpoint.state.get("fingerprint"), "data": data.spec,
               "split": args.split}
-    if model.config.num_levels > 1:
-        sets = extract_levels(model, data, args.out, batch_size=args.batch_size, limit=args.limit,
-                              overwrite=args.overwrite, source=source)
-        print(f"wrote {args.out}: {len(sets[0])} images from {data.spec} ({args.split}), one code set "
-              "per level, top-first:")
-        for codes in sets:
-            h, w = codes.shape
-            print(f"  {codes.path}: {h} x {w} code maps, K = {codes.codebook_size}")
-        return
-    codes = extract_codes(model, data, args.out, batch_size=args.batch_size, limit=args.limit,
-                          overwrite=args.overwrite, source=source)
-    h, w = codes.shape
-    print(f"wrote {args.out}: {len(codes)} code maps of {h} x {w}, K = {codes.codebook_size}, "
-          f"from {data.spec} ({args.split})")
+    sets = extract_codes(model, data, args.out, batch_size=args.batch_size, limit=args.limit,
+                         overwrite=args.overwrite, source=source)
+    print(f"wrote {args.out}: {len(sets[0])} images from {data.spec} ({args.split}), one code set per "
+          "level, top-first:")
+    for codes in sets:
+        h, w = codes.shape
+        print(f"  {codes.path}: {len(codes)} code maps of {h} x {w}, K = {codes.codebook_size}")
 
 
 def cmd_train_prior(args) -> None:
@@ -243,7 +203,7 @@ def cmd_train_prior(args) -> None:
                          tensorboard=not args.no_tensorboard)
     if not distributed.is_main():
         return
-    prior, _ = load_prior(args.out)
+    prior, _ = ckpt.load_prior(args.out)
     print(f"step {result.step} in {result.seconds:.0f} s; "
           f"{evaluate_prior(prior, val, val_idx, cond=val_cond).summary()}")
 
@@ -255,22 +215,22 @@ def _class_labels(value: str | None, n: int, nrow: int, config: dict) -> tuple[t
             return torch.arange(n) % num_classes, nrow
         return None, nrow
     if not num_classes:
-        raise ValueError("--class needs a class-conditional prior (train-prior --conditional)")
+        raise UsageError("--class needs a class-conditional prior (train-prior --conditional)")
     if value == "all":  # one row of n samples per class
         return torch.arange(num_classes).repeat_interleave(n), n
     names = (config.get("source") or {}).get("class_names") or []
     label = names.index(value) if value in names else int(value) if value.isdigit() else -1
     if not 0 <= label < num_classes:
-        raise ValueError(f"--class {value!r}: choose 0..{num_classes - 1}, a class name or 'all'")
+        raise UsageError(f"--class {value!r}: choose 0..{num_classes - 1}, a class name or 'all'")
     return torch.full((n,), label), nrow
 
 
 def cmd_sample(args) -> None:
-    chain = [LevelPrior(run, *load_prior(run)) for run in args.runs]
+    chain = [LevelPrior.load(run) for run in args.runs]
     model = check_chain(chain)
     nrow = args.nrow or max(1, int(round(args.n ** 0.5)))
     # The labels follow the first class-conditional prior (the top one, when it is).
-    labelled = next((link.config for link in chain if link.prior.config.num_classes), chain[0].config)
+    labelled = next((link.run_config for link in chain if link.prior.config.num_classes), chain[0].run_config)
     labels, nrow = _class_labels(args.class_, args.n, nrow, labelled)
     n = len(labels) if labels is not None else args.n
     codes = chain_codes(chain, n, labels, args.temperature, args.top_k, args.top_p, args.seed)
@@ -299,7 +259,7 @@ def _codec(args) -> Codec:
 
 def cmd_compress(args) -> None:
     if not args.prior and not args.uniform:
-        raise ValueError("give the prior runs (--prior TOP [--prior LOWER ...], top-first) to code with "
+        raise UsageError("give the prior runs (--prior TOP [--prior LOWER ...], top-first) to code with "
                          "the priors, or --uniform for log2 K bits per code")
     codec = _codec(args)
     mode = "uniform" if args.uniform else "prior"
@@ -325,16 +285,8 @@ def cmd_decompress(args) -> None:
 
 
 def cmd_rd(args) -> None:
-    from vqkit.codec.rd import QUALITIES, image_files, measure, plot
-    runs = {run: [] for run in args.runs}
-    fingerprints = {ckpt.latest_checkpoint(run).state.get("fingerprint"): run for run in args.runs}
-    for prior in args.prior:
-        source = ckpt.read_config(prior, kind="prior").get("source") or {}
-        run = fingerprints.get(source.get("fingerprint"))
-        if run is None:
-            raise ValueError(f"{prior}: fitted to none of the models given ({', '.join(map(str, args.runs))})")
-        runs[run].append(prior)
-    codecs = {Path(run).name: Codec.load(run, priors) for run, priors in runs.items()}
+    from vqkit.codec.rd import QUALITIES, codecs_for, image_files, measure, plot
+    codecs = codecs_for(args.runs, args.prior)
     files = image_files(args.data)[:args.limit]
     result = measure(codecs, files, args.qualities or QUALITIES)
     print(result.table())
@@ -345,56 +297,8 @@ def cmd_rd(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    spec, description = find_fashion_mnist(args.data)
-    print(f"demo data: {description}")
-    out = Path(args.out)
-    if not args.resume and (out / "latest").exists():
-        if ckpt.model_config_of(out) != preset("demo"):
-            raise ValueError(f"{out} holds a run that is not a demo run; choose another --out")
-        print(f"replacing the previous demo run in {out}")
-        shutil.rmtree(out)
-    config = TrainConfig(data=spec, steps=args.steps, batch_size=64, lr=args.lr, seed=0,
-                         time_budget=args.time_budget, checkpoint_every=500, image_every=500)
-    result = train(out, preset("demo"), config, resume=args.resume)
-    model, _ = ckpt.load_model(out)
-    test = load_dataset(spec, "test")
-    metrics = evaluate(model, test, limit=2000)
-    images, _ = test.batch(torch.arange(16))
-    recon = from_model(model.decode(model.encode(to_model(images))))
-    grid_path = out / "reconstructions.png"
-    save_png(make_grid(torch.cat([images, recon]), nrow=16), grid_path)
-    atomic_write_text(out / "metrics.json", json.dumps(
-        {"data": spec, "steps": result.step, "seconds": round(result.seconds, 1), **metrics.to_dict()},
-        indent=2) + "\n")
-    print(f"stage 1: trained {result.step} steps in {result.seconds:.0f} s")
-    print(f"test: {metrics.summary()}")
-    print(f"wrote {grid_path} (originals above reconstructions) and {out / 'metrics.json'}")
-    if args.prior_time_budget <= 0:
-        return
-
-    source = {"run": str(out.resolve()), "step": result.step, "data": spec, "split": "train",
-              "fingerprint": ckpt.latest_checkpoint(out).state.get("fingerprint")}
-    codes_dir = out / "codes"
-    extract_codes(model, load_dataset(spec, "train"), codes_dir, overwrite=True, source=source)
-    codes = load_codes(codes_dir)
-    prior_dir = out / "prior"
-    prior_config = prior_config_for(codes, "pixelsnail", conditional=True, channels=64, layers=4)
-    prior_train = PriorTrainConfig(codes=str(codes_dir), steps=args.prior_steps, batch_size=64,
-                                   lr=1e-3, time_budget=args.prior_time_budget, eval_every=500)
-    prior_result = train_prior(prior_dir, prior_config, prior_train)
-    prior, prior_run = load_prior(prior_dir)
-    _, val, val_idx = split_indices(codes, prior_train)
-    print(f"stage 2: prior trained {prior_result.step} steps in {prior_result.seconds:.0f} s; "
-          f"{evaluate_prior(prior, val, val_idx).summary()}")
-    labels = torch.arange(codes.num_classes).repeat_interleave(8)
-    sampled = decode_codes(model, prior_codes(prior, len(labels), labels, seed=0))
-    h, w = codes.shape
-    uniform = decode_codes(model, uniform_codes(len(labels), h, w, codes.codebook_size, seed=0))
-    samples_path = out / "samples.png"
-    save_png(side_by_side(make_grid(uniform, nrow=8), make_grid(sampled, nrow=8)), samples_path)
-    print(f"wrote {samples_path}: uniform prior (left) beside the class-conditional prior "
-          f"(right, one row per class)")
-    print(f"TensorBoard curves: tensorboard --logdir {out}")
+    run_demo(args.out, data=args.data, steps=args.steps, lr=args.lr, time_budget=args.time_budget,
+             resume=args.resume, prior_steps=args.prior_steps, prior_time_budget=args.prior_time_budget)
 
 
 def _distributed_args(sp) -> None:
@@ -454,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a VQ-VAE (stage 1)")
     t.add_argument("--data", required=True, help=data_help)
     g = t.add_mutually_exclusive_group()
-    g.add_argument("--preset", choices=sorted([*PRESETS, *PRESETS2]),
+    g.add_argument("--preset", choices=sorted(PRESETS),
                    help="model preset (default cifar10; with --resume, the run's own model)")
     g.add_argument("--config", help="model config JSON (the 'model' part of a run's config.json)")
     t.add_argument("-o", "--out", required=True, type=Path, help="run folder")
@@ -667,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
             distributed.setup(timeout=args.dist_timeout)
         args.func(args)
         distributed.shutdown()
-    except (DataError, ImageError, ckpt.CheckpointError, TrainingError, ValueError, OSError) as e:
+    except (VqkitError, OSError) as e:
         print(f"vqkit: error: {_rank_prefix()}{e}", file=sys.stderr)
         return 2
     except Exception as e:

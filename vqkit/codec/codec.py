@@ -64,14 +64,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vqkit.runs import checkpoint as ckpt
 from vqkit.data.datasets import to_model
-from vqkit.fsutil import atomic_write_bytes
-from vqkit.runs.generate import LevelPrior, check_chain, decode_codes
-from vqkit.nn.vqvae2 import VQVAE2
 from vqkit.data.images import load_image, save_png
+from vqkit.errors import UsageError, VqkitError
+from vqkit.fsutil import atomic_write_bytes
 from vqkit.nn.vqvae import VQVAE
-from vqkit.train.prior import load_prior
+from vqkit.runs import checkpoint as ckpt
+from vqkit.runs.generate import LevelPrior, check_chain, decode_codes
 
 MAGIC = b"\x89VQK\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -89,7 +88,7 @@ _TAIL = struct.Struct("<IQI")      # codes_crc, payload_length, header_crc
 _CRC = struct.Struct("<I")
 
 
-class CodecError(ValueError):
+class CodecError(VqkitError, ValueError):
     """A ``.vq`` file that cannot be decoded, or an image that cannot be coded; the message
     names the file and the problem."""
 
@@ -349,12 +348,12 @@ class Codec:
         image2 = codec.decompress(data)             # == codec.reconstruct(image)
     """
 
-    def __init__(self, model: VQVAE | VQVAE2, stage1_fingerprint: str, chain: list[LevelPrior] | None = None,
+    def __init__(self, model: VQVAE, stage1_fingerprint: str, chain: list[LevelPrior] | None = None,
                  prior_fingerprints: Sequence[str] = ()):
         self.model = model.eval()
         self.chain = chain
         config = model.config
-        self.stride = config.total_stride if isinstance(model, VQVAE2) else 2 ** config.downsample
+        self.stride = config.total_stride
         self.radices = list(config.codebook_sizes)
         stage1 = {"fingerprint": stage1_fingerprint, "config": config.to_dict()}
         self.fingerprints = {"uniform": _hash({"stage1": stage1})}
@@ -373,7 +372,7 @@ class Codec:
         fingerprint = checkpoint.state.get("fingerprint", "")
         if not priors:
             return cls(model, fingerprint)
-        chain = [LevelPrior(Path(p), *load_prior(p)) for p in priors]
+        chain = [LevelPrior.load(p) for p in priors]
         for link in chain:
             if link.source.get("fingerprint") != fingerprint:
                 raise ckpt.CheckpointError(
@@ -385,10 +384,9 @@ class Codec:
                    [ckpt.latest_checkpoint(link.run).state.get("fingerprint", "") for link in chain])
 
     def _tile_of(self, chain: list[LevelPrior]) -> tuple[int, int]:
-        config = self.model.config
-        strides = config.strides if isinstance(self.model, VQVAE2) else [config.downsample]
-        tiles = {(link.prior.config.height * 2 ** sum(strides[level:]),
-                  link.prior.config.width * 2 ** sum(strides[level:])) for level, link in enumerate(chain)}
+        strides = self.model.config.level_strides()
+        tiles = {(link.prior.config.height * strides[level], link.prior.config.width * strides[level])
+                 for level, link in enumerate(chain)}
         for link in chain:
             c = link.prior.config
             if c.num_classes is not None or c.cond_channels:
@@ -405,7 +403,7 @@ class Codec:
 
     def _check_mode(self, mode: str) -> None:
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+            raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode == "prior" and self.chain is None:
             raise CodecError("prior mode needs the prior runs (one per level, top-first)")
 
@@ -431,8 +429,7 @@ class Codec:
         self._check_image(image)
         ph, pw, _, _ = self._padded(image.shape[1], image.shape[2], mode)
         x = F.pad(image[None].float(), (0, pw - image.shape[2], 0, ph - image.shape[1]), mode="replicate")
-        codes = self.model.encode(to_model(x))
-        return [m[0] for m in (codes if isinstance(codes, list) else [codes])]
+        return [m[0] for m in self.model.encode(to_model(x))]
 
     @torch.no_grad()
     def decode(self, codes: Sequence[torch.Tensor], height: int, width: int) -> torch.Tensor:

@@ -34,21 +34,21 @@ from pytorch_msssim import ms_ssim as _ms_ssim
 from tqdm import tqdm
 
 from vqkit.codec.codec import Codec, uniform_payload_bytes
+from vqkit.data.images import IMAGE_SUFFIXES, load_image, psnr_from_mse
+from vqkit.errors import UsageError
 from vqkit.fsutil import atomic_path
-from vqkit.data.images import load_image
+from vqkit.runs import checkpoint as ckpt
 
 # Dense at low qualities, where JPEG's PSNR climbs fastest per bit, so that its value
 # interpolated at a .vq file's rate is close to a file JPEG can actually write.
 QUALITIES = (1, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50, 75, 90)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
 # MS-SSIM downsamples four times and then needs room for its 11-pixel window.
 MS_SSIM_MIN_SIDE = 161
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     """PSNR in dB of two uint8 images (C, H, W); inf when they are equal."""
-    mse = float(((x.double() - y.double()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+    return psnr_from_mse(float(((x.double() - y.double()) ** 2).mean()))
 
 
 def ms_ssim(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -185,13 +185,27 @@ def _interp(curve: list[Point], bpp: float, what: str) -> float | None:
     return float(np.interp(bpp, [p.bpp for p in curve], [getattr(p, what) for p in curve]))
 
 
+def codecs_for(runs: Sequence[str | Path], priors: Sequence[str | Path] = ()) -> dict[str, Codec]:
+    """One codec per stage-1 run, named after its folder, each with the prior runs (given
+    top-first per model) that were fitted to its latest checkpoint, matched by fingerprint."""
+    matched: dict[Path, list[Path]] = {Path(run): [] for run in runs}
+    fingerprints = {ckpt.latest_checkpoint(run).state.get("fingerprint"): run for run in matched}
+    for prior in map(Path, priors):
+        source = ckpt.read_config(prior, kind="prior").get("source") or {}
+        run = fingerprints.get(source.get("fingerprint"))
+        if run is None:
+            raise UsageError(f"{prior}: fitted to none of the models given ({', '.join(map(str, runs))})")
+        matched[run].append(prior)
+    return {run.name: Codec.load(run, run_priors) for run, run_priors in matched.items()}
+
+
 def image_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{folder}: no such folder")
+        raise UsageError(f"{folder}: no such folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"{folder}: holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise UsageError(f"{folder}: holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
 
 
@@ -201,7 +215,7 @@ def measure(codecs: dict[str, Codec], files: Sequence[Path], qualities: Sequence
     and of JPEG and WebP at ``qualities``, over the image ``files``."""
     channels = {c.model.config.in_channels for c in codecs.values()} or {3}
     if len(channels) != 1:
-        raise ValueError("the codecs take images of different channel counts; compare them separately")
+        raise UsageError("the codecs take images of different channel counts; compare them separately")
     channel = channels.pop()
     images = [(p.name, load_image(p, None, channel)) for p in files]
     pixels = sum(im.shape[1] * im.shape[2] for _, im in images)
@@ -246,11 +260,10 @@ def measure(codecs: dict[str, Codec], files: Sequence[Path], qualities: Sequence
 def plot(result: RDResult, path: str | Path) -> None:
     """PSNR and MS-SSIM against bits per pixel, one curve per method, written as a PNG."""
     # Imported here: matplotlib takes a second to load, which no other command should pay.
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
     methods = list(dict.fromkeys(p.method for p in result.points))
     for ax, what, label in zip(axes, ("psnr", "ms_ssim"), ("PSNR (dB)", "MS-SSIM")):
         for method in methods:
@@ -270,4 +283,3 @@ def plot(result: RDResult, path: str | Path) -> None:
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)

@@ -26,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vqkit.data.images import ImageError, load_image, read_image_size
+from vqkit.data.images import IMAGE_SUFFIXES, ImageError, load_image, read_image_size
+from vqkit.errors import VqkitError
 
 log = logging.getLogger("vqkit")
 
 
-class DataError(ValueError):
+class DataError(VqkitError, ValueError):
     """Unusable input data; the message names the file (or spec) and the problem."""
 
 
@@ -73,7 +74,6 @@ CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 ]  # fmt: skip
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 # spec prefix -> canonical kind
 _KINDS = {

@@ -15,12 +15,20 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from vqkit.errors import UsageError, VqkitError
 from vqkit.fsutil import atomic_path
 
 _MODES = {1: "L", 3: "RGB"}
+# The image files vqkit reads: folder datasets, ``vqkit rd``'s image folders, encode's arguments.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
-class ImageError(ValueError):
+def psnr_from_mse(mse: float, peak: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB, ``10 log10(peak^2 / mse)``; inf when ``mse`` is 0."""
+    return math.inf if mse == 0 else 10 * math.log10(peak ** 2 / mse)
+
+
+class ImageError(VqkitError, ValueError):
     """An image file that cannot be used; the message names the file and the problem.
 
     ``vqkit.data.datasets`` re-raises it as ``vqkit.data.datasets.DataError`` for files read through a dataset.
@@ -61,7 +69,7 @@ def load_image(path: str | os.PathLike, size: int | None, channels: int = 3) -> 
     modes (palette, RGBA, CMYK, ...) are converted.
     """
     if channels not in _MODES:
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+        raise UsageError(f"channels must be 1 or 3, got {channels}")
     with _decode_errors(path):
         with Image.open(path) as img:
             # Image.open only reads the header; load() decodes, so truncation shows up here.
@@ -90,9 +98,9 @@ def make_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> torch.Tensor
     between and around the tiles: H' = rows * (H + padding) + padding, likewise W'.
     """
     if images.ndim != 4:
-        raise ValueError(f"make_grid expects (N, C, H, W), got shape {tuple(images.shape)}")
+        raise UsageError(f"make_grid expects (N, C, H, W), got shape {tuple(images.shape)}")
     if nrow < 1:
-        raise ValueError(f"nrow must be >= 1, got {nrow}")
+        raise UsageError(f"nrow must be >= 1, got {nrow}")
     n, c, h, w = images.shape
     cols = min(nrow, n)
     rows = math.ceil(n / cols)
@@ -113,11 +121,11 @@ def save_png(images_or_grid: torch.Tensor, path: str | os.PathLike) -> None:
     """
     t = images_or_grid.detach().cpu()
     if t.dtype != torch.uint8:
-        raise ValueError(f"save_png expects uint8 pixels, got {t.dtype} (see data.from_model)")
+        raise UsageError(f"save_png expects uint8 pixels, got {t.dtype} (see data.from_model)")
     if t.ndim == 4:
         t = make_grid(t, nrow=math.ceil(math.sqrt(t.shape[0])))
     if t.ndim != 3 or t.shape[0] not in _MODES:
-        raise ValueError(f"save_png expects (1 or 3, H, W), got shape {tuple(t.shape)}")
+        raise UsageError(f"save_png expects (1 or 3, H, W), got shape {tuple(t.shape)}")
     # Pillow infers the mode from the array: (H, W) uint8 -> "L", (H, W, 3) uint8 -> "RGB".
     arr = t.permute(1, 2, 0).contiguous().numpy()
     img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)

@@ -10,7 +10,7 @@ run has (``Report.sections`` names them by id):
 * ``eval``: the figures of the last ``vqkit eval`` (``RUN/eval.json``: MSE, PSNR, bits/dim and,
   for a hierarchy, each level's);
 * ``reconstructions``: the first test images above their reconstructions;
-* ``atlas-<level>``, ``usage``, ``code-maps``, ``pca``: the figures of ``vqkit.inspect.atlas``;
+* ``atlas-<level>``, ``usage``, ``code-maps``, ``pca``: the figures of ``vqkit inspect``;
 * ``prior-<i>``: for each prior run given (``priors``): its NLL curves, last evaluation and
   samples;
 * ``extra-<i>``: images given as files (``extra_images``: sample grids of ``vqkit sample``,
@@ -19,7 +19,7 @@ run has (``Report.sections`` names them by id):
 For a prior run (``kind: prior``) the page holds its summary, config, NLL curves, last
 evaluation and samples. Samples are drawn here for a prior that needs no other level's codes
 (a one-level model's prior, decoded; the top prior of a VQ-VAE-2, shown decoded from the top
-level alone, ``VQVAE2.decode_levels``); a lower-level prior needs the chain of ``vqkit sample``,
+level alone, ``VQVAE.decode_levels``); a lower-level prior needs the chain of ``vqkit sample``,
 whose grid can be given as an extra image.
 
 Images are embedded as base64 PNG data URLs; the page loads nothing and runs no script. Its
@@ -37,23 +37,20 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from PIL import Image, UnidentifiedImageError
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
-
-from vqkit.runs import checkpoint as ckpt  # noqa: E402
-from vqkit.inspect.atlas import (InspectOutput, figure_png, image_png, inspect_model, load_complete, rgb_image,  # noqa: E402
-                    run_dataset, write_inspection)
-from vqkit.data.datasets import from_model, to_model  # noqa: E402
-from vqkit.train.evaluate import EVAL_FILE  # noqa: E402
-from vqkit.fsutil import atomic_write_text  # noqa: E402
-from vqkit.runs.generate import prior_codes, stage1_of  # noqa: E402
-from vqkit.nn.vqvae2 import VQVAE2  # noqa: E402
-from vqkit.data.images import ImageError, make_grid  # noqa: E402
-from vqkit.train.prior import load_prior  # noqa: E402
+from vqkit.data.datasets import from_model, to_model
+from vqkit.data.images import ImageError, make_grid
+from vqkit.errors import UsageError
+from vqkit.fsutil import atomic_write_text
+from vqkit.inspect.atlas import InspectOutput, load_complete, run_dataset, write_inspection
+from vqkit.inspect.figures import figure_png, image_png, rgb_image
+from vqkit.inspect.stats import inspect_model
+from vqkit.runs import checkpoint as ckpt
+from vqkit.runs.generate import prior_codes, stage1_of
+from vqkit.train.evaluate import EVAL_FILE
 
 
 @dataclass
@@ -105,7 +102,7 @@ def read_scalars(folder: Path) -> Curves:
 _LEVEL_SUFFIX = re.compile(r"^(.*?)_(top|bottom|middle\d*)$")
 
 
-def curves_figure(curves: Curves, title: str) -> plt.Figure:
+def curves_figure(curves: Curves, title: str) -> Figure:
     """Small multiples, one panel per logged quantity; a quantity logged per level (tag suffix
     ``_top``, ``_middle``, ``_bottom``) draws one line per level in its panel. Losses and
     perplexities are drawn on a log scale when positive."""
@@ -116,7 +113,8 @@ def curves_figure(curves: Curves, title: str) -> plt.Figure:
         panels.setdefault(base, []).append((level, steps, values))
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.9 * rows), squeeze=False)
+    fig = Figure(figsize=(4.2 * cols, 2.9 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (base, lines) in zip(axes.flat, panels.items()):
         for level, steps, values in lines:
             ax.plot(steps, values, label=level or None, lw=1)
@@ -236,9 +234,9 @@ def read_eval(run: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise UsageError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: not an evaluation record")
+        raise UsageError(f"{path}: not an evaluation record")
     return data
 
 
@@ -307,7 +305,7 @@ def _inspection_sections(result: InspectOutput) -> list[Section]:
 
 def _prior_samples(run: Path, config: dict, sid: str, n: int = 16) -> Section:
     """Samples of a prior that needs no other level's codes, decoded by its stage-1 model."""
-    prior, _ = load_prior(run)
+    prior, _ = ckpt.load_prior(run)
     if prior.config.cond_codes:
         return Section(sid, "Samples", _p("this prior is conditioned on the levels above it: draw the chain "
                                           "with vqkit sample TOP ... BOTTOM and pass its grid with --extra-image"))
@@ -317,13 +315,9 @@ def _prior_samples(run: Path, config: dict, sid: str, n: int = 16) -> Section:
         return Section(sid, "Samples", _p(f"no samples: {e}"))
     labels = torch.arange(n) % prior.config.num_classes if prior.config.num_classes else None
     codes = prior_codes(prior, n, labels, seed=0)
-    with torch.no_grad():
-        if isinstance(model, VQVAE2):
-            images = model.decode_levels([codes], 1)
-            what = "decoded from the top level alone (the lower levels zeroed)"
-        else:
-            images = model.decode(codes)
-            what = "decoded by the stage-1 model"
+    images = model.decode_levels([codes], 1)
+    what = ("decoded from the top level alone (the lower levels zeroed)" if model.num_levels > 1
+            else "decoded by the stage-1 model")
     grid = make_grid(from_model(images), nrow=8)
     text = f"{n} code maps drawn from the prior (seed 0" + (", labels 0, 1, ... in turn" if labels is not None
                                                              else "") + f"), {what}"

@@ -18,6 +18,7 @@ The VQ-VAE posterior q(z|x) is one-hot, so KL(q || uniform prior) = log K for ea
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqkit import distributed
+from vqkit.errors import ConfigError
 
 _HALF_BIN = 1.0 / 255.0
 _EDGE = 0.999  # x beyond this is the first or last bin (x = -1 or 1)
@@ -83,9 +85,10 @@ class GaussianLikelihood(nn.Module):
         self.decay = decay
         self.register_buffer("variance", torch.full((channels,), -1.0))
 
-    @staticmethod
-    def decoder_channels(channels: int) -> int:
-        return channels
+    @property
+    def decoder_channels(self) -> int:
+        """Channels the decoder must output: one mean per image channel."""
+        return self.channels
 
     def forward(self, params: torch.Tensor, x: torch.Tensor) -> LikelihoodOutput:
         params = params.float()
@@ -116,9 +119,10 @@ class LogisticMixtureLikelihood(nn.Module):
         self.channels = channels
         self.mixtures = mixtures
 
-    @staticmethod
-    def decoder_channels(channels: int, mixtures: int = 5) -> int:
-        return 3 * mixtures * channels
+    @property
+    def decoder_channels(self) -> int:
+        """Channels the decoder must output: logits, means and log-scales of each mixture."""
+        return 3 * self.mixtures * self.channels
 
     def _split(self, params: torch.Tensor):
         b, _, h, w = params.shape
@@ -138,15 +142,21 @@ class LogisticMixtureLikelihood(nn.Module):
         return (F.softmax(logits, dim=1) * means).sum(1)
 
 
-def make_likelihood(kind: str, channels: int, mixtures: int) -> nn.Module:
+LIKELIHOODS = ("gaussian", "logistic_mixture")
+
+
+def make_likelihood(kind: str, channels: int, mixtures: int) -> GaussianLikelihood | LogisticMixtureLikelihood:
+    """The likelihood ``kind`` (one of ``LIKELIHOODS``) of images with ``channels`` channels;
+    ``mixtures`` is the number of logistic components (``logistic_mixture`` only)."""
     if kind == "gaussian":
         return GaussianLikelihood(channels)
     if kind == "logistic_mixture":
         return LogisticMixtureLikelihood(channels, mixtures)
-    raise ValueError(f"unknown likelihood {kind!r}: choose 'gaussian' or 'logistic_mixture'")
+    raise ConfigError(f"unknown likelihood {kind!r}: choose one of {', '.join(map(repr, LIKELIHOODS))}")
 
 
-def bits_per_dim(nll_nats: float, subpixels: int, latents: int, codebook_size: int) -> float:
-    """ELBO bound in bits/dim: reconstruction NLL (nats, per image) plus log K nats for each
-    of ``latents`` one-hot latents, over ``subpixels`` values of the image."""
-    return (nll_nats + latents * math.log(codebook_size)) / (subpixels * math.log(2))
+def bits_per_dim(nll_nats: float, subpixels: int, latents: Sequence[int], codebook_sizes: Sequence[int]) -> float:
+    """ELBO bound in bits/dim: reconstruction NLL (nats, per image) plus log K_l nats for each of
+    the ``latents[l]`` one-hot latents of every level ``l``, over ``subpixels`` values of the image."""
+    log_k = sum(n * math.log(k) for n, k in zip(latents, codebook_sizes, strict=True))
+    return (nll_nats + log_k) / (subpixels * math.log(2))

@@ -1,41 +1,115 @@
-"""VQ-VAE (van den Oord et al. 2017): encoder -> vector quantizer -> decoder.
+"""VQ-VAE (van den Oord et al. 2017) and VQ-VAE-2 (Razavi et al. 2019): one model, any number
+of quantized latent maps.
 
-``x`` (B, C, H, W) in [-1, 1] -> ``z_e`` (B, D, H/s, W/s) -> ``codes`` (B, H/s, W/s) and
-``z_q`` -> decoder -> likelihood parameters, with ``s = 2**downsample``. Training minimises
-eq. 3: ``-log p(x|z_q) + ||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2``.
+A model is always a list of levels, **top-first**: index 0 is the coarsest map, index -1 the
+bottom (finest) one; a VQ-VAE is the one-element case. Every per-level list in this module
+(``strides``, ``codebook_sizes``, ``codes``, ``z_e``, ``perplexity``, ...) is ordered so.
+``strides[l]`` is the downsampling exponent of level ``l`` relative to the level below it; the
+bottom's is relative to the image. ``strides=[1, 2]`` thus puts the bottom map 4x below the
+image and the top map 2x below the bottom (the paper's 256x256 model: 64x64 bottom, 32x32 top);
+a VQ-VAE's ``strides`` is ``[downsample]``.
+
+Algorithm 1, for L levels. With ``s_l = 2**strides[l]`` and ``x`` (B, C, H, W) in [-1, 1]:
+
+* Bottom-up features: ``h_{L-1} = E_{L-1}(x)`` (B, hidden, H/s_{L-1}, W/s_{L-1}), then
+  ``h_l = E_l(h_{l+1})``, each ``s_l`` times smaller; the top encoder ``E_0`` projects straight
+  to the code dimension, so ``z_e_0 = h_0`` (B, D, h_0, w_0).
+* Top-down quantization (Figure 2a): ``z_q_0 = Quantize_0(z_e_0)``; a conditioning decoder
+  ``c_0 = C_0(z_q_0)`` (transposed convolutions) brings it to level 1's resolution; then for
+  each lower level ``z_e_l = P_l([h_l, c_{l-1}])`` (a 1x1 convolution of the concatenation),
+  ``z_q_l = Quantize_l(z_e_l)`` and ``c_l = C_l([z_q_l, c_{l-1}])``. ``c_l`` carries every level
+  above, so with three levels the bottom is conditioned on the middle *and* the top code.
+* Decoder: each higher ``z_q_l`` is upsampled by transposed convolutions ``U_l`` to the bottom
+  map's resolution and concatenated with ``z_q_{L-1}`` (B, L*D, h_{L-1}, w_{L-1}); one decoder
+  maps that to the likelihood parameters of the image.
+
+With one level this is exactly the VQ-VAE of section 4.1: encoder, quantizer, decoder.
+Training minimises eq. 3, ``-log p(x | z_q_0..z_q_{L-1})`` plus the codebook and commitment
+terms ``||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2`` of every level, each level with its own
+``VectorQuantizer`` and codebook size.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from vqkit.config import JsonConfig
-from vqkit.nn.likelihood import LikelihoodOutput, make_likelihood
+from vqkit.errors import ConfigError, UsageError
+from vqkit.nn.likelihood import LIKELIHOODS, LikelihoodOutput, make_likelihood
 from vqkit.nn.nets import Decoder, Encoder
-from vqkit.nn.quantize import VectorQuantizer
+from vqkit.nn.quantize import QuantizerOutput, VectorQuantizer
 
 
-def check_network_fields(config) -> None:
-    """Checks of the fields ``VQVAEConfig`` and ``VQVAE2Config`` have in common."""
-    if config.likelihood not in ("gaussian", "logistic_mixture"):
-        raise ValueError(f"likelihood must be 'gaussian' or 'logistic_mixture', got {config.likelihood!r}")
-    for name in ("in_channels", "hidden", "res_hidden", "code_dim", "mixtures"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
-    if config.num_res_blocks < 0 or config.restart_after < 0:
-        raise ValueError("num_res_blocks and restart_after must be >= 0")
+class _Levels:
+    """What both configurations derive from their per-level lists ``strides`` and
+    ``codebook_sizes`` (top-first)."""
+
+    strides: list[int]
+    codebook_sizes: list[int]
+
+    def _check_network_fields(self) -> None:
+        if self.likelihood not in LIKELIHOODS:
+            raise ConfigError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, "
+                              f"got {self.likelihood!r}")
+        for name in ("in_channels", "hidden", "res_hidden", "code_dim", "mixtures"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_res_blocks < 0 or self.restart_after < 0:
+            raise ConfigError("num_res_blocks and restart_after must be >= 0")
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.strides)
+
+    @property
+    def total_stride(self) -> int:
+        """How many times smaller than the image the top map is, per side."""
+        return 2 ** sum(self.strides)
+
+    def level_strides(self) -> list[int]:
+        """How many times smaller than the image each map is, per side, top-first."""
+        return [2 ** sum(self.strides[level:]) for level in range(self.num_levels)]
+
+    def latent_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The (h, w) of every code map, top-first, for an image of (height, width); a
+        ``ConfigError`` if the image is not divisible by the total stride."""
+        stride = self.total_stride
+        if height % stride or width % stride:
+            raise ConfigError(f"image size {height}x{width} is not divisible by the model's total stride "
+                              f"{stride} (strides {self.strides}, top-first)")
+        return [(height // s, width // s) for s in self.level_strides()]
 
 
 @dataclass
-class VQVAEConfig(JsonConfig):
-    """Everything needed to rebuild a VQ-VAE; saved as JSON beside its weights."""
+class VQVAEConfig(_Levels, JsonConfig):
+    """Everything needed to rebuild a one-level VQ-VAE; saved as JSON beside its weights.
+
+    Args:
+        in_channels: image channels (1 grey, 3 RGB).
+        hidden: channels of the encoder and decoder trunks.
+        res_hidden: channels inside each residual block.
+        num_res_blocks: residual blocks in the encoder and in the decoder.
+        downsample: number of stride-2 convolutions: the code map is ``2**downsample`` times
+            smaller than the image per side.
+        code_dim: D, the dimension of each code vector.
+        codebook_size: K, the number of codes.
+        beta: commitment weight of eq. 3 (0.25 in the paper).
+        ema: update the codebook by exponential moving averages (appendix A.1) instead of the
+            codebook loss.
+        decay: EMA decay (0.99 in the paper).
+        kmeans_init: set the codebook by k-means on the first training batch.
+        restart_after: re-seed a code unused for this many training steps (0: never).
+        likelihood: ``"gaussian"`` (trained by MSE) or ``"logistic_mixture"``.
+        mixtures: logistic components per subpixel (``logistic_mixture`` only).
+    """
 
     label: ClassVar[str] = "VQ-VAE config"
+    kind: ClassVar[str] = "vqvae"  # the run kind in config.json
 
     in_channels: int = 3
     hidden: int = 128
@@ -53,63 +127,82 @@ class VQVAEConfig(JsonConfig):
     mixtures: int = 5
 
     def __post_init__(self):
-        check_network_fields(self)
+        self._check_network_fields()
         if self.codebook_size < 1:
-            raise ValueError(f"codebook_size must be positive, got {self.codebook_size}")
+            raise ConfigError(f"codebook_size must be positive, got {self.codebook_size}")
         if self.downsample < 0:
-            raise ValueError(f"downsample must be >= 0, got {self.downsample}")
+            raise ConfigError(f"downsample must be >= 0, got {self.downsample}")
 
     @property
-    def num_levels(self) -> int:
-        return 1
+    def strides(self) -> list[int]:
+        return [self.downsample]
 
     @property
     def codebook_sizes(self) -> list[int]:
-        """One entry per level, as ``VQVAE2Config.codebook_sizes``."""
         return [self.codebook_size]
 
-    def latent_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
-        return [self.latent_shape(height, width)]
 
-    def latent_shape(self, height: int, width: int) -> tuple[int, int]:
-        """The code map's (h, w) for an image of (height, width); errors if not divisible."""
-        stride = 2 ** self.downsample
-        if height % stride or width % stride:
-            raise ValueError(f"image size {height}x{width} is not divisible by the model's "
-                             f"stride {stride} (downsample={self.downsample})")
-        return height // stride, width // stride
+@dataclass
+class VQVAE2Config(_Levels, JsonConfig):
+    """Everything needed to rebuild a VQ-VAE-2 of two or more levels; saved as JSON beside
+    its weights.
+
+    Args:
+        strides: per level, top-first, the downsampling exponent relative to the level below
+            (the bottom's: relative to the image); >= 1 above the bottom, >= 0 for the bottom.
+        codebook_sizes: K of each level, top-first.
+        The other fields mean what they mean in ``VQVAEConfig`` and apply to every level.
+    """
+
+    label: ClassVar[str] = "VQ-VAE-2 config"
+    kind: ClassVar[str] = "vqvae2"
+
+    in_channels: int = 3
+    hidden: int = 128
+    res_hidden: int = 32
+    num_res_blocks: int = 2
+    strides: list[int] = field(default_factory=lambda: [1, 2])
+    code_dim: int = 64
+    codebook_sizes: list[int] = field(default_factory=lambda: [512, 512])
+    beta: float = 0.25
+    ema: bool = True
+    decay: float = 0.99
+    kmeans_init: bool = True
+    restart_after: int = 100
+    likelihood: str = "gaussian"
+    mixtures: int = 5
+
+    def __post_init__(self):
+        # Lists, whatever sequence was given: a config read back from JSON must compare equal.
+        self.strides = list(self.strides)
+        self.codebook_sizes = list(self.codebook_sizes)
+        self._check_network_fields()
+        if len(self.strides) < 2:
+            raise ConfigError(f"a VQ-VAE-2 needs at least two levels, got strides={self.strides}; "
+                              "use VQVAEConfig for a single level")
+        if len(self.codebook_sizes) != len(self.strides):
+            raise ConfigError(f"codebook_sizes has {len(self.codebook_sizes)} entries but strides has "
+                              f"{len(self.strides)}: give one per level, top-first")
+        if any(not isinstance(k, int) or k < 1 for k in self.codebook_sizes):
+            raise ConfigError(f"codebook_sizes must be positive integers, got {self.codebook_sizes}")
+        if any(not isinstance(s, int) for s in self.strides) or self.strides[-1] < 0 \
+                or any(s < 1 for s in self.strides[:-1]):
+            raise ConfigError(f"strides (top-first) must be integers, >= 1 above the bottom level so that "
+                              f"each level is coarser than the one below, >= 0 for the bottom; got {self.strides}")
 
 
-PRESETS: dict[str, VQVAEConfig] = {
-    # Section 4.1: two stride-2 4x4 convolutions, two residual blocks, 256 hidden units,
-    # K = 512; plain codebook loss as in the paper's main experiments. 32x32 -> 8x8 codes.
-    "cifar10-paper": VQVAEConfig(in_channels=3, hidden=256, res_hidden=256, num_res_blocks=2,
-                                 downsample=2, code_dim=64, codebook_size=512, ema=False,
-                                 kmeans_init=False, restart_after=0),
-    # Our CIFAR-10 preset for a CPU budget: one downsampling step (16x16 codes), 64 hidden
-    # units (in 120 s of CPU training it beat 128 units by 1.7 dB: more steps per second),
-    # EMA codebook with k-means initialisation and dead-code restarts. Train it with lr 1e-3.
-    "cifar10": VQVAEConfig(in_channels=3, hidden=64, res_hidden=32, num_res_blocks=2,
-                           downsample=1, code_dim=64, codebook_size=512),
-    # 28x28 grey images (MNIST, Fashion-MNIST) -> 7x7 codes.
-    "mnist": VQVAEConfig(in_channels=1, hidden=64, res_hidden=32, num_res_blocks=2,
-                         downsample=2, code_dim=32, codebook_size=256),
-    # Small enough to train in a couple of minutes on two CPU cores.
-    "demo": VQVAEConfig(in_channels=1, hidden=48, res_hidden=24, num_res_blocks=1,
-                        downsample=2, code_dim=16, codebook_size=128, restart_after=50),
-}
-
-
-def preset(name: str) -> VQVAEConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name])
+StageOneConfig = VQVAEConfig | VQVAE2Config
 
 
 @dataclass
 class VQVAEOutput:
-    """One forward pass: ``loss`` = ``recon_loss + vq_loss``; ``x_hat`` the expected
-    reconstruction (B, C, H, W) in [-1, 1]; ``nll`` -log p(x|z_q) in nats per image (B,)."""
+    """One forward pass.
+
+    ``loss = recon_loss + vq_loss``; ``vq_loss`` and ``commitment_loss`` are summed over the
+    levels; ``x_hat`` the expected reconstruction (B, C, H, W) in [-1, 1]; ``nll`` -log p(x|z_q)
+    in nats per image (B,); ``codes`` (B, h_l, w_l) int64, ``perplexity`` and ``usage`` (this
+    batch only) one per level, top-first.
+    """
 
     loss: torch.Tensor
     recon_loss: torch.Tensor
@@ -117,49 +210,265 @@ class VQVAEOutput:
     commitment_loss: torch.Tensor
     nll: torch.Tensor
     x_hat: torch.Tensor
-    codes: torch.Tensor
-    perplexity: torch.Tensor
-    usage: torch.Tensor
+    codes: list[torch.Tensor]
+    perplexity: list[torch.Tensor]
+    usage: list[torch.Tensor]
+
+
+def _upsampler(channels: int, steps: int) -> nn.Sequential:
+    """``steps`` transposed 4x4 convolutions of stride 2 (as the decoder's), each doubling the side."""
+    layers: list[nn.Module] = []
+    for i in range(steps):
+        if i:
+            layers.append(nn.ReLU())
+        layers.append(nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1))
+    return nn.Sequential(*layers)
+
+
+# Quantizes level ``l``'s z_e: returns z_q (B, D, h_l, w_l) and the quantizer's output, if any.
+_QuantizeFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, QuantizerOutput | None]]
+
+# One-level checkpoints written before levels were lists named these modules without an index.
+_LEGACY_PREFIXES = {"encoder.": "encoders.0.", "quantizer.": "quantizers.0."}
 
 
 class VQVAE(nn.Module):
-    def __init__(self, config: VQVAEConfig):
+    """A VQ-VAE of one or more levels (``VQVAE2`` names the many-level case).
+
+    Module lists are top-first: ``encoders[-1]`` sees the image, ``conditioners[l]`` and
+    ``upsamplers[l]`` serve level ``l < L-1``, ``pre_quant[l-1]`` builds level ``l >= 1``'s z_e
+    (all three are empty for one level).
+
+    Args:
+        config: a ``VQVAEConfig`` (one level) or ``VQVAE2Config`` (two or more).
+    """
+
+    def __init__(self, config: StageOneConfig):
         super().__init__()
-        self.config = config
-        c = config
-        self.encoder = Encoder(c.in_channels, c.hidden, c.res_hidden, c.num_res_blocks,
-                               c.downsample, c.code_dim)
-        self.quantizer = VectorQuantizer(c.codebook_size, c.code_dim, beta=c.beta, ema=c.ema,
-                                         decay=c.decay, kmeans_init=c.kmeans_init,
-                                         restart_after=c.restart_after)
+        self.config = c = config
+        levels = c.num_levels
+        d = c.code_dim
+
+        def encoder(level: int, out_channels: int) -> Encoder:
+            in_channels = c.in_channels if level == levels - 1 else c.hidden
+            return Encoder(in_channels, c.hidden, c.res_hidden, c.num_res_blocks, c.strides[level],
+                           out_channels)
+
+        self.encoders = nn.ModuleList(
+            [encoder(0, d)] + [encoder(level, c.hidden) for level in range(1, levels)])
+        self.pre_quant = nn.ModuleList(nn.Conv2d(c.hidden + d, d, 1) for _ in range(1, levels))
+        self.quantizers = nn.ModuleList(
+            VectorQuantizer(k, d, beta=c.beta, ema=c.ema, decay=c.decay, kmeans_init=c.kmeans_init,
+                            restart_after=c.restart_after) for k in c.codebook_sizes)
+        # C_0 sees z_q_0 only; C_l below it sees [z_q_l, c_{l-1}].
+        self.conditioners = nn.ModuleList(
+            Decoder(d if level == 0 else 2 * d, c.hidden, c.res_hidden, c.num_res_blocks,
+                    c.strides[level], d) for level in range(levels - 1))
+        self.upsamplers = nn.ModuleList(
+            _upsampler(d, sum(c.strides[level:levels - 1])) for level in range(levels - 1))
         self.likelihood = make_likelihood(c.likelihood, c.in_channels, c.mixtures)
-        out_channels = self.likelihood.decoder_channels(c.in_channels, c.mixtures) \
-            if c.likelihood == "logistic_mixture" else c.in_channels
-        self.decoder = Decoder(c.code_dim, c.hidden, c.res_hidden, c.num_res_blocks,
-                               c.downsample, out_channels)
+        self.decoder = Decoder(levels * d, c.hidden, c.res_hidden, c.num_res_blocks, c.strides[-1],
+                               self.likelihood.decoder_channels)
+        self._register_load_state_dict_pre_hook(_rename_legacy_keys)
+
+    @property
+    def num_levels(self) -> int:
+        return self.config.num_levels
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
-        self.config.latent_shape(x.shape[2], x.shape[3])
+            raise UsageError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
+        self.config.latent_shapes(x.shape[2], x.shape[3])
+
+    def _top_down(self, x: torch.Tensor, quantize: _QuantizeFn):
+        """Encoder features bottom-up, then z_e and z_q of each level top-down (Algorithm 1).
+        Returns the top-first lists z_e, z_q and the quantizer outputs."""
+        features: list[torch.Tensor] = []
+        h = x
+        for encoder in reversed(self.encoders):
+            h = encoder(h)
+            features.append(h)
+        features.reverse()
+        z_es, z_qs, outs = [], [], []
+        cond = None
+        for level in range(self.num_levels):
+            z_e = features[0] if level == 0 else \
+                self.pre_quant[level - 1](torch.cat([features[level], cond], 1))
+            z_q, out = quantize(level, z_e)
+            if level < self.num_levels - 1:
+                cond = self.conditioners[level](z_q if cond is None else torch.cat([z_q, cond], 1))
+            z_es.append(z_e)
+            z_qs.append(z_q)
+            outs.append(out)
+        return z_es, z_qs, outs
+
+    def _decode_z_q(self, z_qs: list[torch.Tensor]) -> torch.Tensor:
+        """Top-first z_q maps -> likelihood parameters (B, *, H, W)."""
+        maps = [up(z_q) for up, z_q in zip(self.upsamplers, z_qs[:-1])] + [z_qs[-1]]
+        return self.decoder(torch.cat(maps, 1))  # (B, L*D, h_{L-1}, w_{L-1}) in
 
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
+        """Images (B, C, H, W) in [-1, 1] -> losses, reconstruction and codes of every level."""
         self._check_input(x)
-        q = self.quantizer(self.encoder(x))
-        rec: LikelihoodOutput = self.likelihood(self.decoder(q.z_q), x)
-        return VQVAEOutput(loss=rec.loss + q.loss, recon_loss=rec.loss, vq_loss=q.loss,
-                           commitment_loss=q.commitment_loss, nll=rec.nll, x_hat=rec.mean,
-                           codes=q.codes, perplexity=q.perplexity, usage=q.usage)
+
+        def quantize(level: int, z_e: torch.Tensor):
+            q = self.quantizers[level](z_e)
+            return q.z_q, q
+
+        _, z_qs, qs = self._top_down(x, quantize)
+        rec: LikelihoodOutput = self.likelihood(self._decode_z_q(z_qs), x)
+        vq_loss = torch.stack([q.loss for q in qs]).sum()
+        return VQVAEOutput(loss=rec.loss + vq_loss, recon_loss=rec.loss, vq_loss=vq_loss,
+                           commitment_loss=torch.stack([q.commitment_loss for q in qs]).sum(),
+                           nll=rec.nll, x_hat=rec.mean, codes=[q.codes for q in qs],
+                           perplexity=[q.perplexity for q in qs], usage=[q.usage for q in qs])
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1] -> codes (B, h, w) int64."""
+    def encode_levels(self, x: torch.Tensor, codes: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
+        """Pre-quantization ``z_e`` of every level (B, D, h_l, w_l), top-first.
+
+        ``codes``, if given, fixes the codes of the top ``len(codes)`` levels instead of
+        quantizing their z_e, so the lower levels' z_e show what they are conditioned on.
+        Touches no codebook statistics.
+        """
         self._check_input(x)
-        return self.quantizer.encode(self.encoder(x))
+        if len(codes) > self.num_levels:
+            raise UsageError(f"got {len(codes)} code maps for a {self.num_levels}-level model")
+
+        def quantize(level: int, z_e: torch.Tensor):
+            quantizer = self.quantizers[level]
+            if level < len(codes):
+                if codes[level].shape != z_e.shape[:1] + z_e.shape[2:]:
+                    raise UsageError(f"level {level} codes have shape {tuple(codes[level].shape)}, "
+                                     f"expected {(z_e.shape[0], *z_e.shape[2:])} (codes are top-first)")
+                return quantizer.lookup(codes[level]), None
+            return quantizer.lookup(quantizer.encode(z_e)), None
+
+        return self._top_down(x, quantize)[0]
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (B, h, w) -> expected images (B, C, H, W), clamped to [-1, 1]."""
-        if codes.dim() != 3:
-            raise ValueError(f"expected codes (B, h, w), got {tuple(codes.shape)}")
-        return self.likelihood.mean(self.decoder(self.quantizer.lookup(codes))).clamp(-1, 1)
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Images (B, C, H, W) in [-1, 1] -> codes (B, h_l, w_l) int64, one map per level, top-first."""
+        self._check_input(x)
+        codes: list[torch.Tensor] = []
+
+        def quantize(level: int, z_e: torch.Tensor):
+            quantizer = self.quantizers[level]
+            codes.append(quantizer.encode(z_e))
+            return quantizer.lookup(codes[-1]), None
+
+        self._top_down(x, quantize)
+        return codes
+
+    @torch.no_grad()
+    def decode(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Codes of every level, top-first (a list of (B, h_l, w_l)) -> expected images
+        (B, C, H, W), clamped to [-1, 1]."""
+        if not isinstance(codes, torch.Tensor) and len(codes) != self.num_levels:
+            raise UsageError(f"expected {self.num_levels} code maps (top-first), got {len(codes)}")
+        return self.decode_levels(codes, self.num_levels)
+
+    def _given_levels(self, codes: Sequence[torch.Tensor | None], upto: int) -> list[torch.Tensor]:
+        """The first ``upto`` code maps of ``codes``, checked against each other and the strides."""
+        levels = self.num_levels
+        if isinstance(codes, torch.Tensor):
+            raise TypeError(f"codes must be a list of code maps, one per level, top-first; got a tensor of "
+                            f"shape {tuple(codes.shape)} (a one-level model takes [codes])")
+        if not 1 <= upto <= levels:
+            raise UsageError(f"upto must be in 1..{levels}, got {upto}")
+        if len(codes) > levels:
+            raise UsageError(f"got {len(codes)} code maps for a {levels}-level model (top-first)")
+        given = list(codes)[:upto]
+        if len(given) < upto or any(c is None for c in given):
+            missing = next(level for level in range(upto) if level >= len(given) or given[level] is None)
+            raise UsageError(f"level {missing} is missing: adding levels can only be decoded in order, so "
+                             f"decoding {upto} level(s) needs the codes of levels 0..{upto - 1} (top-first)")
+        top = given[0]
+        if top.dim() != 3:
+            raise UsageError(f"expected codes (B, h, w), got {tuple(top.shape)} for the top level")
+        for level, c in enumerate(given):
+            scale = 2 ** sum(self.config.strides[:level])
+            expected = (top.shape[0], top.shape[1] * scale, top.shape[2] * scale)
+            if tuple(c.shape) != expected:
+                raise UsageError(f"level {level} codes have shape {tuple(c.shape)}, expected {expected} "
+                                 "from the top map: codes are top-first, and adding levels can only be decoded "
+                                 "in order")
+        return given
+
+    @torch.no_grad()
+    def decode_levels(self, codes: Sequence[torch.Tensor | None], upto: int) -> torch.Tensor:
+        """The view of VQ-VAE-2's Figure 3: the image decoded from the top ``upto`` levels only.
+
+        ``codes`` is top-first; entries from index ``upto`` on may be missing or None and are
+        ignored. The quantized maps of the lower levels are replaced by zeros: a zero input adds
+        nothing through the first (linear) layers they feed, so the image shows what the given
+        levels carry. The decoder never saw zeros there in training, so this is a view of the
+        hierarchy, not a sample of the model. ``upto = L`` is ``decode``.
+        """
+        given = self._given_levels(codes, upto)
+        top = given[0]
+        z_qs = [self.quantizers[level].lookup(c) for level, c in enumerate(given)]
+        for level in range(upto, self.num_levels):
+            scale = 2 ** sum(self.config.strides[:level])
+            z_qs.append(torch.zeros(top.shape[0], self.config.code_dim, top.shape[1] * scale,
+                                    top.shape[2] * scale, device=top.device))
+        return self.likelihood.mean(self._decode_z_q(z_qs)).clamp(-1, 1)
+
+    @torch.no_grad()
+    def decode_without(self, codes: Sequence[torch.Tensor], level: int) -> torch.Tensor:
+        """Decode every level but ``level``, whose quantized map is replaced by zeros.
+
+        The gap between this and ``decode`` is what that level adds to the reconstruction
+        (for the top level: the full model against the lower levels alone). Like
+        ``decode_levels`` it is a view of the model, not a sample.
+        """
+        given = self._given_levels(codes, self.num_levels)
+        if not 0 <= level < self.num_levels:
+            raise UsageError(f"level must be in 0..{self.num_levels - 1}, got {level}")
+        z_qs = [self.quantizers[i].lookup(c) for i, c in enumerate(given)]
+        z_qs[level] = torch.zeros_like(z_qs[level])
+        return self.likelihood.mean(self._decode_z_q(z_qs)).clamp(-1, 1)
+
+
+class VQVAE2(VQVAE):
+    """The hierarchical VQ-VAE of Razavi et al. 2019: a ``VQVAE`` of two or more levels.
+
+    Args:
+        config: a ``VQVAE2Config``.
+    """
+
+    def __init__(self, config: VQVAE2Config):
+        if not isinstance(config, VQVAE2Config):
+            raise ConfigError(f"VQVAE2 takes a VQVAE2Config, got {type(config).__name__}")
+        super().__init__(config)
+
+
+# The configuration class of each run kind, and the model class each builds.
+CONFIGS: dict[str, type[VQVAEConfig] | type[VQVAE2Config]] = {c.kind: c for c in (VQVAEConfig, VQVAE2Config)}
+_MODELS = {VQVAEConfig: VQVAE, VQVAE2Config: VQVAE2}
+
+
+def build_model(config: StageOneConfig) -> VQVAE:
+    """A freshly initialised model for ``config``: a ``VQVAE2`` for a ``VQVAE2Config``."""
+    return _MODELS[type(config)](config)
+
+
+def _rename_legacy_keys(state_dict: dict, prefix: str, *_) -> None:
+    """``load_state_dict`` pre-hook: one-level weights saved before levels were lists load
+    into ``encoders.0`` and ``quantizers.0``."""
+    for key in list(state_dict):
+        for old, new in _LEGACY_PREFIXES.items():
+            if key.startswith(prefix + old):
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+
+
+def level_names(num_levels: int) -> list[str]:
+    """Names of the levels, top-first: "top", "middle"..., "bottom" ("codes" for one level)."""
+    if num_levels == 1:
+        return ["codes"]
+    middle = ["middle"] if num_levels == 3 else [f"middle{i}" for i in range(1, num_levels - 1)]
+    return ["top", *middle, "bottom"]

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqkit.errors import UsageError
+
 from .condition import CodeConditioner
 from .config import PriorConfig
 
@@ -65,11 +67,11 @@ class Prior(nn.Module, ABC):
     def check_codes(self, codes: torch.Tensor) -> None:
         c = self.config
         if codes.dim() != 3 or tuple(codes.shape[1:]) != (c.height, c.width):
-            raise ValueError(f"expected codes (B, {c.height}, {c.width}), got {tuple(codes.shape)}")
+            raise UsageError(f"expected codes (B, {c.height}, {c.width}), got {tuple(codes.shape)}")
         if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
-            raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+            raise UsageError(f"codes must be an integer tensor, got {codes.dtype}")
         if codes.numel() and (codes.min() < 0 or codes.max() >= c.codebook_size):
-            raise ValueError(f"codes must be in [0, {c.codebook_size}), got values in "
+            raise UsageError(f"codes must be in [0, {c.codebook_size}), got values in "
                              f"[{int(codes.min())}, {int(codes.max())}]")
 
     def conditioning(self, n: int, labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
@@ -81,26 +83,26 @@ class Prior(nn.Module, ABC):
         bias = None
         if c.num_classes is None:
             if labels is not None:
-                raise ValueError("labels were given but the prior is unconditional (num_classes=None)")
+                raise UsageError("labels were given but the prior is unconditional (num_classes=None)")
         else:
             if labels is None:
-                raise ValueError(f"the prior is class-conditional (num_classes={c.num_classes}): pass labels (B,)")
+                raise UsageError(f"the prior is class-conditional (num_classes={c.num_classes}): pass labels (B,)")
             if labels.shape != (n,) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-                raise ValueError(f"expected integer labels of shape ({n},), got {labels.dtype} {tuple(labels.shape)}")
+                raise UsageError(f"expected integer labels of shape ({n},), got {labels.dtype} {tuple(labels.shape)}")
             if labels.min() < 0 or labels.max() >= c.num_classes:
-                raise ValueError(f"labels must be in [0, {c.num_classes}), got values in "
+                raise UsageError(f"labels must be in [0, {c.num_classes}), got values in "
                                  f"[{int(labels.min())}, {int(labels.max())}]")
             bias = self.label_embed(labels.to(self.device))[:, None, None, :]
         spatial = []  # channels-last (n, H, W, *) maps that cond_proj projects together
         if c.cond_channels == 0:
             if cond is not None:
-                raise ValueError("cond was given but the prior has cond_channels=0")
+                raise UsageError("cond was given but the prior has cond_channels=0")
         else:
             expected = (n, c.cond_channels, c.height, c.width)
             if cond is None:
-                raise ValueError(f"the prior takes a conditioning map: pass cond {expected}")
+                raise UsageError(f"the prior takes a conditioning map: pass cond {expected}")
             if tuple(cond.shape) != expected or not cond.dtype.is_floating_point:
-                raise ValueError(f"expected a float cond of shape {expected}, got {cond.dtype} {tuple(cond.shape)}")
+                raise UsageError(f"expected a float cond of shape {expected}, got {cond.dtype} {tuple(cond.shape)}")
             spatial.append(cond.to(self.device, self.embed.weight.dtype).permute(0, 2, 3, 1))
         self.code_conditioner.check(n, cond_codes)
         if c.cond_codes:
@@ -131,7 +133,7 @@ class Prior(nn.Module, ABC):
         The conditioning (label embedding, projection, conditioning stacks) is computed here,
         once for the whole map."""
         if n < 1:
-            raise ValueError(f"n must be positive, got {n}")
+            raise UsageError(f"n must be positive, got {n}")
         return self.make_state(n, self.conditioning(n, labels, cond, cond_codes))
 
     @abstractmethod

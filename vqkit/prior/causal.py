@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqkit.errors import UsageError
+
 Rect = tuple[int, int, int, int]
 
 
@@ -49,7 +51,7 @@ class CausalConv(nn.Module):
         self.offsets = [(dy, dx) for dy0, dy1, dx0, dx1 in rects
                         for dy in range(dy0, dy1) for dx in range(dx0, dx1)]
         if not all(-pad <= dy <= 0 and -pad <= dx <= pad for dy, dx in self.offsets):
-            raise ValueError(f"offsets {self.offsets} reach a later row or beyond pad {pad}")
+            raise UsageError(f"offsets {self.offsets} reach a later row or beyond pad {pad}")
         self.linear = nn.Linear(len(self.offsets) * in_channels, out_channels, bias=bias)
 
     def _taps(self, xp: torch.Tensor, r0: int, r1: int, width: int) -> torch.Tensor:

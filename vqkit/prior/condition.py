@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqkit.errors import UsageError
+
 
 class _ResidualBlock(nn.Module):
     def __init__(self, channels: int):
@@ -71,27 +73,27 @@ class CodeConditioner(nn.Module):
             # for the top level.
             if cond_codes is None or (isinstance(cond_codes, (list, tuple)) and len(cond_codes) == 0):
                 return
-            raise ValueError("cond_codes were given but the prior takes no conditioning code maps "
+            raise UsageError("cond_codes were given but the prior takes no conditioning code maps "
                              "(cond_codes=[] in its config)")
         expected = ", ".join(f"({n}, {h}, {w}) in [0, {k})" for k, h, w in self.specs)
         if cond_codes is None:
-            raise ValueError(f"the prior is conditioned on {len(self.specs)} code map(s): pass "
+            raise UsageError(f"the prior is conditioned on {len(self.specs)} code map(s): pass "
                              f"cond_codes=[{expected}]")
         if isinstance(cond_codes, torch.Tensor) or not isinstance(cond_codes, (list, tuple)):
-            raise ValueError(f"cond_codes must be a list of code maps [{expected}], got "
+            raise UsageError(f"cond_codes must be a list of code maps [{expected}], got "
                              f"{type(cond_codes).__name__}")
         if len(cond_codes) != len(self.specs):
-            raise ValueError(f"expected {len(self.specs)} conditioning code map(s) [{expected}], "
+            raise UsageError(f"expected {len(self.specs)} conditioning code map(s) [{expected}], "
                              f"got {len(cond_codes)}")
         for index, (codes, (k, h, w)) in enumerate(zip(cond_codes, self.specs)):
             name = f"cond_codes[{index}]"
             if not isinstance(codes, torch.Tensor) or tuple(codes.shape) != (n, h, w):
                 got = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
-                raise ValueError(f"{name}: expected codes ({n}, {h}, {w}), got {got}")
+                raise UsageError(f"{name}: expected codes ({n}, {h}, {w}), got {got}")
             if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
-                raise ValueError(f"{name}: codes must be an integer tensor, got {codes.dtype}")
+                raise UsageError(f"{name}: codes must be an integer tensor, got {codes.dtype}")
             if codes.numel() and (codes.min() < 0 or codes.max() >= k):
-                raise ValueError(f"{name}: codes must be in [0, {k}), got values in "
+                raise UsageError(f"{name}: codes must be in [0, {k}), got values in "
                                  f"[{int(codes.min())}, {int(codes.max())}]")
 
     def forward(self, cond_codes: list[torch.Tensor]) -> torch.Tensor:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from vqkit.config import JsonConfig
+from vqkit.errors import ConfigError
 
 ARCHS = ("pixelcnn", "pixelsnail")
 
@@ -47,37 +48,37 @@ class PriorConfig(JsonConfig):
 
     def __post_init__(self):
         if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+            raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         for name in ("codebook_size", "height", "width", "channels", "layers", "attention_heads",
                      "attention_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         # Even kernels have no centre column, and a 1-wide kernel gives the first (masked)
         # layer of the horizontal stack no inputs at all.
         if not isinstance(self.kernel_size, int) or self.kernel_size < 3 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be an odd integer >= 3, got {self.kernel_size!r}")
+            raise ConfigError(f"kernel_size must be an odd integer >= 3, got {self.kernel_size!r}")
         if self.arch == "pixelsnail" and self.channels % self.attention_heads:
-            raise ValueError(f"channels ({self.channels}) must be divisible by attention_heads "
+            raise ConfigError(f"channels ({self.channels}) must be divisible by attention_heads "
                              f"({self.attention_heads})")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
-            raise ValueError(f"num_classes must be None or a positive integer, got {self.num_classes!r}")
+            raise ConfigError(f"num_classes must be None or a positive integer, got {self.num_classes!r}")
         if not isinstance(self.cond_channels, int) or self.cond_channels < 0:
-            raise ValueError(f"cond_channels must be an integer >= 0, got {self.cond_channels!r}")
+            raise ConfigError(f"cond_channels must be an integer >= 0, got {self.cond_channels!r}")
         if not isinstance(self.cond_layers, int) or self.cond_layers < 0:
-            raise ValueError(f"cond_layers must be an integer >= 0, got {self.cond_layers!r}")
+            raise ConfigError(f"cond_layers must be an integer >= 0, got {self.cond_layers!r}")
         if not isinstance(self.cond_codes, (list, tuple)):
-            raise ValueError(f"cond_codes must be a list of [codebook_size, height, width], got {self.cond_codes!r}")
+            raise ConfigError(f"cond_codes must be a list of [codebook_size, height, width], got {self.cond_codes!r}")
         for index, spec in enumerate(self.cond_codes):
             if (not isinstance(spec, (list, tuple)) or len(spec) != 3
                     or not all(isinstance(v, int) and v >= 1 for v in spec)):
-                raise ValueError(f"cond_codes[{index}] must be [codebook_size, height, width] of positive "
+                raise ConfigError(f"cond_codes[{index}] must be [codebook_size, height, width] of positive "
                                  f"integers, got {spec!r}")
             _, h, w = spec
             if self.height % h or self.width % w:
-                raise ValueError(f"cond_codes[{index}]: a {h}x{w} map does not divide the prior's "
+                raise ConfigError(f"cond_codes[{index}]: a {h}x{w} map does not divide the prior's "
                                  f"{self.height}x{self.width} map by an integer factor")
         # Lists, as JSON gives them back, so that a round trip compares equal.
         self.cond_codes = [list(spec) for spec in self.cond_codes]

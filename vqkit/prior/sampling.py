@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from vqkit.errors import UsageError
+
 from .base import Prior
 
 METHODS = ("incremental", "naive")
@@ -68,15 +70,15 @@ def sample(prior: Prior, n: int, labels: torch.Tensor | None = None, cond: torch
     The prior runs in eval mode (no dropout) and is put back in its previous mode afterwards.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+        raise UsageError(f"n must be a positive integer, got {n!r}")
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        raise UsageError(f"temperature must be > 0, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or a positive integer, got {top_k!r}")
+        raise UsageError(f"top_k must be None or a positive integer, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+        raise UsageError(f"top_p must be None or in (0, 1], got {top_p!r}")
     c = prior.config
     device = prior.device
     u = torch.rand(n, c.height, c.width, generator=generator, dtype=torch.float64,

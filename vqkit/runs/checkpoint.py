@@ -28,16 +28,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vqkit.fsutil import atomic_write_text, fsync_dir, fsync_file
-from vqkit.nn.vqvae2 import VQVAE2, VQVAE2Config
-from vqkit.nn.vqvae import VQVAE, VQVAEConfig
+from vqkit.errors import ConfigError, VqkitError
+from vqkit.nn.vqvae import CONFIGS, VQVAE, StageOneConfig, build_model
+from vqkit.prior import Prior, PriorConfig, build_prior
 
 FORMAT_VERSION = 1
 KEEP_CHECKPOINTS = 2
-# Stage-1 run kinds and the configuration class of each.
-STAGE1_KINDS = {"vqvae": VQVAEConfig, "vqvae2": VQVAE2Config}
+# Stage-1 run kinds.
+STAGE1_KINDS = tuple(CONFIGS)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VqkitError, ValueError):
     """A run folder or checkpoint that cannot be used; the message names the file."""
 
 
@@ -65,18 +66,8 @@ def write_run_config(run_dir: Path, kind: str, model: dict, train: dict, **extra
     atomic_write_text(Path(run_dir) / "config.json", json.dumps(data, indent=2) + "\n")
 
 
-def config_kind(model_config: VQVAEConfig | VQVAE2Config) -> str:
-    return "vqvae2" if isinstance(model_config, VQVAE2Config) else "vqvae"
-
-
-def write_config(run_dir: Path, model_config: VQVAEConfig | VQVAE2Config, train_config: dict,
-                 **extra) -> None:
-    write_run_config(run_dir, config_kind(model_config), model_config.to_dict(), train_config, **extra)
-
-
-def build_model(config: VQVAEConfig | VQVAE2Config) -> VQVAE | VQVAE2:
-    """A fresh stage-1 model (one level or a hierarchy) for ``config``."""
-    return VQVAE2(config) if isinstance(config, VQVAE2Config) else VQVAE(config)
+def write_config(run_dir: Path, model_config: StageOneConfig, train_config: dict, **extra) -> None:
+    write_run_config(run_dir, model_config.kind, model_config.to_dict(), train_config, **extra)
 
 
 def run_kind(run_dir: Path) -> str | None:
@@ -87,7 +78,7 @@ def run_kind(run_dir: Path) -> str | None:
         return None
 
 
-def read_config(run_dir: Path, kind: str | tuple[str, ...] = tuple(STAGE1_KINDS)) -> dict:
+def read_config(run_dir: Path, kind: str | tuple[str, ...] = STAGE1_KINDS) -> dict:
     path = Path(run_dir) / "config.json"
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"{run_dir}: no such run folder")
@@ -109,13 +100,31 @@ def read_config(run_dir: Path, kind: str | tuple[str, ...] = tuple(STAGE1_KINDS)
     return data
 
 
-def model_config_of(run_dir: Path) -> VQVAEConfig | VQVAE2Config:
+def model_config_of(run_dir: Path) -> StageOneConfig:
     path = Path(run_dir) / "config.json"
     data = read_config(run_dir)
     try:
-        return STAGE1_KINDS[data["kind"]].from_dict(data["model"])
+        return CONFIGS[data["kind"]].from_dict(data["model"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid model configuration ({e})") from None
+
+
+def read_model_config(path: str | Path) -> StageOneConfig:
+    """A model configuration from a JSON file (the ``model`` part of a run's config.json): a
+    ``VQVAE2Config`` when it lists ``strides``, else a ``VQVAEConfig``."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a model config is a JSON object of its fields")
+    try:
+        return CONFIGS["vqvae2" if "strides" in data else "vqvae"].from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: invalid model config ({e})") from None
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -185,11 +194,23 @@ def _load_tensors(path: Path, expected_fingerprint: str | None) -> dict[str, tor
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[VQVAE | VQVAE2, Checkpoint]:
+def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[VQVAE, Checkpoint]:
     """Rebuild the stage-1 model from ``config.json`` and load the latest weights, in eval mode."""
     model = build_model(model_config_of(run_dir))
     ckpt = load_latest_weights(run_dir, model)
     return model.to(device).eval(), ckpt
+
+
+def load_prior(run_dir: str | Path) -> tuple[Prior, dict]:
+    """The latest prior of a prior run, in eval mode, and its config.json."""
+    config = read_config(run_dir, kind="prior")
+    try:
+        prior_config = PriorConfig.from_dict(config["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(run_dir) / 'config.json'}: invalid prior configuration ({e})") from None
+    prior = build_prior(prior_config)
+    load_latest_weights(run_dir, prior)
+    return prior.eval(), config
 
 
 def load_latest_weights(run_dir: Path, model: torch.nn.Module) -> Checkpoint:
@@ -201,19 +222,20 @@ def load_latest_weights(run_dir: Path, model: torch.nn.Module) -> Checkpoint:
 
 
 def _load_state(model: torch.nn.Module, weights: dict, path: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
-    if missing or unexpected or wrong:
+    """Load ``weights`` into ``model`` through ``load_state_dict`` (so the model's own
+    pre-hooks, such as the renaming of legacy keys, apply), refusing any mismatch."""
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:
+        wrong = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise CheckpointError(f"{path}: weights do not fit the model in config.json "
+                              f"({'; '.join(wrong[:5]) or e})") from None
+    if result.missing_keys or result.unexpected_keys:
         detail = "; ".join(part for part in (
-            f"missing {', '.join(missing[:5])}" if missing else "",
-            f"unexpected {', '.join(unexpected[:5])}" if unexpected else "",
-            "shape mismatch for " + ", ".join(
-                f"{k} {tuple(weights[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:5])
-            if wrong else "") if part)
+            f"missing {', '.join(sorted(result.missing_keys)[:5])}" if result.missing_keys else "",
+            f"unexpected {', '.join(sorted(result.unexpected_keys)[:5])}" if result.unexpected_keys else "")
+            if part)
         raise CheckpointError(f"{path}: weights do not fit the model in config.json ({detail})")
-    model.load_state_dict(weights)
 
 
 def load_training_state(run_dir: Path, model: torch.nn.Module,

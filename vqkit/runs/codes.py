@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from vqkit.data.datasets import ImageSet, to_model
 from vqkit.fsutil import atomic_path, fsync_dir, fsync_file
-from vqkit.nn.vqvae2 import VQVAE2, VQVAE2Config, level_names
-from vqkit.nn.vqvae import VQVAE
+from vqkit.errors import UsageError, VqkitError
+from vqkit.nn.vqvae import VQVAE, StageOneConfig, level_names
 
 FORMAT_VERSION = 1
 KIND = "vqkit-codes"
@@ -49,7 +49,7 @@ LEVELS_KIND = "vqkit-code-levels"
 _CHECK_CHUNK = 1 << 22
 
 
-class CodeStoreError(ValueError):
+class CodeStoreError(VqkitError, ValueError):
     """A code set folder that cannot be used or written; the message names the file."""
 
 
@@ -84,7 +84,7 @@ class CodeSet:
         """Maps at ``indices`` (1-D integer tensor of length B): int64 (B, h, w), int64 (B,)."""
         if indices.dim() != 1 or indices.dtype == torch.bool or indices.is_floating_point() \
                 or indices.is_complex():
-            raise ValueError(f"indices must be a 1-D integer tensor, got {indices.dtype} "
+            raise UsageError(f"indices must be a 1-D integer tensor, got {indices.dtype} "
                              f"{tuple(indices.shape)}")
         idx = indices.cpu().numpy()
         return (torch.from_numpy(self.codes[idx].astype(np.int64)),
@@ -98,61 +98,48 @@ def code_dtype(codebook_size: int) -> np.dtype:
 
 def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, batch_size: int = 256,
                   limit: int | None = None, progress: bool = True, overwrite: bool = False,
-                  source: dict) -> CodeSet:
-    """Encode the first ``limit`` images of ``dataset`` (all by default) into a code set at ``out``.
+                  source: dict) -> list[CodeSet]:
+    """VQ-VAE-2 Algorithm 2, lines 1-7: encode the first ``limit`` images of ``dataset`` (all by
+    default) once and store every level's code maps. Returns the sets top-first.
 
-    ``source`` is the provenance written into the manifest (JSON-serialisable; the command
+    One level gives one code set at ``out``; several give one ordinary code set per level in
+    ``out/<level name>/`` (``top``, [``middle``], ``bottom``, see ``level_names``), each
+    manifest adding ``level`` (its name) and ``level_index`` (0 for the top) to ``source``,
+    beside ``out/manifest.json`` (kind ``vqkit-code-levels``) that lists them. Map ``i`` of every
+    level is image ``i``: a lower level's prior trains on its maps with the maps of the levels
+    above as conditioning.
+
+    ``source`` is the provenance written into the manifests (JSON-serialisable; the command
     line gives ``run``, ``step``, ``fingerprint``, ``data`` and ``split``). An existing
-    ``out`` is refused unless ``overwrite``, and then only if it is a code set itself.
-    Returns the new set, memory-mapped from disk. A VQ-VAE-2 has one map per level: use
-    ``extract_levels``.
+    ``out`` is refused unless ``overwrite``, and then only if it is a code set itself. The whole
+    folder is written under a temporary name and renamed into place once, so a killed
+    extraction leaves no set that looks complete.
     """
-    if model.config.num_levels != 1:
-        raise ValueError(f"the model is a {model.config.num_levels}-level VQ-VAE-2; extract its "
-                         "code maps with extract_levels (one code set per level)")
-    _extract(model, dataset, Path(out), None, batch_size=batch_size, limit=limit, progress=progress,
-             overwrite=overwrite, source=source)
-    return load_codes(out)
-
-
-def extract_levels(model: VQVAE2, dataset: ImageSet, out: str | os.PathLike, *, batch_size: int = 256,
-                   limit: int | None = None, progress: bool = True, overwrite: bool = False,
-                   source: dict) -> list[CodeSet]:
-    """VQ-VAE-2 Algorithm 2, lines 1-7: encode the first ``limit`` images of ``dataset`` once and
-    store every level's code maps, each as an ordinary code set in ``out/<level name>/``
-    (``top``, [``middle``], ``bottom``, see ``hierarchy.level_names``).
-
-    Map ``i`` of every level is image ``i``: a lower level's prior trains on its maps with the
-    maps of the levels above as conditioning. Each level's manifest adds ``level`` (its name)
-    and ``level_index`` (0 for the top) to ``source``; ``out/manifest.json`` (kind
-    ``vqkit-code-levels``) lists the levels. The whole folder is written under a temporary name
-    and renamed into place once, so a killed extraction leaves no level that looks complete.
-    Arguments are those of ``extract_codes``. Returns the sets top-first.
-    """
-    names = level_names(model.config.num_levels)
+    levels = model.config.num_levels
+    names = level_names(levels) if levels > 1 else None
     _extract(model, dataset, Path(out), names, batch_size=batch_size, limit=limit, progress=progress,
              overwrite=overwrite, source=source)
-    return [load_codes(Path(out) / name) for name in names]
+    return [load_codes(Path(out) / name) for name in names] if names else [load_codes(out)]
 
 
-def _extract(model: VQVAE | VQVAE2, dataset: ImageSet, out: Path, names: list[str] | None, *,
+def _extract(model: VQVAE, dataset: ImageSet, out: Path, names: list[str] | None, *,
              batch_size: int, limit: int | None, progress: bool, overwrite: bool, source: dict) -> None:
     """Encode into one code set at ``out`` (``names`` None), or one per level in ``out/<name>/``."""
     if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise UsageError(f"limit must be >= 1, got {limit}")
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n == 0:
-        raise ValueError(f"{dataset.spec}: no images to extract")
+        raise UsageError(f"{dataset.spec}: no images to extract")
     config = model.config
     if dataset.channels != config.in_channels:
-        raise ValueError(f"{dataset.spec}: images have {dataset.channels} channels but the model "
+        raise UsageError(f"{dataset.spec}: images have {dataset.channels} channels but the model "
                          f"expects {config.in_channels}")
     try:
         shapes = config.latent_shapes(dataset.height, dataset.width)
-    except ValueError as e:
-        raise ValueError(f"{dataset.spec}: {e}") from None
+    except VqkitError as e:
+        raise UsageError(f"{dataset.spec}: {e}") from None
     sizes = config.codebook_sizes
     folders = [Path()] if names is None else [Path(name) for name in names]
     # Serialise now: a provenance that is not JSON must fail before the long encoding pass.
@@ -190,7 +177,7 @@ def _extract(model: VQVAE | VQVAE2, dataset: ImageSet, out: Path, names: list[st
                 images, y = dataset.batch(torch.arange(start, stop))
                 # One encoder pass gives every level's map of the same images.
                 maps = model.encode(to_model(images).to(device))
-                for array, level_maps in zip(codes, maps if names is not None else [maps]):
+                for array, level_maps in zip(codes, maps):
                     array[start:stop] = level_maps.cpu().numpy()
                 # Unlabelled folders give label 0 for every image; -1 says "no label".
                 for array in labels:
@@ -327,33 +314,17 @@ def read_npy(path: Path, mmap: bool = False) -> np.ndarray:
         raise CodeStoreError(f"{path}: not a readable .npy array ({e})") from None
 
 
-def save_code_maps(codes: torch.Tensor, path: str | os.PathLike, codebook_size: int) -> None:
-    """Code maps (N, h, w) as one .npy file (the ``vqkit encode`` output), atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, codes.numpy().astype(code_dtype(codebook_size)))
-
-
-def read_code_maps(path: str | os.PathLike, codebook_size: int) -> torch.Tensor:
-    """Code maps (N, h, w) int64 from a .npy file (a single (h, w) map is accepted too),
-    checked to lie in [0, codebook_size)."""
-    array = read_npy(Path(path))
-    if array.ndim == 2:
-        array = array[None]
-    if array.ndim != 3 or not np.issubdtype(array.dtype, np.integer):
-        raise CodeStoreError(f"{path}: expected integer code maps (N, h, w), got {array.dtype} {array.shape}")
-    if array.size and (array.min() < 0 or array.max() >= codebook_size):
-        raise CodeStoreError(f"{path}: codes must lie in [0, {codebook_size}), found "
-                             f"[{array.min()}, {array.max()}]")
-    return torch.from_numpy(array.astype(np.int64))
-
-
-def save_level_maps(maps: list[torch.Tensor], folder: str | os.PathLike, codebook_sizes: list[int]) -> None:
-    """A VQ-VAE-2's code maps (one (N, h_l, w_l) tensor per level, top-first) as a folder of
-    ``<level name>.npy`` files (``top.npy``, [``middle.npy``], ``bottom.npy``), the
-    ``vqkit encode`` output for a hierarchy. Written under a temporary name and renamed into
-    place; an existing folder is replaced only if it holds nothing but such files."""
-    out = Path(folder)
+def save_maps(maps: list[torch.Tensor], path: str | os.PathLike, codebook_sizes: list[int]) -> None:
+    """Code maps (one (N, h_l, w_l) tensor per level, top-first) as ``vqkit encode`` writes
+    them: one level as one ``.npy`` file at ``path``; several as a folder of ``<level name>.npy``
+    files (``top.npy``, [``middle.npy``], ``bottom.npy``). Written under a temporary name and
+    renamed into place; an existing folder is replaced only if it holds nothing but such files."""
+    if len(maps) == 1:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, maps[0].cpu().numpy().astype(code_dtype(codebook_sizes[0])))
+        return
+    out = Path(path)
     names = [f"{name}.npy" for name in level_names(len(maps))]
     if out.exists() and (not out.is_dir() or any(p.name not in names for p in out.iterdir())):
         raise CodeStoreError(f"{out}: exists and is not a folder of level code maps ({', '.join(names)}); "
@@ -371,26 +342,42 @@ def save_level_maps(maps: list[torch.Tensor], folder: str | os.PathLike, codeboo
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_level_maps(folder: str | os.PathLike, config: VQVAE2Config) -> list[torch.Tensor]:
-    """The maps ``save_level_maps`` wrote, top-first, int64, each checked to lie in [0, K_l)
-    and to have the shape the model's strides give it beside the bottom map, so that maps of
-    another model or mixed-up files are refused by name."""
-    folder = Path(folder)
+def _read_map_file(path: Path, codebook_size: int) -> torch.Tensor:
+    """Code maps (N, h, w) int64 from a .npy file (a single (h, w) map is accepted too),
+    checked to lie in [0, codebook_size)."""
+    array = read_npy(path)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or not np.issubdtype(array.dtype, np.integer):
+        raise CodeStoreError(f"{path}: expected integer code maps (N, h, w), got {array.dtype} {array.shape}")
+    if array.size and (array.min() < 0 or array.max() >= codebook_size):
+        raise CodeStoreError(f"{path}: codes must lie in [0, {codebook_size}), found "
+                             f"[{array.min()}, {array.max()}]")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def read_maps(path: str | os.PathLike, config: StageOneConfig) -> list[torch.Tensor]:
+    """The maps ``save_maps`` wrote for a model of ``config``, top-first, int64, each checked to
+    lie in [0, K_l) and to have the shape the model's strides give it beside the bottom map, so
+    that maps of another model or mixed-up files are refused by name."""
+    path = Path(path)
+    if config.num_levels == 1:
+        return [_read_map_file(path, config.codebook_sizes[0])]
     names = level_names(config.num_levels)
-    if not folder.is_dir():
-        raise CodeStoreError(f"{folder}: a VQ-VAE-2's codes are a folder of "
+    if not path.is_dir():
+        raise CodeStoreError(f"{path}: a VQ-VAE-2's codes are a folder of "
                              f"{', '.join(n + '.npy' for n in names)} (written by vqkit encode)")
-    maps = [read_code_maps(folder / f"{name}.npy", k) for name, k in zip(names, config.codebook_sizes)]
+    maps = [_read_map_file(path / f"{name}.npy", k) for name, k in zip(names, config.codebook_sizes)]
     scale = 2 ** config.strides[-1]
     h, w = maps[-1].shape[1:]
     try:
         expected = config.latent_shapes(h * scale, w * scale)
-    except ValueError:
-        raise CodeStoreError(f"{folder / 'bottom.npy'}: a {h}x{w} bottom map does not fit the model's "
+    except VqkitError:
+        raise CodeStoreError(f"{path / 'bottom.npy'}: a {h}x{w} bottom map does not fit the model's "
                              f"strides {config.strides} (top-first)") from None
     for name, codes, shape in zip(names, maps, expected):
         if len(codes) != len(maps[-1]) or tuple(codes.shape[1:]) != tuple(shape):
-            raise CodeStoreError(f"{folder / (name + '.npy')}: {len(codes)} maps of {tuple(codes.shape[1:])}, "
+            raise CodeStoreError(f"{path / (name + '.npy')}: {len(codes)} maps of {tuple(codes.shape[1:])}, "
                                  f"but the bottom level's {len(maps[-1])} maps of {tuple(maps[-1].shape[1:])} "
                                  f"need {len(maps[-1])} maps of {tuple(shape)} at this level")
     return maps

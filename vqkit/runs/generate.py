@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from vqkit.runs import checkpoint as ckpt
 from vqkit.data.datasets import from_model
-from vqkit.nn.vqvae2 import VQVAE2, level_names
-from vqkit.nn.vqvae import VQVAE
+from vqkit.errors import UsageError
+from vqkit.nn.vqvae import VQVAE, level_names
 from vqkit.prior import Prior
 from vqkit.prior.sampling import sample
+from vqkit.runs import checkpoint as ckpt
 
 
-def stage1_of(prior_config: dict, prior_run: Path) -> VQVAE | VQVAE2:
+def stage1_of(prior_config: dict, prior_run: Path) -> VQVAE:
     """The stage-1 model whose codes the prior was fitted to, checked by fingerprint."""
     source = prior_config.get("source") or {}
     run = source.get("run")
@@ -38,15 +38,20 @@ def stage1_of(prior_config: dict, prior_run: Path) -> VQVAE | VQVAE2:
 
 @dataclass
 class LevelPrior:
-    """One link of a sampling chain: a prior, its run folder and its run's config.json."""
+    """One link of a sampling chain: a prior, its run folder and that run's config.json
+    (``run_config``; the prior's own configuration is ``prior.config``)."""
 
     run: Path
     prior: Prior
-    config: dict
+    run_config: dict
+
+    @classmethod
+    def load(cls, run: str | Path) -> "LevelPrior":
+        return cls(Path(run), *ckpt.load_prior(run))
 
     @property
     def source(self) -> dict:
-        return self.config.get("source") or {}
+        return self.run_config.get("source") or {}
 
     @property
     def cond_levels(self) -> list[int]:
@@ -56,15 +61,15 @@ class LevelPrior:
         return list(recorded) if recorded is not None else list(range(len(self.prior.config.cond_codes)))
 
 
-def check_chain(chain: list[LevelPrior], model: VQVAE | VQVAE2 | None = None) -> VQVAE | VQVAE2:
+def check_chain(chain: list[LevelPrior], model: VQVAE | None = None) -> VQVAE:
     """Check that ``chain`` is one prior per level of one stage-1 model, top-first, each
     conditioned on maps the priors above it draw; return that model (loaded from the run the
     priors name and checked by fingerprint, unless the caller gives the model it loaded and
     checked itself). Raises CheckpointError naming the prior run that does not fit."""
     if not chain:
-        raise ValueError("give at least one prior run")
+        raise UsageError("give at least one prior run")
     first = chain[0]
-    model = model if model is not None else stage1_of(first.config, first.run)
+    model = model if model is not None else stage1_of(first.run_config, first.run)
     levels = model.config.num_levels
     names = level_names(levels)
     if len(chain) != levels:
@@ -126,13 +131,12 @@ def uniform_chain_codes(chain: list[LevelPrior], n: int, seed: int) -> list[torc
 
 
 @torch.no_grad()
-def decode_codes(model: VQVAE | VQVAE2, codes: torch.Tensor | list[torch.Tensor],
-                 batch_size: int = 256) -> torch.Tensor:
-    """Codes (N, h, w), or a list of every level's (top-first), -> uint8 images (N, C, H, W)."""
-    maps = codes if isinstance(codes, list) else [codes]
-    decode = model.decode if isinstance(model, VQVAE2) else (lambda batch: model.decode(batch[0]))
-    return torch.cat([from_model(decode([m[i:i + batch_size] for m in maps]))
-                      for i in range(0, len(maps[0]), batch_size)])
+def decode_codes(model: VQVAE, codes: list[torch.Tensor], batch_size: int = 256) -> torch.Tensor:
+    """Every level's codes (N, h_l, w_l), top-first, -> uint8 images (N, C, H, W), decoded
+    ``batch_size`` at a time on the model's device."""
+    device = model.device
+    return torch.cat([from_model(model.decode([m[i:i + batch_size].to(device) for m in codes]).cpu())
+                      for i in range(0, len(codes[0]), batch_size)])
 
 
 def uniform_codes(n: int, height: int, width: int, codebook_size: int, seed: int) -> torch.Tensor:

@@ -20,10 +20,12 @@ import torch
 from tqdm import tqdm
 
 from vqkit.data.datasets import ImageSet, to_model
+from vqkit.data.images import psnr_from_mse
+from vqkit.errors import UsageError
 from vqkit.fsutil import atomic_write_text
-from vqkit.nn.vqvae2 import VQVAE2, level_names
-from vqkit.nn.vqvae import VQVAE
+from vqkit.nn.likelihood import bits_per_dim
 from vqkit.nn.quantize import CodebookUsage
+from vqkit.nn.vqvae import VQVAE, level_names
 
 
 @dataclass
@@ -87,23 +89,20 @@ def save_eval(run: str | Path, record: dict) -> Path:
     return path
 
 
-def _levels(value) -> list:
-    return value if isinstance(value, list) else [value]
-
-
 def _psnr(sq_err: float, count: int) -> float:
-    return 10 * math.log10(1.0 / max(sq_err / count, 1e-12))
+    # Floored: a perfect reconstruction gives 120 dB rather than an infinity JSON cannot hold.
+    return psnr_from_mse(max(sq_err / count, 1e-12), peak=1.0)
 
 
 @torch.no_grad()
-def evaluate(model: VQVAE | VQVAE2, dataset: ImageSet, batch_size: int = 256, limit: int | None = None,
+def evaluate(model: VQVAE, dataset: ImageSet, batch_size: int = 256, limit: int | None = None,
              progress: bool = False) -> EvalResult:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n == 0:
-        raise ValueError(f"{dataset.spec}: no images to evaluate")
+        raise UsageError(f"{dataset.spec}: no images to evaluate")
     sizes = model.config.codebook_sizes
     num_levels = len(sizes)
     usage = [CodebookUsage(k) for k in sizes]
@@ -118,7 +117,7 @@ def evaluate(model: VQVAE | VQVAE2, dataset: ImageSet, batch_size: int = 256, li
             images, _ = dataset.batch(torch.arange(start, min(start + batch_size, n)))
             x = to_model(images).to(device)
             out = model(x)
-            codes = _levels(out.codes)
+            codes = out.codes
             x01 = (x + 1) / 2
             for upto in range(1, num_levels + 1):
                 rec = out.x_hat if upto == num_levels else model.decode_levels(codes, upto)
@@ -127,7 +126,7 @@ def evaluate(model: VQVAE | VQVAE2, dataset: ImageSet, batch_size: int = 256, li
                 rec = model.decode_without(codes, level)
                 without_sq_err[level] += float(((rec + 1) / 2 - x01).square().sum())
             nll += float(out.nll.sum())
-            batch_ppl += sum(float(p) for p in _levels(out.perplexity)) / num_levels
+            batch_ppl += sum(float(p) for p in out.perplexity) / num_levels
             batches += 1
             for counter, c in zip(usage, codes):
                 counter.update(c)
@@ -137,7 +136,6 @@ def evaluate(model: VQVAE | VQVAE2, dataset: ImageSet, batch_size: int = 256, li
         model.train(was_training)
     values = n * subpixels
     mean_nll = nll / n
-    log_k_nats = sum(h * w * math.log(k) for (h, w), k in zip(shapes, sizes))
     levels = [LevelResult(name=name, shape=shape, reduction=subpixels / (shape[0] * shape[1]),
                           codes_used=u.used, codebook_size=u.counts.numel(), usage=u.fraction,
                           perplexity=u.perplexity, psnr_upto=_psnr(err, values),
@@ -147,7 +145,7 @@ def evaluate(model: VQVAE | VQVAE2, dataset: ImageSet, batch_size: int = 256, li
     return EvalResult(
         images=n, mse=level_sq_err[-1] / values, psnr=_psnr(level_sq_err[-1], values),
         nll_bits_per_dim=mean_nll / (subpixels * math.log(2)),
-        bits_per_dim=(mean_nll + log_k_nats) / (subpixels * math.log(2)),
+        bits_per_dim=bits_per_dim(mean_nll, subpixels, [h * w for h, w in shapes], sizes),
         codes_used=sum(u.used for u in usage), codebook_size=sum(sizes),
         usage=min(u.fraction for u in usage),
         perplexity=sum(u.perplexity for u in usage) / num_levels,

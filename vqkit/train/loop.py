@@ -19,11 +19,12 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from vqkit.runs import checkpoint as ckpt
 from vqkit import distributed
+from vqkit.errors import VqkitError
+from vqkit.runs import checkpoint as ckpt
 
 
-class TrainingError(RuntimeError):
+class TrainingError(VqkitError, RuntimeError):
     """Training cannot go on (a non-finite loss, a mismatched resume, unusable data)."""
 
 
@@ -41,6 +42,22 @@ class TrainResult:
     seconds: float
     stopped_by_time: bool
     last_loss: float
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0,
+                  world_size: int = 1) -> torch.Tensor:
+    """Indices of batch ``step``: epochs are fresh permutations; the last partial batch of
+    an epoch is dropped, so every batch has ``min(batch_size, n)`` images.
+
+    With ``world_size`` processes, batch ``step`` is the global batch of ``batch_size *
+    world_size`` images and process ``rank`` takes its ``rank``-th slice of ``batch_size``."""
+    global_size = batch_size * world_size
+    per_epoch = max(n // global_size, 1)
+    epoch, offset = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    start = offset * global_size + rank * batch_size
+    return perm[start:start + batch_size]
 
 
 class TensorBoard:

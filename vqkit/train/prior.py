@@ -26,13 +26,16 @@ from pathlib import Path
 
 import torch
 
-from vqkit.runs import checkpoint as ckpt
 from vqkit import distributed, precision
 from vqkit.config import JsonConfig
-from vqkit.runs.codes import CodeSet, load_codes
-from vqkit.train.loop import StepOutput, TensorBoard, TrainingError, TrainResult, run_loop
+from vqkit.data.datasets import load_dataset
+from vqkit.errors import ConfigError, UsageError
 from vqkit.prior import Prior, PriorConfig, build_prior
-from vqkit.train.stage1 import batch_indices
+from vqkit.runs import checkpoint as ckpt
+from vqkit.runs.codes import CodeSet, load_codes
+from vqkit.runs.generate import stage1_of
+from vqkit.train.evaluate import evaluate
+from vqkit.train.loop import StepOutput, TensorBoard, TrainingError, TrainResult, batch_indices, run_loop
 
 log = logging.getLogger("vqkit")
 
@@ -62,18 +65,18 @@ class PriorTrainConfig(JsonConfig, precision.PlacementConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("steps must be >= 0, batch_size >= 1 and lr > 0")
+            raise ConfigError("steps must be >= 0, batch_size >= 1 and lr > 0")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+            raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
         self.cond_codes = [str(p) for p in self.cond_codes]
         self.val_cond_codes = [str(p) for p in self.val_cond_codes]
         # Held-out maps of a conditioned prior need held-out maps of the levels above, too.
         if self.val_codes and len(self.val_cond_codes) != len(self.cond_codes):
-            raise ValueError(f"{self.val_codes}: the prior is conditioned on {len(self.cond_codes)} "
+            raise ConfigError(f"{self.val_codes}: the prior is conditioned on {len(self.cond_codes)} "
                              f"code set(s) but {len(self.val_cond_codes)} held-out conditioning set(s) "
                              "were given; give one --val-cond per --cond, in the same order")
         if self.val_cond_codes and not self.val_codes:
-            raise ValueError("held-out conditioning codes (--val-cond) need held-out codes (--val-codes)")
+            raise ConfigError("held-out conditioning codes (--val-cond) need held-out codes (--val-codes)")
 
 
 @dataclass
@@ -175,14 +178,14 @@ def evaluate_prior(prior: Prior, codes: CodeSet, indices: torch.Tensor | None = 
     """Mean NLL of the maps ``indices`` of ``codes`` in bits per code, given the same maps of
     the conditioning sets ``cond`` (top-first) when the prior takes them."""
     if len(cond) != len(prior.config.cond_codes):
-        raise ValueError(f"{codes.path}: the prior is conditioned on {len(prior.config.cond_codes)} "
+        raise UsageError(f"{codes.path}: the prior is conditioned on {len(prior.config.cond_codes)} "
                          f"code map(s) of the levels above, but {len(cond)} conditioning code set(s) "
                          "were given (--cond, top-first)")
     was_training = prior.training
     prior.eval()
     indices = torch.arange(len(codes)) if indices is None else indices
     if len(indices) == 0:
-        raise ValueError(f"{codes.path}: no code maps to evaluate")
+        raise UsageError(f"{codes.path}: no code maps to evaluate")
     total = 0.0
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
@@ -282,13 +285,41 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
                     desc="train-prior")
 
 
-def load_prior(run_dir: str | Path) -> tuple[Prior, dict]:
-    """The latest prior of a prior run, in eval mode, and its config.json."""
-    config = ckpt.read_config(run_dir, kind="prior")
-    try:
-        prior_config = PriorConfig.from_dict(config["model"])
-    except (TypeError, ValueError) as e:
-        raise ckpt.CheckpointError(f"{Path(run_dir) / 'config.json'}: invalid prior configuration ({e})") from None
-    prior = build_prior(prior_config)
-    ckpt.load_latest_weights(run_dir, prior)
-    return prior.eval(), config
+def evaluate_prior_run(run: str | Path, *, data: str | None = None, split: str = "test",
+                       codes: str | Path | None = None, cond: Sequence[str | Path] = (),
+                       limit: int | None = None, batch_size: int = 256, progress: bool = False) -> dict:
+    """What ``vqkit eval PRIOR_RUN`` reports: the prior's held-out NLL in bits per code, and the
+    stage-1 model's bits/dim on ``data`` (default: its training data), ``split``, with the
+    prior's NLL in place of the uniform log K term of its own level.
+
+    The held-out maps are ``codes`` (a code set, with the sets ``cond`` of the levels the prior
+    is conditioned on, top-first) or else those the prior held out in training; ``limit`` caps
+    both the maps and the images. Returns a JSON-ready record (also kept as ``RUN/eval.json``
+    by the command line).
+    """
+    prior, config = ckpt.load_prior(run)
+    train_config = PriorTrainConfig(**config["train"])
+    if codes is not None:
+        val = load_codes(codes)
+        val_idx = torch.arange(len(val))
+        val_cond = [load_codes(path) for path in cond]
+        check_cond_sets(val, val_cond)
+    else:
+        train_codes = load_codes(train_config.codes)
+        _, val, val_idx = split_indices(train_codes, train_config)
+        _, val_cond = load_cond(train_config, train_codes, val)
+    if limit is not None:
+        val_idx = val_idx[:limit]
+    result = evaluate_prior(prior, val, val_idx, cond=val_cond)
+    model = stage1_of(config, Path(run))
+    stage1_run = Path(config["source"]["run"])
+    stage1_train = ckpt.read_config(stage1_run)["train"]
+    dataset = load_dataset(data or stage1_train["data"], split, image_size=stage1_train.get("image_size"))
+    stage1 = evaluate(model, dataset, batch_size=batch_size, limit=limit, progress=progress)
+    latents = prior.config.height * prior.config.width
+    subpixels = dataset.channels * dataset.height * dataset.width
+    # The prior replaces the uniform log2 K bits of its own level's latents only (a VQ-VAE-2's
+    # other levels keep theirs).
+    total = stage1.bits_per_dim - latents * result.saving / subpixels
+    return {"data": dataset.spec, "split": split, "level": config["source"].get("level"), **result.to_dict(),
+            "stage1": stage1.to_dict(), "bits_per_dim_with_prior": total}

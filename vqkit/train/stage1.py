@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from vqkit.runs import checkpoint as ckpt
 from vqkit import distributed, precision
 from vqkit.config import JsonConfig
 from vqkit.data.datasets import ImageSet, from_model, in_memory, load_dataset, to_model
 from vqkit.data.images import make_grid
-from vqkit.train.loop import StepOutput, TensorBoard, TrainingError, TrainResult, run_loop
-from vqkit.nn.vqvae2 import VQVAE2, VQVAE2Config, level_names
-from vqkit.nn.vqvae import VQVAE, VQVAEConfig
+from vqkit.errors import ConfigError
 from vqkit.nn.quantize import CodebookUsage
+from vqkit.nn.vqvae import VQVAE, StageOneConfig, build_model, level_names
+from vqkit.runs import checkpoint as ckpt
+from vqkit.train.loop import StepOutput, TensorBoard, TrainingError, TrainResult, batch_indices, run_loop
 
 log = logging.getLogger("vqkit")
 
@@ -50,28 +50,12 @@ class TrainConfig(JsonConfig, precision.PlacementConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("steps must be >= 0, batch_size >= 1 and lr > 0")
+            raise ConfigError("steps must be >= 0, batch_size >= 1 and lr > 0")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.image_every < 1:
-            raise ValueError("checkpoint_every, log_every and image_every must be >= 1")
+            raise ConfigError("checkpoint_every, log_every and image_every must be >= 1")
 
 
-def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0,
-                  world_size: int = 1) -> torch.Tensor:
-    """Indices of batch ``step``: epochs are fresh permutations; the last partial batch of
-    an epoch is dropped, so every batch has ``min(batch_size, n)`` images.
-
-    With ``world_size`` processes, batch ``step`` is the global batch of ``batch_size *
-    world_size`` images and process ``rank`` takes its ``rank``-th slice of ``batch_size``."""
-    global_size = batch_size * world_size
-    per_epoch = max(n // global_size, 1)
-    epoch, offset = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    start = offset * global_size + rank * batch_size
-    return perm[start:start + batch_size]
-
-
-def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config: TrainConfig, resume: bool = False,
+def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig, resume: bool = False,
           dataset: ImageSet | None = None, progress: bool = True, tensorboard: bool = True) -> TrainResult:
     """Train (or with ``resume`` continue) the model in ``run_dir`` up to ``config.steps``;
     a ``VQVAE2Config`` trains a hierarchy, with per-level statistics in the logs."""
@@ -91,12 +75,12 @@ def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config:
     placement = config.placement()
     log.info("training on %s", placement.describe())
     torch.manual_seed(config.seed)
-    model = precision.prepare_model(ckpt.build_model(model_config), placement)
+    model = precision.prepare_model(build_model(model_config), placement)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     step = 0
     if resume and (run_dir / "latest").exists():
         saved = ckpt.read_config(run_dir)
-        if saved["model"] != model_config.to_dict() or saved["kind"] != ckpt.config_kind(model_config):
+        if saved["model"] != model_config.to_dict() or saved["kind"] != model_config.kind:
             raise TrainingError(f"{run_dir / 'config.json'}: the run was trained with another model "
                                 "configuration; resume with the same preset/config")
         # Together with the step, the seed and the global batch fix the data order.
@@ -133,8 +117,8 @@ def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config:
         with precision.autocast(placement):
             out = forward(precision.prepare_input(to_model(images), placement))
         stats = {"recon_loss": out.recon_loss, "commitment_loss": out.commitment_loss}
-        for suffix, codes, ppl, usage, counter in zip(suffixes, _levels(out.codes), _levels(out.perplexity),
-                                                      _levels(out.usage), epoch_usage):
+        for suffix, codes, ppl, usage, counter in zip(suffixes, out.codes, out.perplexity, out.usage,
+                                                      epoch_usage):
             counter.update(codes)
             stats.update({f"perplexity{suffix}": ppl, f"usage{suffix}": usage})
         return StepOutput(out.loss, stats)
@@ -155,13 +139,8 @@ def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config:
                     step_fn=step_fn, after_step=after_step, board=board, progress=progress)
 
 
-def _levels(value) -> list:
-    """A per-level list (VQ-VAE-2 outputs) or a single value (VQ-VAE) as a list."""
-    return value if isinstance(value, list) else [value]
-
-
 @torch.no_grad()
-def _comparison_grid(model: VQVAE | VQVAE2, images: torch.Tensor,
+def _comparison_grid(model: VQVAE, images: torch.Tensor,
                      placement: precision.Placement) -> torch.Tensor:
     """Originals above their reconstructions, uint8 (C, H, W)."""
     was_training = model.training
