@@ -42,12 +42,12 @@ def codes_dir(tmp_path_factory):
     return root / "codes"
 
 
-def _train(run, codes_dir, steps, arch="pixelsnail", conditional=False, **kw):
+def _train(run, codes_dir, steps, arch="pixelsnail", conditional=False, resume=False, **kw):
     codes = load_codes(codes_dir)
     config = prior_config_for(codes, arch, conditional, **SIZES)
     train_config = PriorTrainConfig(codes=str(codes_dir), steps=steps, batch_size=16, lr=3e-3,
                                     eval_every=10, **kw)
-    return train_prior(run, config, train_config, progress=False, tensorboard=False), train_config
+    return train_prior(run, config, train_config, resume=resume, progress=False, tensorboard=False), train_config
 
 
 def test_prior_learns_the_codes_and_records_its_source(tmp_path, codes_dir):
@@ -91,9 +91,12 @@ def test_prior_run_refuses_another_configuration_and_wrong_codes(tmp_path, codes
         _train(tmp_path / "p", codes_dir, steps=4)
     codes = load_codes(codes_dir)
     other = prior_config_for(codes, "pixelcnn", False, **SIZES)
-    with pytest.raises(TrainingError, match="another configuration"):
+    with pytest.raises(TrainingError, match="another model configuration"):
         train_prior(tmp_path / "p", other, PriorTrainConfig(codes=str(codes_dir), steps=4),
                     resume=True, progress=False, tensorboard=False)
+    # The seed fixes the data order with the step, as in stage 1 (they share one run setup).
+    with pytest.raises(TrainingError, match="the run used seed=0"):
+        _train(tmp_path / "p", codes_dir, steps=4, seed=1, resume=True)
     wrong = prior_config_for(codes, "pixelcnn", False, **SIZES)
     wrong.height = 5
     with pytest.raises(TrainingError, match="7x7 with K=16"):

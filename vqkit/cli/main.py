@@ -39,7 +39,7 @@ from vqkit.train.prior import (
 )
 from vqkit.train.stage1 import TrainConfig, train
 
-log = logging.getLogger("vqkit")
+log = logging.getLogger(__name__)
 
 
 def _model_config(args) -> StageOneConfig:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from vqkit.data.images import IMAGE_SUFFIXES, ImageError, load_image, read_image_size
 from vqkit.errors import VqkitError
 
-log = logging.getLogger("vqkit")
+log = logging.getLogger(__name__)
 
 
 class DataError(VqkitError, ValueError):

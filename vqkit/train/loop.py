@@ -102,6 +102,7 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     model.train()
     main = distributed.is_main()
     bar = tqdm(total=steps, initial=step, desc=desc, disable=not (progress and main), dynamic_ncols=True)
+    start_step = step
     try:
         while step < steps:
             if _time_is_up(start_time, time_budget):
@@ -118,6 +119,8 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
             out.loss.backward()
             optimizer.step()
             step += 1
+            if time_budget is not None:
+                _fit_bar_to_budget(bar, step, steps, start_step, start_time, time_budget)
             bar.update(1)
             if after_step is not None:
                 after_step(step, out)
@@ -138,6 +141,17 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     distributed.barrier()  # the final checkpoint exists when ``run_loop`` returns on any rank
     return TrainResult(step=step, seconds=time.monotonic() - start_time,
                        stopped_by_time=stopped_by_time, last_loss=loss_value)
+
+
+def _fit_bar_to_budget(bar: tqdm, step: int, steps: int, start_step: int, start_time: float,
+                       time_budget: float) -> None:
+    """Let the bar's total be the step the time budget will reach at the pace so far (or
+    ``steps``, if sooner), so that its estimate of the time left is the budget's, not what
+    ``steps`` would take."""
+    elapsed = time.monotonic() - start_time
+    pace = elapsed / max(step - start_step, 1)
+    reachable = step + int(max(time_budget - elapsed, 0.0) / pace) if pace > 0 else steps
+    bar.total = min(steps, max(reachable, step))
 
 
 def _time_is_up(start_time: float, time_budget: float | None) -> bool:

@@ -35,9 +35,10 @@ from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import CodeSet, load_codes
 from vqkit.runs.generate import stage1_of
 from vqkit.train.evaluate import evaluate
-from vqkit.train.loop import StepOutput, TensorBoard, TrainingError, TrainResult, batch_indices, run_loop
+from vqkit.train.loop import StepOutput, TrainingError, TrainResult, batch_indices, run_loop
+from vqkit.train.setup import start_run
 
-log = logging.getLogger("vqkit")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -181,18 +182,20 @@ def evaluate_prior(prior: Prior, codes: CodeSet, indices: torch.Tensor | None = 
         raise UsageError(f"{codes.path}: the prior is conditioned on {len(prior.config.cond_codes)} "
                          f"code map(s) of the levels above, but {len(cond)} conditioning code set(s) "
                          "were given (--cond, top-first)")
-    was_training = prior.training
-    prior.eval()
     indices = torch.arange(len(codes)) if indices is None else indices
     if len(indices) == 0:
         raise UsageError(f"{codes.path}: no code maps to evaluate")
+    was_training = prior.training
+    prior.eval()
     total = 0.0
-    for start in range(0, len(indices), batch_size):
-        idx = indices[start:start + batch_size]
-        batch, labels = codes.batch(idx)
-        total += float(prior.nll(batch.to(prior.device), _labels_for(prior, labels.to(prior.device)),
-                                 cond_codes=_cond_batch(cond, idx, prior.device)).sum())
-    prior.train(was_training)
+    try:
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start:start + batch_size]
+            batch, labels = codes.batch(idx)
+            total += float(prior.nll(batch.to(prior.device), _labels_for(prior, labels.to(prior.device)),
+                                     cond_codes=_cond_batch(cond, idx, prior.device)).sum())
+    finally:
+        prior.train(was_training)
     return PriorEvalResult(maps=len(indices), bits_per_code=total / len(indices) / math.log(2),
                            uniform_bits_per_code=math.log2(codes.codebook_size))
 
@@ -237,32 +240,10 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
               "cond_levels": [c.manifest["source"]["level"] for c in cond],
               "cond_level_indices": [c.manifest["source"]["level_index"] for c in cond]}
 
-    placement = config.placement()
-    log.info("training on %s", placement.describe())
-    torch.manual_seed(config.seed)
-    prior = precision.prepare_model(build_prior(prior_config), placement)
-    optimizer = torch.optim.Adam(prior.parameters(), lr=config.lr)
-    step = 0
-    if resume and (run_dir / "latest").exists():
-        saved = ckpt.read_config(run_dir, kind="prior")
-        if saved["model"] != prior_config.to_dict():
-            raise TrainingError(f"{run_dir / 'config.json'}: the prior was trained with another "
-                                "configuration; resume with the same settings")
-        distributed.check_resume_batch(saved["train"], saved.get("processes"), config.batch_size,
-                                       run_dir / "config.json")
-        step = ckpt.load_training_state(run_dir, prior, optimizer).step
-        distributed.check_same(step, f"the step of {run_dir / 'latest'}",
-                               "; every process must see the same run folder")
-    elif (run_dir / "latest").exists():
-        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it "
-                            "or choose another folder")
-    if distributed.is_main():
-        ckpt.write_run_config(run_dir, "prior", prior_config.to_dict(), config.to_dict(), source=source,
-                              processes=distributed.world_size())
-    net = distributed.wrap(prior, "nll", unused_parameters=True)
-    forward = torch.compile(net) if config.compile else net
-
-    board = TensorBoard(run_dir / "tensorboard", tensorboard and distributed.is_main())
+    run = start_run(run_dir, "prior", prior_config, lambda: build_prior(prior_config), config, resume=resume,
+                    tensorboard=tensorboard, data_field="codes", method="nll", unused_parameters=True,
+                    extra={"source": source})
+    prior, forward, placement, board = run.model, run.forward, run.placement, run.board
     eval_idx = val_idx[:1024]
 
     def step_fn(step: int) -> StepOutput:
@@ -279,7 +260,7 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
             result = evaluate_prior(prior, val_codes, eval_idx, cond=val_cond)
             board.scalars({"val/bits_per_code": result.bits_per_code}, step)
 
-    return run_loop(run_dir, prior, optimizer, step, steps=config.steps, time_budget=config.time_budget,
+    return run_loop(run_dir, prior, run.optimizer, run.step, steps=config.steps, time_budget=config.time_budget,
                     checkpoint_every=config.checkpoint_every, log_every=config.log_every,
                     step_fn=step_fn, after_step=after_step, board=board, progress=progress,
                     desc="train-prior")

@@ -25,10 +25,10 @@ from vqkit.data.images import make_grid
 from vqkit.errors import ConfigError
 from vqkit.nn.quantize import CodebookUsage
 from vqkit.nn.vqvae import VQVAE, StageOneConfig, build_model, level_names
-from vqkit.runs import checkpoint as ckpt
-from vqkit.train.loop import StepOutput, TensorBoard, TrainingError, TrainResult, batch_indices, run_loop
+from vqkit.train.loop import StepOutput, TrainingError, TrainResult, batch_indices, run_loop
+from vqkit.train.setup import start_run
 
-log = logging.getLogger("vqkit")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,39 +72,9 @@ def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig
         raise TrainingError(f"{config.data}: the training set is empty")
     distributed.check_global_batch(len(dataset), config.batch_size, config.data)
 
-    placement = config.placement()
-    log.info("training on %s", placement.describe())
-    torch.manual_seed(config.seed)
-    model = precision.prepare_model(build_model(model_config), placement)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    step = 0
-    if resume and (run_dir / "latest").exists():
-        saved = ckpt.read_config(run_dir)
-        if saved["model"] != model_config.to_dict() or saved["kind"] != model_config.kind:
-            raise TrainingError(f"{run_dir / 'config.json'}: the run was trained with another model "
-                                "configuration; resume with the same preset/config")
-        # Together with the step, the seed and the global batch fix the data order.
-        if saved["train"].get("seed") != config.seed:
-            raise TrainingError(f"{run_dir / 'config.json'}: the run used seed="
-                                f"{saved['train'].get('seed')}; resume with the same value")
-        distributed.check_resume_batch(saved["train"], saved.get("processes"), config.batch_size,
-                                       run_dir / "config.json")
-        if saved["train"].get("data") != config.data:
-            log.warning("resuming %s on %s (it was trained on %s)", run_dir, config.data,
-                        saved["train"].get("data"))
-        step = ckpt.load_training_state(run_dir, model, optimizer).step
-        distributed.check_same(step, f"the step of {run_dir / 'latest'}",
-                               "; every process must see the same run folder")
-        log.info("resuming %s from step %d", run_dir, step)
-    elif (run_dir / "latest").exists():
-        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it "
-                            "or choose another folder")
-    if distributed.is_main():
-        ckpt.write_config(run_dir, model_config, config.to_dict(), processes=distributed.world_size())
-    net = distributed.wrap(model)
-    forward = torch.compile(net) if config.compile else net
-
-    board = TensorBoard(run_dir / "tensorboard", tensorboard and distributed.is_main())
+    run = start_run(run_dir, model_config.kind, model_config, lambda: build_model(model_config), config,
+                    resume=resume, tensorboard=tensorboard)
+    model, forward, placement, board = run.model, run.forward, run.placement, run.board
     fixed_images, _ = dataset.batch(torch.arange(min(8, len(dataset))))
     per_epoch = max(len(dataset) // (config.batch_size * distributed.world_size()), 1)
     names = level_names(model_config.num_levels)
@@ -134,7 +104,7 @@ def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig
         if step % config.image_every == 0 and board.enabled:
             board.image("reconstructions", _comparison_grid(model, fixed_images, placement), step)
 
-    return run_loop(run_dir, model, optimizer, step, steps=config.steps, time_budget=config.time_budget,
+    return run_loop(run_dir, model, run.optimizer, run.step, steps=config.steps, time_budget=config.time_budget,
                     checkpoint_every=config.checkpoint_every, log_every=config.log_every,
                     step_fn=step_fn, after_step=after_step, board=board, progress=progress)
 
