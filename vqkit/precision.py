@@ -45,7 +45,15 @@ class Placement:
 @dataclass(kw_only=True)
 class PlacementConfig:
     """The settings as a training configuration carries them (keyword-only fields, so that
-    configurations with required fields can inherit them)."""
+    configurations with required fields can inherit them).
+
+    Args:
+        device: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N.
+        precision: bf16 autocasts the forward pass to bfloat16 (codebook maths stays float32);
+            auto takes bf16 where the device computes it natively, else fp32.
+        channels_last: the channels_last memory format (default: with bf16).
+        compile: torch.compile the model.
+    """
 
     device: str = "auto"
     precision: str = "auto"

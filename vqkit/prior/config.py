@@ -15,18 +15,27 @@ ARCHS = ("pixelcnn", "pixelsnail")
 class PriorConfig(JsonConfig):
     """An autoregressive prior over code maps (B, height, width) with values in [0, codebook_size).
 
-    ``layers`` counts gated layers (gated PixelCNN) or gated residual blocks (PixelSNAIL);
-    PixelSNAIL adds a causal self-attention layer after every ``attention_every`` of them.
-    ``num_classes`` makes the prior class-conditional (a label embedding enters every layer);
-    ``cond_channels`` > 0 makes it take a float map (B, cond_channels, height, width) that
-    enters every layer through a 1x1 convolution.
-
-    ``cond_codes`` lists the code maps of coarser levels that the prior is conditioned on
-    (VQ-VAE-2: the bottom prior on the top map), one ``[codebook_size, height, width]`` per map,
-    in the order ``forward(..., cond_codes=[...])`` takes them; each map's height and width must
-    divide the prior's by an integer factor. Each goes through its own conditioning stack of
-    ``cond_layers`` residual blocks (see ``vqkit.prior.condition``) and enters every layer
-    beside ``cond``.
+    Args:
+        arch: pixelcnn (gated PixelCNN) or pixelsnail (gated residual convolutions with causal
+            self-attention).
+        codebook_size: K, the number of codes.
+        height: rows of the code maps.
+        width: columns of the code maps.
+        channels: channels of every layer.
+        layers: gated layers (gated PixelCNN) or gated residual blocks (PixelSNAIL).
+        kernel_size: side of the causal convolutions (odd, >= 3).
+        attention_heads: heads of each PixelSNAIL attention layer.
+        attention_every: PixelSNAIL adds a causal self-attention layer after every this many blocks.
+        dropout: dropout rate inside the layers.
+        num_classes: makes the prior class-conditional (a label embedding enters every layer).
+        cond_channels: > 0 makes the prior take a float map (B, cond_channels, height, width)
+            that enters every layer through a 1x1 convolution.
+        cond_codes: the code maps of coarser levels the prior is conditioned on (VQ-VAE-2: the
+            bottom prior on the top map), one [codebook_size, height, width] per map, in the
+            order forward(..., cond_codes=[...]) takes them; each map's height and width must
+            divide the prior's by an integer factor.
+        cond_layers: residual blocks of the conditioning stack of each cond_codes map (see
+            vqkit.prior.condition), whose output enters every layer beside cond.
     """
 
     label: ClassVar[str] = "prior config"

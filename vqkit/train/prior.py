@@ -45,8 +45,21 @@ log = logging.getLogger(__name__)
 class PriorTrainConfig(JsonConfig, precision.PlacementConfig):
     """How to train a prior; saved in the prior run's config.json.
 
-    ``cond_codes`` are the code sets of the levels above ``codes`` that the prior is
-    conditioned on, top-first; ``val_cond_codes`` are the same levels of ``val_codes``.
+    Args:
+        codes: the code set to fit (written by vqkit extract; for a VQ-VAE-2, one level's).
+        val_codes: a held-out code set (default: the last val_fraction of codes).
+        cond_codes: the code sets of the levels above codes that the prior is conditioned on,
+            from the same extraction, top-first (the top prior takes none).
+        val_cond_codes: the held-out code set of each cond_codes level, in the same order.
+        val_fraction: the share of codes held out when no val_codes are given.
+        steps: train until this many steps in all (a resumed run continues up to it).
+        batch_size: code maps per step (per process, when data-parallel).
+        lr: Adam's learning rate.
+        seed: seeds the initialisation and, with the step, the data order.
+        time_budget: stop after this many seconds (and save).
+        checkpoint_every: save a checkpoint every this many steps.
+        log_every: log the training scalars every this many steps.
+        eval_every: measure the held-out NLL every this many steps.
     """
 
     codes: str

@@ -33,7 +33,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig(JsonConfig, precision.PlacementConfig):
-    """How to train; saved in the run's config.json beside the model configuration."""
+    """How to train a stage-1 model; saved in the run's config.json beside the model configuration.
+
+    Args:
+        data: the training images, as KIND:DIR (mnist, fashion-mnist, cifar10, folder).
+        steps: train until this many steps in all (a resumed run continues up to it).
+        batch_size: images per step (per process, when data-parallel).
+        lr: Adam's learning rate.
+        seed: seeds the initialisation and, with the step, the data order.
+        time_budget: stop after this many seconds (and save).
+        checkpoint_every: save a checkpoint every this many steps.
+        log_every: log the training scalars every this many steps.
+        image_every: log a reconstruction grid every this many steps.
+        image_size: centre-crop and resize folder images to this side.
+        skip_bad: skip unreadable image files (counted in the log).
+    """
 
     data: str
     steps: int = 10_000
