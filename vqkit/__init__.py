@@ -1,8 +1,62 @@
-"""vqkit: VQ-VAE (van den Oord et al. 2017) discrete latent image models in PyTorch.
+"""vqkit: VQ-VAE (van den Oord et al. 2017) and VQ-VAE-2 (Razavi et al. 2019) in PyTorch.
 
-Modules: ``data`` (datasets), ``quantize`` (vector quantizer), ``nets`` and ``model`` (the
-VQ-VAE), ``likelihood`` (p(x|z) and bits/dim), ``train``, ``evaluate``, ``checkpoint`` (run
-folders), ``cli`` (the ``vqkit`` command).
+What a script needs is importable from here::
+
+    from vqkit import VQVAE, preset, load_model, Codec
+
+    model = VQVAE(preset("mnist"))                  # or load_model("runs/mnist")[0]
+    codes = model.encode(x)                          # a list of code maps, top-first
+    x_hat = model.decode(codes)
+
+The package is laid out by layers, each importing only those below it (``tests/test_layers.py``
+checks it): ``nn`` (quantizers, nets, likelihoods, models, presets: pure torch), ``data``
+(datasets, image helpers), ``prior`` (autoregressive priors, sampling), ``runs`` (run folders,
+code sets), ``train`` (training, evaluation), ``codec`` (``.vq`` files, rate-distortion),
+``inspect`` (statistics, figures, report) and ``cli`` (the ``vqkit`` command); ``errors``,
+``config``, ``fsutil``, ``precision`` and ``distributed`` serve them all. The names below load
+their module on first use, so ``import vqkit`` costs nothing and importing a lower layer never
+pulls in a higher one.
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    **dict.fromkeys(["VqkitError", "ConfigError", "UsageError"], "vqkit.errors"),
+    **dict.fromkeys(["VectorQuantizer", "QuantizerOutput", "CodebookUsage"], "vqkit.nn.quantize"),
+    **dict.fromkeys(["VQVAE", "VQVAE2", "VQVAEConfig", "VQVAE2Config", "VQVAEOutput", "build_model",
+                     "level_names"], "vqkit.nn.vqvae"),
+    **dict.fromkeys(["PRESETS", "preset"], "vqkit.nn.presets"),
+    **dict.fromkeys(["GaussianLikelihood", "LogisticMixtureLikelihood"], "vqkit.nn.likelihood"),
+    **dict.fromkeys(["Prior", "PriorConfig", "GatedPixelCNN", "PixelSNAIL", "build_prior", "sample"], "vqkit.prior"),
+    **dict.fromkeys(["DataError", "load_dataset", "to_model", "from_model"], "vqkit.data.datasets"),
+    **dict.fromkeys(["ImageError", "load_image", "save_png", "make_grid"], "vqkit.data.images"),
+    **dict.fromkeys(["CheckpointError", "load_model", "load_prior"], "vqkit.runs.checkpoint"),
+    **dict.fromkeys(["CodeSet", "CodeStoreError", "extract_codes", "load_codes"], "vqkit.runs.codes"),
+    **dict.fromkeys(["LevelPrior", "chain_codes", "decode_codes"], "vqkit.runs.generate"),
+    **dict.fromkeys(["TrainConfig", "train"], "vqkit.train.stage1"),
+    **dict.fromkeys(["PriorTrainConfig", "train_prior", "evaluate_prior"], "vqkit.train.prior"),
+    **dict.fromkeys(["TrainingError"], "vqkit.train.loop"),
+    **dict.fromkeys(["evaluate", "EvalResult"], "vqkit.train.evaluate"),
+    **dict.fromkeys(["Codec", "CodecError"], "vqkit.codec.codec"),
+    **dict.fromkeys(["DistributedError"], "vqkit.distributed"),
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vqkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
