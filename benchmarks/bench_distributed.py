@@ -1,6 +1,6 @@
 """Stage-1 training throughput, one process against data-parallel processes (gloo on the CPU).
 
-Trains a preset with ``vqkit.train.stage1`` for a few steps at the same global batch in each mode,
+Trains a preset with ``vqkit.training.stage1`` for a few steps at the same global batch in each mode,
 one after the other, and prints images/s and the ratio to the first mode:
 
 * 1 process, 1 thread
@@ -31,7 +31,7 @@ def worker(args) -> None:
     """One training run (one process, or one rank under torchrun); rank 0 prints JSON."""
     from vqkit import distributed
     from vqkit.nn.presets import preset
-    from vqkit.train.stage1 import TrainConfig, train
+    from vqkit.training.stage1 import TrainConfig, train
 
     torch.set_num_threads(args.threads)
     distributed.setup()

@@ -21,8 +21,8 @@ import torch
 from vqkit.data.datasets import load_dataset
 from vqkit.nn.presets import PRESETS, preset
 from vqkit.runs.checkpoint import load_model
-from vqkit.train.evaluate import evaluate
-from vqkit.train.stage1 import TrainConfig, train
+from vqkit.training.evaluate import evaluate
+from vqkit.training.stage1 import TrainConfig, train
 
 
 def main() -> None:

@@ -49,9 +49,9 @@ from vqkit.nn.vqvae import build_model
 from vqkit.precision import Placement, autocast, prepare_input, prepare_model, resolve
 from vqkit.prior import PriorConfig, build_prior, sample
 from vqkit.runs.checkpoint import load_model
-from vqkit.train.evaluate import evaluate
-from vqkit.train.loop import batch_indices
-from vqkit.train.stage1 import TrainConfig, train
+from vqkit.training.evaluate import evaluate
+from vqkit.training.loop import batch_indices
+from vqkit.training.stage1 import TrainConfig, train
 
 K, N_SAMPLES = 512, 8
 

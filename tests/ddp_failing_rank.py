@@ -7,7 +7,7 @@ import sys
 import time
 
 from vqkit.cli.main import main
-from vqkit.train import stage1 as train
+from vqkit.training import stage1 as train
 
 if os.environ.get("RANK") == "1":
     real_to_model = train.to_model

@@ -17,7 +17,7 @@ from vqkit.inspect.figures import atlas_image, usage_figure
 from vqkit.inspect.stats import ExemplarBank, crops_at, inspect_model, pca
 from vqkit.nn.vqvae import VQVAE2, VQVAE2Config, VQVAEConfig
 from vqkit.runs import checkpoint as ckpt
-from vqkit.train.stage1 import TrainConfig, train
+from vqkit.training.stage1 import TrainConfig, train
 
 torch.set_num_threads(1)
 

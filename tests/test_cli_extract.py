@@ -10,7 +10,7 @@ from vqkit.data.datasets import load_dataset, sample_dir, to_model
 from vqkit.nn.vqvae import VQVAEConfig
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import load_codes
-from vqkit.train.stage1 import TrainConfig, train
+from vqkit.training.stage1 import TrainConfig, train
 
 # Tiny convolutions are slower with several threads on a shared two-core machine.
 torch.set_num_threads(1)

@@ -30,7 +30,7 @@ from vqkit.data.datasets import sample_dir
 from vqkit.data.images import load_image, save_png
 from vqkit.nn.vqvae import VQVAE2Config, VQVAEConfig
 from vqkit.runs import checkpoint as ckpt
-from vqkit.train.stage1 import TrainConfig, train
+from vqkit.training.stage1 import TrainConfig, train
 
 torch.set_num_threads(1)
 

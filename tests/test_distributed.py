@@ -27,11 +27,11 @@ from vqkit.nn.quantize import VectorQuantizer
 from vqkit.nn.vqvae import VQVAEConfig
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes, load_codes
-from vqkit.train import prior as train_prior_module
-from vqkit.train import stage1 as train_module
-from vqkit.train.loop import batch_indices
-from vqkit.train.prior import PriorTrainConfig, prior_config_for, train_prior
-from vqkit.train.stage1 import TrainConfig, train
+from vqkit.training import prior as train_prior_module
+from vqkit.training import stage1 as train_module
+from vqkit.training.loop import batch_indices
+from vqkit.training.prior import PriorTrainConfig, prior_config_for, train_prior
+from vqkit.training.stage1 import TrainConfig, train
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Behaviour tests for vqkit.train.evaluate: every figure recomputed by hand from model outputs."""
+"""Behaviour tests for vqkit.training.evaluate: every figure recomputed by hand from model outputs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from vqkit.data.datasets import TensorImageSet, to_model
 from vqkit.nn.vqvae import VQVAE, VQVAEConfig
-from vqkit.train.evaluate import evaluate
+from vqkit.training.evaluate import evaluate
 
 # Tiny convolutions are slower with several threads on a shared two-core machine.
 torch.set_num_threads(1)

@@ -18,8 +18,8 @@ from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.checkpoint import load_prior
 from vqkit.runs.codes import CodeStoreError, extract_codes, load_codes
 from vqkit.runs.generate import LevelPrior, chain_codes, check_chain, decode_codes
-from vqkit.train.prior import evaluate_prior
-from vqkit.train.stage1 import TrainConfig, train
+from vqkit.training.prior import evaluate_prior
+from vqkit.training.stage1 import TrainConfig, train
 
 # Tiny convolutions are slower with several threads on a shared two-core machine.
 torch.set_num_threads(1)

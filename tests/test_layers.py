@@ -21,12 +21,12 @@ LAYERS = [
     ["vqkit.nn"],
     ["vqkit.prior"],
     ["vqkit.runs"],
-    ["vqkit.train"],
+    ["vqkit.training"],
     ["vqkit.codec"],
     ["vqkit.inspect"],
     ["vqkit.cli"],
 ]
-NO_MATPLOTLIB = {"vqkit.data", "vqkit.nn", "vqkit.prior", "vqkit.runs", "vqkit.train"}
+NO_MATPLOTLIB = {"vqkit.data", "vqkit.nn", "vqkit.prior", "vqkit.runs", "vqkit.training"}
 
 
 def _modules(package: str) -> list[str]:
@@ -80,7 +80,9 @@ def test_figures_leave_matplotlibs_backend_alone():
 
 
 def test_the_public_api_is_what_a_script_needs():
+    import vqkit.training  # a package named like an exported function would shadow it here
     from vqkit import VQVAE, Codec, VectorQuantizer, VqkitError, load_model, load_prior, preset, sample, train  # noqa: F401
+    assert train is vqkit.train and callable(train) and train.__module__ == "vqkit.training.stage1"
     errors = [getattr(vqkit, name) for name in vqkit.__all__ if name.endswith("Error")]
     assert len(errors) >= 9 and all(issubclass(e, VqkitError) for e in errors)
     with pytest.raises(AttributeError, match="no attribute 'nonsense'"):

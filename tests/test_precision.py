@@ -7,7 +7,7 @@ from vqkit.nn.quantize import VectorQuantizer
 from vqkit.nn.vqvae import VQVAE2Config, build_model
 from vqkit.precision import Placement, autocast, prepare_input, prepare_model, resolve
 from vqkit.runs.checkpoint import load_model
-from vqkit.train.stage1 import TrainConfig, train
+from vqkit.training.stage1 import TrainConfig, train
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")

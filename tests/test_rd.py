@@ -17,7 +17,7 @@ from vqkit.codec.codec import Codec
 from vqkit.codec.rd import Point, RDResult, measure, ms_ssim, pillow_roundtrip, psnr
 from vqkit.data.datasets import sample_dir
 from vqkit.nn.vqvae import VQVAEConfig
-from vqkit.train.stage1 import TrainConfig, train
+from vqkit.training.stage1 import TrainConfig, train
 
 torch.set_num_threads(1)
 

@@ -20,8 +20,8 @@ from vqkit.inspect.report import build_report, read_scalars
 from vqkit.nn.vqvae import VQVAE2Config, VQVAEConfig
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes, load_codes
-from vqkit.train.prior import PriorTrainConfig, prior_config_for, train_prior
-from vqkit.train.stage1 import TrainConfig, train
+from vqkit.training.prior import PriorTrainConfig, prior_config_for, train_prior
+from vqkit.training.stage1 import TrainConfig, train
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Behaviour tests for vqkit.train.stage1: exact resume, learning, failure handling, data order."""
+"""Behaviour tests for vqkit.training.stage1: exact resume, learning, failure handling, data order."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from vqkit.data.datasets import TensorImageSet, load_dataset, sample_dir
 from vqkit.nn.quantize import VectorQuantizer
 from vqkit.nn.vqvae import VQVAEConfig
 from vqkit.runs import checkpoint as ckpt
-from vqkit.train import stage1 as train_module
-from vqkit.train.loop import batch_indices
-from vqkit.train.stage1 import TrainConfig, TrainingError, train
+from vqkit.training import stage1 as train_module
+from vqkit.training.loop import batch_indices
+from vqkit.training.stage1 import TrainConfig, TrainingError, train
 
 # Tiny convolutions are slower with several threads on a shared two-core machine.
 torch.set_num_threads(1)

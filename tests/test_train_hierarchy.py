@@ -13,8 +13,8 @@ from vqkit.cli.main import main
 from vqkit.data.datasets import from_model, load_dataset, sample_dir
 from vqkit.nn.vqvae import VQVAE2, VQVAE2Config
 from vqkit.runs import checkpoint as ckpt
-from vqkit.train.evaluate import evaluate
-from vqkit.train.stage1 import TrainConfig, train
+from vqkit.training.evaluate import evaluate
+from vqkit.training.stage1 import TrainConfig, train
 
 torch.set_num_threads(1)
 

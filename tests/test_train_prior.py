@@ -16,9 +16,9 @@ from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.checkpoint import load_prior
 from vqkit.runs.codes import CodeStoreError, extract_codes, load_codes
 from vqkit.runs.generate import prior_codes, uniform_codes
-from vqkit.train.loop import TrainingError
-from vqkit.train.prior import PriorTrainConfig, evaluate_prior, prior_config_for, split_indices, train_prior
-from vqkit.train.stage1 import TrainConfig, train
+from vqkit.training.loop import TrainingError
+from vqkit.training.prior import PriorTrainConfig, evaluate_prior, prior_config_for, split_indices, train_prior
+from vqkit.training.stage1 import TrainConfig, train
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,7 @@ What a script needs is importable from here::
 The package is laid out by layers, each importing only those below it (``tests/test_layers.py``
 checks it): ``nn`` (quantizers, nets, likelihoods, models, presets: pure torch), ``data``
 (datasets, image helpers), ``prior`` (autoregressive priors, sampling), ``runs`` (run folders,
-code sets), ``train`` (training, evaluation), ``codec`` (``.vq`` files, rate-distortion),
+code sets), ``training`` (training, evaluation), ``codec`` (``.vq`` files, rate-distortion),
 ``inspect`` (statistics, figures, report) and ``cli`` (the ``vqkit`` command); ``errors``,
 ``config``, ``fsutil``, ``precision`` and ``distributed`` serve them all. The names below load
 their module on first use, so ``import vqkit`` costs nothing and importing a lower layer never
@@ -38,10 +38,10 @@ _EXPORTS = {
     **dict.fromkeys(["CheckpointError", "load_model", "load_prior"], "vqkit.runs.checkpoint"),
     **dict.fromkeys(["CodeSet", "CodeStoreError", "extract_codes", "load_codes"], "vqkit.runs.codes"),
     **dict.fromkeys(["LevelPrior", "chain_codes", "decode_codes"], "vqkit.runs.generate"),
-    **dict.fromkeys(["TrainConfig", "train"], "vqkit.train.stage1"),
-    **dict.fromkeys(["PriorTrainConfig", "train_prior", "evaluate_prior"], "vqkit.train.prior"),
-    **dict.fromkeys(["TrainingError"], "vqkit.train.loop"),
-    **dict.fromkeys(["evaluate", "EvalResult"], "vqkit.train.evaluate"),
+    **dict.fromkeys(["TrainConfig", "train"], "vqkit.training.stage1"),
+    **dict.fromkeys(["PriorTrainConfig", "train_prior", "evaluate_prior"], "vqkit.training.prior"),
+    **dict.fromkeys(["TrainingError"], "vqkit.training.loop"),
+    **dict.fromkeys(["evaluate", "EvalResult"], "vqkit.training.evaluate"),
     **dict.fromkeys(["Codec", "CodecError"], "vqkit.codec.codec"),
     **dict.fromkeys(["DistributedError"], "vqkit.distributed"),
 }

@@ -25,9 +25,9 @@ from vqkit.prior.config import ARCHS
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes, load_codes, read_maps, save_maps
 from vqkit.runs.generate import LevelPrior, chain_codes, check_chain, decode_codes, uniform_chain_codes
-from vqkit.train.demo import run_demo
-from vqkit.train.evaluate import evaluate, save_eval
-from vqkit.train.prior import (
+from vqkit.training.demo import run_demo
+from vqkit.training.evaluate import evaluate, save_eval
+from vqkit.training.prior import (
     PriorEvalResult,
     PriorTrainConfig,
     evaluate_prior,
@@ -37,7 +37,7 @@ from vqkit.train.prior import (
     split_indices,
     train_prior,
 )
-from vqkit.train.stage1 import TrainConfig, train
+from vqkit.training.stage1 import TrainConfig, train
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ from vqkit.inspect.figures import figure_png, image_png, rgb_image
 from vqkit.inspect.stats import inspect_model
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.generate import prior_codes, stage1_of
-from vqkit.train.evaluate import EVAL_FILE
+from vqkit.training.evaluate import EVAL_FILE
 
 
 @dataclass

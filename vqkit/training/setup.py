@@ -23,7 +23,7 @@ from torch import nn
 from vqkit import distributed, precision
 from vqkit.config import JsonConfig
 from vqkit.runs import checkpoint as ckpt
-from vqkit.train.loop import TensorBoard, TrainingError
+from vqkit.training.loop import TensorBoard, TrainingError
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from vqkit.nn.presets import preset
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes
 from vqkit.runs.generate import decode_codes, prior_codes, uniform_codes
-from vqkit.train.evaluate import evaluate
-from vqkit.train.prior import PriorTrainConfig, evaluate_prior, prior_config_for, split_indices, train_prior
-from vqkit.train.stage1 import TrainConfig, train
+from vqkit.training.evaluate import evaluate
+from vqkit.training.prior import PriorTrainConfig, evaluate_prior, prior_config_for, split_indices, train_prior
+from vqkit.training.stage1 import TrainConfig, train
 
 
 def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, steps: int = 3000, lr: float = 1e-3,

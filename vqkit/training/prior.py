@@ -34,9 +34,9 @@ from vqkit.prior import Prior, PriorConfig, build_prior
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import CodeSet, load_codes
 from vqkit.runs.generate import stage1_of
-from vqkit.train.evaluate import evaluate
-from vqkit.train.loop import StepOutput, TrainingError, TrainResult, batch_indices, run_loop
-from vqkit.train.setup import start_run
+from vqkit.training.evaluate import evaluate
+from vqkit.training.loop import StepOutput, TrainingError, TrainResult, batch_indices, run_loop
+from vqkit.training.setup import start_run
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from vqkit.data.images import make_grid
 from vqkit.errors import ConfigError
 from vqkit.nn.quantize import CodebookUsage
 from vqkit.nn.vqvae import VQVAE, StageOneConfig, build_model, level_names
-from vqkit.train.loop import StepOutput, TrainingError, TrainResult, batch_indices, run_loop
-from vqkit.train.setup import start_run
+from vqkit.training.loop import StepOutput, TrainingError, TrainResult, batch_indices, run_loop
+from vqkit.training.setup import start_run
 
 log = logging.getLogger(__name__)
 
