@@ -17,6 +17,7 @@ from torch import nn
 from vqkit.config import JsonConfig
 from vqkit.nn.likelihood import LikelihoodOutput, make_likelihood
 from vqkit.nn.nets import Decoder, Encoder
+from vqkit.nn.pretrained import PretrainedMixin
 from vqkit.nn.quantize import VectorQuantizer
 
 
@@ -122,7 +123,10 @@ class VQVAEOutput:
     usage: torch.Tensor
 
 
-class VQVAE(nn.Module):
+class VQVAE(nn.Module, PretrainedMixin):
+    model_type: ClassVar[str] = "vqvae"
+    config_class: ClassVar[type] = VQVAEConfig
+
     def __init__(self, config: VQVAEConfig):
         super().__init__()
         self.config = config

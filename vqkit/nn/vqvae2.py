@@ -38,6 +38,7 @@ from vqkit.config import JsonConfig
 from vqkit.nn.likelihood import LikelihoodOutput, make_likelihood
 from vqkit.nn.vqvae import check_network_fields
 from vqkit.nn.nets import Decoder, Encoder
+from vqkit.nn.pretrained import PretrainedMixin
 from vqkit.nn.quantize import QuantizerOutput, VectorQuantizer
 
 
@@ -174,10 +175,13 @@ def _upsampler(channels: int, steps: int) -> nn.Sequential:
 _QuantizeFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, QuantizerOutput | None]]
 
 
-class VQVAE2(nn.Module):
+class VQVAE2(nn.Module, PretrainedMixin):
     """Hierarchical VQ-VAE; module lists are top-first: ``encoders[-1]`` sees the image,
     ``conditioners[l]`` and ``upsamplers[l]`` serve level ``l < L-1``, ``pre_quant[l-1]``
     builds level ``l >= 1``'s z_e."""
+
+    model_type: ClassVar[str] = "vqvae2"
+    config_class: ClassVar[type] = VQVAE2Config
 
     def __init__(self, config: VQVAE2Config):
         super().__init__()

@@ -1,0 +1,295 @@
+"""save_pretrained / from_pretrained (vqkit.nn.pretrained): exact round trips in the Hub layout,
+dispatch on model_type, a clear PretrainedError naming the file for every unusable folder, crash
+safety, no pickle, and Hub repo ids through a stand-in snapshot_download."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from vqkit import __version__
+from vqkit.nn import pretrained
+from vqkit.nn.pretrained import PretrainedError, PretrainedMixin
+from vqkit.nn.vqvae import VQVAE, VQVAEConfig
+from vqkit.nn.vqvae2 import VQVAE2, VQVAE2Config
+
+torch.set_num_threads(1)
+
+TINY1 = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2, code_dim=4,
+                    codebook_size=12, restart_after=2)
+TINY2 = VQVAE2Config(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, strides=[1, 1],
+                     code_dim=4, codebook_sizes=[8, 16], restart_after=2)
+
+
+def _images(n: int = 4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=g) * 2 - 1
+
+
+def _model(config, seed: int = 0):
+    """A model whose buffers are not their initial values: two forward passes in training mode
+    k-means initialise the codebooks and move their EMA statistics."""
+    torch.manual_seed(seed)
+    model = (VQVAE2 if isinstance(config, VQVAE2Config) else VQVAE)(config)
+    model.train()
+    for step in range(2):
+        model(_images(8, seed=100 + step))
+    return model
+
+
+def _levels(codes) -> list[torch.Tensor]:
+    return codes if isinstance(codes, list) else [codes]
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A saved one-level and a saved two-level model, with the models themselves."""
+    root = tmp_path_factory.mktemp("pretrained")
+    out = {}
+    for name, config in (("one", TINY1), ("two", TINY2)):
+        model = _model(config)
+        assert model.save_pretrained(root / name) == root / name
+        out[name] = (model, root / name)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Round trips
+
+
+@pytest.mark.parametrize("name, cls", [("one", VQVAE), ("two", VQVAE2)])
+def test_round_trip_is_exact_and_in_the_hub_layout(saved, name, cls):
+    model, folder = saved[name]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config == {"model_type": cls.model_type, "vqkit_version": __version__, **model.config.to_dict()}
+
+    for loader in (cls, PretrainedMixin):  # the class itself, and the base that dispatches on model_type
+        loaded = loader.from_pretrained(folder)
+        assert type(loaded) is cls and not loaded.training
+        assert loaded.config == model.config
+        _same_state(model, loaded)
+        model.eval()
+        x = _images(seed=7)
+        codes, again = model.encode(x), loaded.encode(x)
+        assert all(torch.equal(a, b) for a, b in zip(_levels(codes), _levels(again), strict=True))
+        assert torch.equal(model.decode(codes), loaded.decode(codes))
+
+
+def test_a_folder_of_another_model_type_is_refused_by_name(saved):
+    _, folder = saved["two"]
+    with pytest.raises(PretrainedError, match=r"config\.json: holds a 'vqvae2' model \(VQVAE2\), not a VQVAE"):
+        VQVAE.from_pretrained(folder)
+
+
+def test_the_model_is_put_on_the_device_asked_for(saved):
+    loaded = VQVAE.from_pretrained(saved["one"][1], device="meta")
+    assert {p.device.type for p in loaded.state_dict().values()} == {"meta"}
+
+
+def test_save_refuses_a_non_empty_folder_and_overwrite_replaces_only_a_model_folder(tmp_path, saved):
+    model, _ = saved["one"]
+    target = tmp_path / "m"
+    model.save_pretrained(target)
+    with pytest.raises(PretrainedError, match=r"m: exists and is not empty"):
+        model.save_pretrained(target)
+    other = _model(TINY1, seed=1)
+    other.save_pretrained(target, overwrite=True)
+    _same_state(other, VQVAE.from_pretrained(target))
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(PretrainedError, match=r"holds notes\.txt, which is not part of a saved model"):
+        model.save_pretrained(target, overwrite=True)
+    assert (target / "notes.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    model.save_pretrained(tmp_path / "empty")  # an empty folder is as good as a new one
+    _same_state(model, VQVAE.from_pretrained(tmp_path / "empty"))
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: each names the file and the problem
+
+
+def _copy(folder: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for p in folder.iterdir():
+        (dest / p.name).write_bytes(p.read_bytes())
+    return dest
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+def _weights(folder: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    edit(weights)
+    save_file(weights, str(folder / "model.safetensors"))
+
+
+def _drop_first(weights):
+    weights.pop(sorted(weights)[0])
+
+
+def _add_extra(weights):
+    weights["extra.weight"] = torch.zeros(2)
+
+
+def _reshape(weights):
+    key = next(k for k in sorted(weights) if weights[k].dim() == 4)
+    weights[key] = torch.zeros(1, *weights[key].shape[1:])
+
+
+BROKEN = {
+    # name: (how to break a copy of a saved one-level model, the file named, what the message says)
+    "no folder": (lambda f: f.rename(f.with_name("gone")), "", "no such folder"),
+    "a file": (lambda f: shutil.rmtree(f) or f.write_text("x"), "", "not a folder"),
+    "no config": (lambda f: (f / "config.json").unlink(), "config.json", "missing"),
+    "bad json": (lambda f: (f / "config.json").write_text("{model_type: vqvae"), "config.json", "not valid JSON"),
+    "not an object": (lambda f: (f / "config.json").write_text("[1, 2]"), "config.json", "JSON object"),
+    "no model_type": (lambda f: _edit_config(f, model_type=None), "config.json", "no 'model_type' key"),
+    "unknown model_type": (lambda f: _edit_config(f, model_type="vqgan"), "config.json",
+                           "unknown model_type 'vqgan'"),
+    "unknown key": (lambda f: _edit_config(f, hiden=8), "config.json", "unknown VQ-VAE config keys: hiden"),
+    "invalid value": (lambda f: _edit_config(f, codebook_size=0), "config.json", "codebook_size must be positive"),
+    "wrong type": (lambda f: _edit_config(f, hidden="eight"), "config.json", "invalid VQ-VAE config"),
+    "no weights": (lambda f: (f / "model.safetensors").unlink(), "model.safetensors", "missing"),
+    "corrupt weights": (lambda f: (f / "model.safetensors").write_bytes(b"\x00" * 40), "model.safetensors",
+                        "not a readable safetensors file"),
+    "missing tensor": (lambda f: _weights(f, _drop_first), "model.safetensors", "do not fit the model in "
+                       "config.json (missing "),
+    "unexpected tensor": (lambda f: _weights(f, _add_extra), "model.safetensors", "unexpected extra.weight"),
+    "other shape": (lambda f: _weights(f, _reshape), "model.safetensors", "shape mismatch for "),
+    "other config": (lambda f: _edit_config(f, codebook_size=13), "model.safetensors", "shape mismatch for "
+                     "quantizer."),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_every_unusable_folder_gives_a_pretrained_error_naming_the_file(saved, tmp_path, case):
+    folder = _copy(saved["one"][1], tmp_path / "model")
+    breaker, name, needle = BROKEN[case]
+    breaker(folder)
+    with pytest.raises(PretrainedError) as info:
+        VQVAE.from_pretrained(folder)
+    assert isinstance(info.value, ValueError)
+    assert str(folder / name if name else folder) in str(info.value)
+    assert needle in str(info.value)
+
+
+def test_a_newer_vqkits_keys_are_refused_with_both_versions(saved, tmp_path):
+    folder = _copy(saved["one"][1], tmp_path / "model")
+    _edit_config(folder, vqkit_version="9.0.0", dropout=0.1)
+    with pytest.raises(PretrainedError, match=rf"dropout; written by vqkit 9\.0\.0, this is vqkit {__version__}"):
+        VQVAE.from_pretrained(folder)
+
+
+# --------------------------------------------------------------------------------------------
+# Crash safety and no pickle
+
+
+def _crashing_writer(tensors, filename, metadata=None):
+    Path(filename).write_bytes(b"half a safetensors file")
+    raise KeyboardInterrupt  # a kill in the middle of writing the weights
+
+
+def test_a_crash_while_saving_leaves_no_half_written_model(tmp_path, saved, monkeypatch):
+    model, _ = saved["two"]
+    monkeypatch.setattr(pretrained, "save_file", _crashing_writer)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary folder
+
+    monkeypatch.undo()
+    model.save_pretrained(tmp_path / "old")
+    monkeypatch.setattr(pretrained, "save_file", _crashing_writer)
+    with pytest.raises(KeyboardInterrupt):
+        _model(TINY2, seed=3).save_pretrained(tmp_path / "old", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]
+    _same_state(model, VQVAE2.from_pretrained(tmp_path / "old"))  # the old model, whole
+
+
+def test_nothing_is_pickled_or_unpickled(saved, monkeypatch):
+    for _, folder in saved.values():
+        for p in folder.iterdir():
+            head = p.read_bytes()[:2]
+            assert head[:1] != b"\x80" and head != b"PK", p  # neither a pickle nor a torch.save zip
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("unpickling while loading a pretrained model")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    for model, folder in saved.values():
+        _same_state(model, PretrainedMixin.from_pretrained(folder))
+
+
+# --------------------------------------------------------------------------------------------
+# Hub repo ids, through a stand-in huggingface_hub
+
+
+def _fake_hub(monkeypatch, result):
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        if isinstance(result, Exception):
+            raise result
+        return str(result)
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub",
+                        types.SimpleNamespace(snapshot_download=snapshot_download))
+    return calls
+
+
+def test_a_hub_repo_id_is_downloaded_with_snapshot_download(saved, monkeypatch):
+    model, folder = saved["two"]
+    calls = _fake_hub(monkeypatch, folder)
+    loaded = PretrainedMixin.from_pretrained("someone/tiny-vqvae2", revision="v1")
+    assert type(loaded) is VQVAE2
+    _same_state(model, loaded)
+    # Only the two files are fetched: whatever else a repo holds (a pickle) is never downloaded.
+    assert calls == [("someone/tiny-vqvae2", {"revision": "v1",
+                                              "allow_patterns": ["config.json", "model.safetensors"]})]
+
+
+def test_hub_failures_and_local_paths(saved, tmp_path, monkeypatch):
+    calls = _fake_hub(monkeypatch, OSError("404 Repository Not Found"))
+    with pytest.raises(PretrainedError, match=r"someone/nothing: no such folder, and it could not be downloaded "
+                                              r"from the Hugging Face Hub \(OSError: 404"):
+        VQVAE.from_pretrained("someone/nothing")
+    # A missing path that is not a repo id, or given as a Path, never goes to the Hub.
+    for name in (str(tmp_path / "a" / "b"), "a/b/c", Path("someone/else")):
+        with pytest.raises(PretrainedError, match="no such folder$"):
+            VQVAE.from_pretrained(name)
+    assert len(calls) == 1
+    with pytest.raises(PretrainedError, match="revision='v1' applies to Hub repo ids only"):
+        VQVAE.from_pretrained(saved["one"][1], revision="v1")
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed: the import fails
+    with pytest.raises(PretrainedError, match=r"someone/tiny: no such folder; to download it from the Hugging "
+                                              r"Face Hub as a repo id, install huggingface_hub"):
+        VQVAE.from_pretrained("someone/tiny")
