@@ -293,3 +293,31 @@ def test_hub_failures_and_local_paths(saved, tmp_path, monkeypatch):
     with pytest.raises(PretrainedError, match=r"someone/tiny: no such folder; to download it from the Hugging "
                                               r"Face Hub as a repo id, install huggingface_hub"):
         VQVAE.from_pretrained("someone/tiny")
+
+
+# --------------------------------------------------------------------------------------------
+# Priors: rebuilt through build_prior by the config's arch
+
+
+def test_a_prior_round_trips_and_comes_back_as_its_arch(tmp_path):
+    from vqkit.prior import GatedPixelCNN, PixelSNAIL, Prior, PriorConfig, build_prior
+
+    torch.manual_seed(0)
+    config = PriorConfig(arch="pixelsnail", codebook_size=8, height=4, width=4, channels=8, layers=2,
+                         attention_heads=2, attention_every=1, num_classes=3, cond_codes=[[5, 2, 2]])
+    prior = build_prior(config).eval()
+    prior.save_pretrained(tmp_path / "prior")
+    assert json.loads((tmp_path / "prior" / "config.json").read_text())["model_type"] == "prior"
+    for loader in (Prior, PixelSNAIL, PretrainedMixin):
+        loaded = loader.from_pretrained(tmp_path / "prior")
+        assert type(loaded) is PixelSNAIL and not loaded.training and loaded.config == config
+        _same_state(prior, loaded)
+    g = torch.Generator().manual_seed(1)
+    codes, labels = torch.randint(8, (2, 4, 4), generator=g), torch.tensor([0, 2])
+    above = [torch.randint(5, (2, 2, 2), generator=g)]
+    assert torch.equal(prior.nll(codes, labels, cond_codes=above), loaded.nll(codes, labels, cond_codes=above))
+    with pytest.raises(PretrainedError, match=r"config\.json: holds a PixelSNAIL, not a GatedPixelCNN"):
+        GatedPixelCNN.from_pretrained(tmp_path / "prior")
+    _edit_config(tmp_path / "prior", arch="transformer")
+    with pytest.raises(PretrainedError, match=r"config\.json: invalid prior config \(arch must be one of"):
+        Prior.from_pretrained(tmp_path / "prior")
