@@ -321,3 +321,156 @@ def test_a_prior_round_trips_and_comes_back_as_its_arch(tmp_path):
     _edit_config(tmp_path / "prior", arch="transformer")
     with pytest.raises(PretrainedError, match=r"config\.json: invalid prior config \(arch must be one of"):
         Prior.from_pretrained(tmp_path / "prior")
+
+
+# --------------------------------------------------------------------------------------------
+# vqkit export: a run folder's latest checkpoint as a model folder with a model card
+
+LEGACY = Path(__file__).parent / "data" / "legacy"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A two-level run trained for 6 steps on the embedded sample, evaluated by vqkit eval."""
+    from vqkit.cli.main import main
+    from vqkit.data.datasets import sample_dir
+    from vqkit.train.stage1 import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("export")
+    train(root / "run", TINY2, TrainConfig(data=f"fashion-mnist:{sample_dir()}", steps=6, batch_size=8, lr=3e-3),
+          progress=False, tensorboard=False)
+    assert main(["eval", str(root / "run"), "--limit", "16"]) == 0
+    return root / "run"
+
+
+def _front_matter(card: str) -> dict[str, list[str] | str]:
+    """The card's YAML front matter: ``key: value`` lines, and ``key:`` lines followed by
+    ``- item`` lines (items plain or JSON-quoted)."""
+    assert card.startswith("---\n")
+    meta: dict = {}
+    items: list[str] = []
+    for line in card[4:card.index("\n---\n")].splitlines():
+        if line.startswith("- "):
+            items.append(json.loads(line[2:]) if line[2:].startswith('"') else line[2:])
+        else:
+            key, _, value = line.partition(":")
+            items = []
+            meta[key] = value.strip() or items
+    return meta
+
+
+def _run_usage(card: str, folder: Path) -> dict:
+    """Execute the card's Python snippet against ``folder``; return its variables."""
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert f'from_pretrained("{folder.name}")' in snippet
+    scope: dict = {}
+    exec(snippet.replace(f'"{folder.name}"', json.dumps(str(folder))), scope)
+    return scope
+
+
+def test_export_writes_a_loadable_folder_and_a_card_with_the_eval_figures(run, tmp_path, capsys):
+    from vqkit.cli.main import main
+    from vqkit.runs import checkpoint as ckpt
+
+    out = tmp_path / "tiny-vqvae2"
+    assert main(["export", str(run), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and printed[0].startswith(f"wrote {out}: ")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+    model, checkpoint = ckpt.load_model(run)
+    loaded = VQVAE2.from_pretrained(out)
+    _same_state(model, loaded)
+    fingerprint = checkpoint.state["fingerprint"]
+    assert ckpt.fingerprint(out / "model.safetensors") == fingerprint  # the checkpoint's own file
+
+    card = (out / "README.md").read_text()
+    meta = _front_matter(card)
+    assert meta["library_name"] == "vqkit"
+    assert {"vq-vae", "vq-vae-2", "image-tokenizer"} <= set(meta["tags"])
+    assert meta["datasets"] == ["zalando-datasets/fashion_mnist"]
+    record = json.loads((run / "eval.json").read_text())
+    train_config = json.loads((run / "config.json").read_text())["train"]
+    for needle in (f"`{train_config['data']}`", "| image size | 28x28, 1 channel |", "| steps | 6 |",
+                   "| batch size | 8 |", "| learning rate | 0.003 |", "| seed | 0 |",
+                   "| top | 7x7 | 8 | 16x |", "| bottom | 14x14 | 16 | 4x |",
+                   f"for the exported weights (checkpoint step 6, weights sha256 `{fingerprint[:12]}",
+                   f"| {record['psnr']:.2f} dB | {record['mse']:.5f} | {record['bits_per_dim']:.3f} | "
+                   f"{record['codes_used']}/24 ({record['usage']:.1%}) | {record['perplexity']:.1f} |",
+                   f"sha256 `{fingerprint}`"):
+        assert needle in card, needle
+    for level in record["levels"]:
+        assert (f"| {level['name']} | {level['shape'][0]}x{level['shape'][1]} | {level['codes_used']}/"
+                f"{level['codebook_size']} ({level['usage']:.1%}) | {level['perplexity']:.1f} | "
+                f"{level['psnr_upto']:.2f} dB | {level['psnr_without']:.2f} dB |") in card, level["name"]
+
+    scope = _run_usage(card, out)  # the snippet runs as written, with this vqkit
+    assert type(scope["model"]) is VQVAE2
+    assert [tuple(c.shape) for c in scope["codes"]] == [(4, 7, 7), (4, 14, 14)]
+    assert tuple(scope["decoded"].shape) == (4, 1, 28, 28)
+
+
+def test_the_card_says_when_eval_json_is_of_another_checkpoint_or_missing(run, tmp_path):
+    from vqkit.runs.export import export_run
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    record = json.loads((copy / "eval.json").read_text())
+    (copy / "eval.json").write_text(json.dumps({**record, "step": 3, "fingerprint": "ab" * 32}))
+    card = (export_run(copy, tmp_path / "a") / "README.md").read_text()
+    assert "**These figures are of another checkpoint** (checkpoint step 3, weights sha256 `abababababab" in card
+    assert f"{record['psnr']:.2f} dB" in card
+    (copy / "eval.json").unlink()
+    card = (export_run(copy, tmp_path / "b") / "README.md").read_text()
+    assert f"No evaluation yet: run `vqkit eval {copy}`" in card and "PSNR" not in card
+    (copy / "eval.json").write_text("{")
+    with pytest.raises(PretrainedError, match=r"eval\.json: not valid JSON"):
+        export_run(copy, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_export_refuses_a_non_empty_folder_and_a_tampered_checkpoint(run, tmp_path, capsys):
+    from vqkit.cli.main import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["export", str(run), "-o", str(out)]) == 2
+    assert f"{out}: exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert main(["export", str(run), "-o", str(tmp_path / "model")]) == 0
+    assert main(["export", str(run), "-o", str(tmp_path / "model")]) == 2  # again: refused ...
+    assert main(["export", str(run), "-o", str(tmp_path / "model"), "--overwrite"]) == 0  # ... unless asked
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    weights = next((copy / "checkpoints").glob("step-*")) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["export", str(copy), "-o", str(tmp_path / "bad")]) == 2
+    assert "do not match the fingerprint in state.json" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("name, arch", [("top", "GatedPixelCNN"), ("bottom", "PixelSNAIL")])
+def test_a_prior_run_exports_too(tmp_path, name, arch):
+    from vqkit.prior import Prior
+    from vqkit.runs import checkpoint as ckpt
+    from vqkit.runs.export import export_run
+    from vqkit.train.prior import load_prior
+
+    out = export_run(LEGACY / name, tmp_path / name)
+    loaded = Prior.from_pretrained(out)
+    assert type(loaded).__name__ == arch
+    _same_state(load_prior(LEGACY / name)[0], loaded)
+    card = (out / "README.md").read_text()
+    meta = _front_matter(card)
+    assert meta["library_name"] == "vqkit" and {"vq-vae", "vq-vae-2", "prior"} <= set(meta["tags"])
+    source = json.loads((LEGACY / name / "config.json").read_text())["source"]
+    assert f"the {name} level of the stage-1 model whose weights have sha256 `{source['fingerprint'][:12]}" in card
+    assert f"No evaluation yet: run `vqkit eval {LEGACY / name}`" in card
+    assert ckpt.fingerprint(out / "model.safetensors") == ckpt.latest_checkpoint(LEGACY / name).state["fingerprint"]
+    scope = _run_usage(card, out)
+    assert tuple(scope["codes"].shape) == (16, loaded.config.height, loaded.config.width)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from vqkit.runs import checkpoint as ckpt
+from vqkit.cli import export as export_cli
 from vqkit import distributed
 from vqkit.codec.codec import Codec
 from vqkit.runs.codes import (extract_codes, extract_levels, load_codes, read_code_maps, read_level_maps, save_code_maps,
@@ -646,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prior-time-budget", type=float, default=180.0,
                    help="seconds for the prior (default 180; 0 skips stage 2)")
     m.set_defaults(func=cmd_demo)
+    export_cli.add_parser(sub)
     return p
 
 
