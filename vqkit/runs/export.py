@@ -5,7 +5,7 @@ model card, README.md, with YAML front matter in the Hugging Face Hub's model-ca
 (``library_name``, ``tags``, ``datasets`` where the training set is a known Hub dataset) and a
 body saying what the model was trained on, its architecture, its evaluation figures (from
 ``RUN/eval.json``, written by ``vqkit eval``) and how to load it. The folder can be uploaded to
-the Hub as it is (``huggingface-cli upload OWNER/NAME DIR``).
+the Hub as it is (``hf upload OWNER/NAME DIR``, with huggingface_hub installed).
 
 The weights file is the checkpoint's own, copied byte for byte once its sha256 matches the one
 recorded in state.json, so the exported model has the fingerprint that code sets and ``.vq``
