@@ -130,9 +130,9 @@ class PretrainedMixin:
         except (TypeError, ValueError) as e:
             raise PretrainedError(f"{config_path}: invalid {klass.config_class.label} ({e}{written})") from None
         model = klass.from_config(config)
-        if not isinstance(model, cls):
+        if not isinstance(model, cls):  # a prior of another arch than the subclass called on
             raise PretrainedError(f"{config_path}: holds a {type(model).__name__}, not a {cls.__name__}; "
-                                  f"load it with {klass.__name__}.from_pretrained")
+                                  f"load it with {_known_types()[model_type].__name__}.from_pretrained")
         load_weights(model, folder / WEIGHTS_NAME)
         return model.to(device).eval()  # type: ignore[attr-defined]
 
@@ -246,6 +246,16 @@ def _subclasses(root: type) -> list[type]:
     return order
 
 
+def _known_types() -> dict[str, type]:
+    """Every model_type of the classes imported so far, with the most general class of each."""
+    known: dict[str, type] = {}
+    for klass in _subclasses(PretrainedMixin):
+        model_type = getattr(klass, "model_type", None)
+        if model_type is not None:
+            known.setdefault(model_type, klass)
+    return known
+
+
 def _class_for(cls: type[T], model_type: str, path: Path, written: str) -> type[T]:
     """The most general class at or below ``cls`` whose model_type is ``model_type``."""
     for module in MODEL_MODULES:
@@ -253,10 +263,7 @@ def _class_for(cls: type[T], model_type: str, path: Path, written: str) -> type[
     for klass in _subclasses(cls):
         if getattr(klass, "model_type", None) == model_type:
             return klass
-    known: dict[str, type] = {}
-    for klass in _subclasses(PretrainedMixin):
-        known.setdefault(getattr(klass, "model_type", None), klass)
-    known.pop(None, None)
+    known = _known_types()
     if model_type in known:
         other = known[model_type].__name__
         raise PretrainedError(f"{path}: holds a {model_type!r} model ({other}), not a {cls.__name__}; "
