@@ -181,8 +181,8 @@ BROKEN = {
     "missing tensor": (lambda f: _weights(f, _drop_first), "model.safetensors", "do not fit the model in "
                        "config.json (missing "),
     "unexpected tensor": (lambda f: _weights(f, _add_extra), "model.safetensors", "unexpected extra.weight"),
-    "other shape": (lambda f: _weights(f, _reshape), "model.safetensors", "shape mismatch for "),
-    "other config": (lambda f: _edit_config(f, codebook_size=13), "model.safetensors", "shape mismatch for "
+    "other shape": (lambda f: _weights(f, _reshape), "model.safetensors", "size mismatch for "),
+    "other config": (lambda f: _edit_config(f, codebook_size=13), "model.safetensors", "size mismatch for "
                      "quantizer."),
 }
 

@@ -204,34 +204,30 @@ def read_json(path: Path) -> dict:
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load the safetensors file ``path`` into ``model``, which it must fit exactly."""
+    """Load the safetensors file ``path`` into ``model``, which it must fit exactly.
+
+    The weights go through ``load_state_dict``, so that the model's own load hooks (such as a
+    renaming of older key names) apply; any missing or unexpected key or shape mismatch is refused.
+    """
     if not path.is_file():
         raise PretrainedError(f"{path}: missing")
     try:
         weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise PretrainedError(f"{path}: not a readable safetensors file ({e})") from None
-    problem = state_mismatch(model.state_dict(), weights)
-    if problem:
-        raise PretrainedError(f"{path}: weights do not fit the model in {CONFIG_NAME} ({problem})")
-    model.load_state_dict(weights)
-
-
-def state_mismatch(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> str | None:
-    """What keeps ``weights`` from loading into a model whose state dict is ``expected``
-    (missing and unexpected keys, shape mismatches; a few of each), or None if they fit."""
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:
+        wrong = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise PretrainedError(f"{path}: weights do not fit the model in {CONFIG_NAME} "
+                              f"({'; '.join(wrong[:5]) or e})") from None
     parts = []
-    if missing:
-        parts.append(f"missing {', '.join(missing[:5])}")
-    if unexpected:
-        parts.append(f"unexpected {', '.join(unexpected[:5])}")
-    if wrong:
-        parts.append("shape mismatch for " + ", ".join(
-            f"{k} {tuple(weights[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:5]))
-    return "; ".join(parts) or None
+    if result.missing_keys:
+        parts.append(f"missing {', '.join(sorted(result.missing_keys)[:5])}")
+    if result.unexpected_keys:
+        parts.append(f"unexpected {', '.join(sorted(result.unexpected_keys)[:5])}")
+    if parts:
+        raise PretrainedError(f"{path}: weights do not fit the model in {CONFIG_NAME} ({'; '.join(parts)})")
 
 
 def _subclasses(root: type) -> list[type]:

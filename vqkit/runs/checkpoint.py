@@ -28,7 +28,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vqkit.fsutil import atomic_write_text, fsync_dir, fsync_file
-from vqkit.nn.pretrained import state_mismatch
 from vqkit.nn.vqvae2 import VQVAE2, VQVAE2Config
 from vqkit.nn.vqvae import VQVAE, VQVAEConfig
 
@@ -202,8 +201,17 @@ def load_latest_weights(run_dir: Path, model: torch.nn.Module) -> Checkpoint:
 
 
 def _load_state(model: torch.nn.Module, weights: dict, path: Path) -> None:
-    detail = state_mismatch(model.state_dict(), weights)
-    if detail:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(part for part in (
+            f"missing {', '.join(missing[:5])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:5])}" if unexpected else "",
+            "shape mismatch for " + ", ".join(
+                f"{k} {tuple(weights[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:5])
+            if wrong else "") if part)
         raise CheckpointError(f"{path}: weights do not fit the model in config.json ({detail})")
     model.load_state_dict(weights)
 
