@@ -183,8 +183,7 @@ BROKEN = {
                        "config.json (missing "),
     "unexpected tensor": (lambda f: _weights(f, _add_extra), "model.safetensors", "unexpected extra.weight"),
     "other shape": (lambda f: _weights(f, _reshape), "model.safetensors", "size mismatch for "),
-    "other config": (lambda f: _edit_config(f, codebook_size=13), "model.safetensors", "size mismatch for "
-                     "quantizer."),
+    "other config": (lambda f: _edit_config(f, codebook_size=13), "model.safetensors", "size mismatch for "),
 }
 
 

@@ -91,7 +91,7 @@ class PretrainedMixin:
 
     def pretrained_config(self) -> dict:
         """The contents of config.json: model_type, the vqkit version, the config's fields."""
-        return {MODEL_TYPE_KEY: self.model_type, VERSION_KEY: __version__, **self.config.to_dict()}
+        return {MODEL_TYPE_KEY: _model_type_of(self), VERSION_KEY: __version__, **self.config.to_dict()}
 
     def save_pretrained(self, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write config.json and model.safetensors into ``folder``, atomically, and return it.
@@ -250,6 +250,20 @@ def _known_types() -> dict[str, type]:
         if model_type is not None:
             known.setdefault(model_type, klass)
     return known
+
+
+def _model_type_of(model: PretrainedMixin) -> str:
+    """The model_type to save ``model`` as: that of the class whose config_class its config is
+    (its own class's, unless it holds the configuration of another, e.g. a base class built
+    from a subclass's config)."""
+    own = type(model)
+    if type(model.config) is own.config_class:
+        return own.model_type
+    for model_type, klass in _known_types().items():
+        if type(model.config) is klass.config_class:
+            return model_type
+    raise PretrainedError(f"a {own.__name__} holding a {type(model.config).__name__} has no model_type "
+                          "to be saved as")
 
 
 def _class_for(cls: type[T], model_type: str, path: Path, written: str) -> type[T]:
