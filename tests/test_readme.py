@@ -63,6 +63,8 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
         monkeypatch.chdir(where)
         if '"runs/c2"' in block and not (where / "runs/c2").exists():
             _stage1_with_priors(where)
+        if '"models/mnist"' in block and not (where / "models/mnist").exists():
+            assert main(["export", "runs/mnist", "-o", "models/mnist"]) == 0  # the run of block 1
         try:
             exec(compile(_tiny(block), f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"})
         except Exception as e:  # noqa: BLE001 - name the block in the failure

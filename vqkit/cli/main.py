@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from vqkit import distributed
+from vqkit.cli import export as export_cli
 from vqkit.codec.codec import Codec
 from vqkit.data.datasets import from_model, load_dataset, to_model
 from vqkit.data.images import load_image, make_grid, save_png, side_by_side
@@ -26,7 +27,7 @@ from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes, load_codes, read_maps, save_maps
 from vqkit.runs.generate import LevelPrior, chain_codes, check_chain, decode_codes, uniform_chain_codes
 from vqkit.training.demo import run_demo
-from vqkit.training.evaluate import evaluate, save_eval
+from vqkit.training.evaluate import evaluate
 from vqkit.training.prior import (
     PriorEvalResult,
     PriorTrainConfig,
@@ -90,7 +91,7 @@ def cmd_eval(args) -> None:
 def _save_eval(run: Path, checkpoint: ckpt.Checkpoint, record: dict) -> None:
     """Keep the figures in RUN/eval.json for vqkit report; a read-only run only loses that."""
     try:
-        save_eval(run, {"step": checkpoint.step, "fingerprint": checkpoint.state.get("fingerprint"),
+        ckpt.save_eval(run, {"step": checkpoint.step, "fingerprint": checkpoint.state.get("fingerprint"),
                         **record})
     except OSError as e:
         print(f"vqkit: warning: could not save {run / 'eval.json'} ({e})", file=sys.stderr)
@@ -550,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prior-time-budget", type=float, default=180.0,
                    help="seconds for the prior (default 180; 0 skips stage 2)")
     m.set_defaults(func=cmd_demo)
+    export_cli.add_parser(sub)
     return p
 
 

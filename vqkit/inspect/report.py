@@ -43,14 +43,12 @@ from PIL import Image, UnidentifiedImageError
 
 from vqkit.data.datasets import from_model, to_model
 from vqkit.data.images import ImageError, make_grid
-from vqkit.errors import UsageError
 from vqkit.fsutil import atomic_write_text
 from vqkit.inspect.atlas import InspectOutput, load_complete, run_dataset, write_inspection
 from vqkit.inspect.figures import figure_png, image_png, rgb_image
 from vqkit.inspect.stats import inspect_model
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.generate import prior_codes, stage1_of
-from vqkit.training.evaluate import EVAL_FILE
 
 
 @dataclass
@@ -226,22 +224,8 @@ def _curves(run: Path, what: str, sid: str = "curves") -> Section | None:
                    f'<p class="note">logged scalars: {html.escape(tags)}</p>')
 
 
-def read_eval(run: Path) -> dict | None:
-    """``RUN/eval.json`` as ``vqkit eval`` wrote it, or None if absent; unreadable is an error."""
-    path = Path(run) / EVAL_FILE
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: not an evaluation record")
-    return data
-
-
 def _eval(run: Path, checkpoint: ckpt.Checkpoint, sid: str = "eval") -> Section | None:
-    record = read_eval(run)
+    record = ckpt.read_eval(run)
     if record is None:
         return None
     notes = [f"{record.get('data')} ({record.get('split')}), checkpoint step {record.get('step')}"]

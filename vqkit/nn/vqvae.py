@@ -42,6 +42,7 @@ from vqkit.config import JsonConfig
 from vqkit.errors import ConfigError, UsageError
 from vqkit.nn.likelihood import LIKELIHOODS, LikelihoodOutput, make_likelihood
 from vqkit.nn.nets import Decoder, Encoder
+from vqkit.nn.pretrained import PretrainedMixin
 from vqkit.nn.quantize import QuantizerOutput, VectorQuantizer
 
 
@@ -232,7 +233,7 @@ _QuantizeFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, QuantizerOutput 
 _LEGACY_PREFIXES = {"encoder.": "encoders.0.", "quantizer.": "quantizers.0."}
 
 
-class VQVAE(nn.Module):
+class VQVAE(nn.Module, PretrainedMixin):
     """A VQ-VAE of one or more levels (``VQVAE2`` names the many-level case).
 
     Module lists are top-first: ``encoders[-1]`` sees the image, ``conditioners[l]`` and
@@ -242,6 +243,9 @@ class VQVAE(nn.Module):
     Args:
         config: a ``VQVAEConfig`` (one level) or ``VQVAE2Config`` (two or more).
     """
+
+    model_type: ClassVar[str] = "vqvae"
+    config_class: ClassVar[type] = VQVAEConfig
 
     def __init__(self, config: StageOneConfig):
         super().__init__()
@@ -440,6 +444,9 @@ class VQVAE2(VQVAE):
     Args:
         config: a ``VQVAE2Config``.
     """
+
+    model_type: ClassVar[str] = "vqvae2"
+    config_class: ClassVar[type] = VQVAE2Config
 
     def __init__(self, config: VQVAE2Config):
         if not isinstance(config, VQVAE2Config):

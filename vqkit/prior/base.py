@@ -13,12 +13,14 @@ forward pass per map (see ``vqkit.prior.sampling``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vqkit.errors import UsageError
+from vqkit.nn.pretrained import PretrainedMixin
 
 from .condition import CodeConditioner
 from .config import PriorConfig
@@ -40,13 +42,25 @@ class IncrementalState(ABC):
     def write(self, i: int, j: int, codes: torch.Tensor) -> None: ...
 
 
-class Prior(nn.Module, ABC):
+class Prior(nn.Module, PretrainedMixin, ABC):
     """Base class: code embedding, label embedding, conditioning stacks and projection.
 
     The label and the spatial conditioning (the float ``cond`` map beside the conditioning
     stacks' features of ``cond_codes``) enter each layer as an additive bias of
     ``bias_channels`` channels in total, which subclasses split between their layers.
+
+    ``Prior.from_pretrained(folder)`` returns the subclass that the saved config's ``arch`` names.
     """
+
+    model_type: ClassVar[str] = "prior"
+    config_class: ClassVar[type] = PriorConfig
+
+    @classmethod
+    def from_config(cls, config: PriorConfig) -> Prior:
+        """A fresh prior of the architecture ``config.arch`` names (whichever class it is called on)."""
+        from vqkit.prior import build_prior
+
+        return build_prior(config)
 
     def __init__(self, config: PriorConfig, bias_channels: int):
         super().__init__()

@@ -27,8 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vqkit.fsutil import atomic_write_text, fsync_dir, fsync_file
 from vqkit.errors import ConfigError, VqkitError
+from vqkit.fsutil import atomic_write_text, fsync_dir, fsync_file
 from vqkit.nn.vqvae import CONFIGS, VQVAE, StageOneConfig, build_model
 from vqkit.prior import Prior, PriorConfig, build_prior
 
@@ -125,6 +125,33 @@ def read_model_config(path: str | Path) -> StageOneConfig:
         return CONFIGS["vqvae2" if "strides" in data else "vqvae"].from_dict(data)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: invalid model config ({e})") from None
+
+
+# The last evaluation of a run (what ``vqkit eval --json`` prints, with its checkpoint's step and
+# fingerprint), kept in the run folder for ``vqkit report`` and ``vqkit export``.
+EVAL_FILE = "eval.json"
+
+
+def save_eval(run: str | Path, record: dict) -> Path:
+    """Write ``record`` to ``RUN/eval.json`` atomically, replacing the previous evaluation."""
+    path = Path(run) / EVAL_FILE
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def read_eval(run: str | Path) -> dict | None:
+    """``RUN/eval.json`` as ``save_eval`` wrote it, or None if there is none; an unreadable one is
+    a ``CheckpointError`` naming the file."""
+    path = Path(run) / EVAL_FILE
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); run vqkit eval {run} again") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: not an evaluation record; run vqkit eval {run} again")
+    return record
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -37,8 +37,8 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from vqkit.data.datasets import ImageSet, to_model
-from vqkit.fsutil import atomic_path, fsync_dir, fsync_file
 from vqkit.errors import UsageError, VqkitError
+from vqkit.fsutil import atomic_path, fsync_dir, fsync_file
 from vqkit.nn.vqvae import VQVAE, StageOneConfig, level_names
 
 FORMAT_VERSION = 1

@@ -11,10 +11,8 @@ to the full PSNR is what the level adds (for the top: the model against its lowe
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -22,7 +20,6 @@ from tqdm import tqdm
 from vqkit.data.datasets import ImageSet, to_model
 from vqkit.data.images import psnr_from_mse
 from vqkit.errors import UsageError
-from vqkit.fsutil import atomic_write_text
 from vqkit.nn.likelihood import bits_per_dim
 from vqkit.nn.quantize import CodebookUsage
 from vqkit.nn.vqvae import VQVAE, level_names
@@ -75,18 +72,6 @@ class EvalResult:
                 f"without this level {lv.psnr_without:.2f} dB"
                 for lv in self.levels)
         return text
-
-
-# The last evaluation of a run, kept in the run folder for ``vqkit report``.
-EVAL_FILE = "eval.json"
-
-
-def save_eval(run: str | Path, record: dict) -> Path:
-    """Write ``record`` (what ``vqkit eval --json`` prints, with the checkpoint's step) to
-    ``RUN/eval.json`` atomically, replacing the previous evaluation."""
-    path = Path(run) / EVAL_FILE
-    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-    return path
 
 
 def _psnr(sq_err: float, count: int) -> float:
