@@ -324,3 +324,17 @@ def test_prior_mode_codes_with_the_priors_probabilities():
     assert header.mode == "prior" and torch.equal(decoded[0], codes)
     assert torch.equal(codec.decompress(prior.data), codec.reconstruct(image))
 
+
+def test_payload_that_decodes_to_other_codes_fails_the_codes_checksum():
+    """A payload changed behind valid header and payload checksums still unpacks (uniform mode
+    takes any bits), but to other codes: only the codes checksum in the header can notice."""
+    codec, image = _sharp_codec()
+    data = bytearray(codec.compress(image, "uniform").data)
+    size = header_size(1)
+    data[size] ^= 0x01  # the lowest bit of the first code
+    struct.pack_into("<I", data, len(data) - 4, zlib.crc32(bytes(data[size:-4])))
+    original = unpack_uniform(codec.compress(image, "uniform").data[size:-4], [56 * 56], [16])[0]
+    changed = unpack_uniform(bytes(data[size:-4]), [56 * 56], [16])[0]
+    assert (changed != original).sum() == 1
+    with pytest.raises(CodecError, match="x.vq: the decoded codes do not match the file's checksum"):
+        codec.decompress_codes(bytes(data), "x.vq")
