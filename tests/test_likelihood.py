@@ -45,3 +45,24 @@ def test_bits_per_dim_adds_log_k_per_latent():
     expected = (5000 + 64 * math.log(512)) / (3072 * math.log(2))
     assert bits_per_dim(5000.0, 3072, 64, 512) == pytest.approx(expected)
     assert bits_per_dim(0.0, 8, 8, 256) == pytest.approx(8.0)  # 8 bits per latent, one per subpixel
+
+
+@pytest.mark.parametrize("decay", [0.9, None])
+def test_gaussian_variance_is_an_ema_with_weight_decay_on_the_old_value(decay):
+    """variance_1 = b_1 (the first batch's per-channel MSE), then
+    variance_t = decay * variance_{t-1} + (1 - decay) * b_t, in training mode only."""
+    lik = GaussianLikelihood(channels=2) if decay is None else GaussianLikelihood(channels=2, decay=decay)
+    d = 0.99 if decay is None else decay
+    assert lik.decay == d
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 2, 4, 4, generator=g) * 2 - 1
+    variance = None
+    lik.train()
+    for scale in (0.05, 0.3, 0.1):
+        params = x + scale * torch.randn(x.shape, generator=g)
+        batch = ((params.double() - x.double()) ** 2).mean(dim=(0, 2, 3))
+        variance = batch if variance is None else d * variance + (1 - d) * batch
+        lik(params, x)
+        assert torch.allclose(lik.variance.double(), variance, rtol=1e-5, atol=0), \
+            f"variance {lik.variance.tolist()}, the EMA {variance.tolist()}"
+
