@@ -66,3 +66,26 @@ def test_gaussian_variance_is_an_ema_with_weight_decay_on_the_old_value(decay):
         assert torch.allclose(lik.variance.double(), variance, rtol=1e-5, atol=0), \
             f"variance {lik.variance.tolist()}, the EMA {variance.tolist()}"
 
+
+def test_logistic_mixture_mean_weights_the_components_by_their_softmax():
+    """mean = sum_m softmax(logits)_m * mean_m per subpixel; params (B, 3*M*C, H, W) are the
+    logits, means and log-scales blocks, each (M, C) mixture-major."""
+    m, c = 3, 2
+    lik = LogisticMixtureLikelihood(channels=c, mixtures=m)
+    g = torch.Generator().manual_seed(0)
+    params = torch.randn(2, 3 * m * c, 3, 3, generator=g, dtype=torch.float64)
+    params[:, :m * c] *= 3  # distinct, far from equal weights
+    logits = params[:, :m * c].reshape(2, m, c, 3, 3)
+    means = params[:, m * c:2 * m * c].reshape(2, m, c, 3, 3)
+    weights = torch.exp(logits) / torch.exp(logits).sum(1, keepdim=True)
+    expected = (weights * means).sum(1)
+    assert (expected - means.mean(1)).abs().max() > 0.3  # the unweighted mean is far off
+    got = lik.mean(params.float())
+    assert torch.allclose(got.double(), expected, atol=1e-5), f"max error {(got - expected).abs().max():.3g}"
+    # Independently of the layout: the mean of the distribution that forward() puts on the 256 values.
+    one = LogisticMixtureLikelihood(channels=1, mixtures=m)
+    p = torch.tensor([1.5, -1.0, 0.2, 0.4, -0.3, -0.6, -3.0, -3.2, -2.8]).view(1, 9, 1, 1)
+    nll = one(p.repeat(256, 1, 1, 1), ALL_VALUES.view(256, 1, 1, 1)).nll.double()
+    expectation = float((ALL_VALUES.double() * torch.exp(-nll)).sum())
+    assert float(one.mean(p)) == pytest.approx(expectation, abs=2e-3)
+
