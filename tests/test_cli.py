@@ -17,9 +17,6 @@ from vqkit.runs import checkpoint as ckpt
 from vqkit.cli.main import main
 from vqkit.data.datasets import from_model, load_dataset, sample_dir, to_model
 
-# Tiny convolutions are slower with several threads on a shared two-core machine.
-torch.set_num_threads(1)
-
 DATA = f"fashion-mnist:{sample_dir()}"
 
 

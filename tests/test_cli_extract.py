@@ -12,9 +12,6 @@ from vqkit.data.datasets import load_dataset, sample_dir, to_model
 from vqkit.nn.vqvae import VQVAEConfig
 from vqkit.train.stage1 import TrainConfig, train
 
-# Tiny convolutions are slower with several threads on a shared two-core machine.
-torch.set_num_threads(1)
-
 DATA = f"fashion-mnist:{sample_dir()}"
 
 

@@ -29,8 +29,6 @@ from vqkit.nn.vqvae import VQVAE
 from vqkit.prior import PriorConfig, build_prior
 from vqkit.runs.generate import LevelPrior
 
-torch.set_num_threads(1)
-
 DATA = f"fashion-mnist:{sample_dir()}"
 TINY2 = VQVAE2Config(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, strides=[1, 1],
                      code_dim=4, codebook_sizes=[8, 16], restart_after=2)

@@ -32,8 +32,6 @@ from vqkit.nn.quantize import VectorQuantizer
 from vqkit.train.stage1 import TrainConfig, batch_indices, train
 from vqkit.train.prior import PriorTrainConfig, prior_config_for, train_prior
 
-torch.set_num_threads(1)
-
 DATA = f"fashion-mnist:{sample_dir()}"
 # K = 64 codes for 2 x 2 images of 7 x 7 latents, unused after 2 steps: codes die and are
 # restarted from the global batch during the run, after k-means on the first one.

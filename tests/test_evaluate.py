@@ -12,9 +12,6 @@ from vqkit.data.datasets import TensorImageSet, to_model
 from vqkit.train.evaluate import evaluate
 from vqkit.nn.vqvae import VQVAE, VQVAEConfig
 
-# Tiny convolutions are slower with several threads on a shared two-core machine.
-torch.set_num_threads(1)
-
 TINY = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
                    code_dim=4, codebook_size=16)
 

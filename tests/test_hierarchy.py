@@ -4,9 +4,6 @@ import torch.nn.functional as F
 
 from vqkit.nn.vqvae2 import PRESET2_IMAGE_SIZE, PRESETS2, VQVAE2, VQVAE2Config, preset2
 
-# The machine's cores are shared with benchmarks; note this setting is process-wide.
-torch.set_num_threads(1)
-
 TINY = {"hidden": 8, "res_hidden": 4, "num_res_blocks": 1, "code_dim": 4}
 
 

@@ -21,8 +21,6 @@ from vqkit.train.stage1 import TrainConfig, train
 from vqkit.data.datasets import to_model
 from vqkit.nn.vqvae import VQVAE
 
-torch.set_num_threads(1)
-
 
 def _photo(h, w, seed=0, channels=3):
     g = torch.Generator().manual_seed(seed)

@@ -8,8 +8,6 @@ import torch
 from vqkit.prior import PriorConfig, build_prior, filtered_probs, sample
 from vqkit.prior.sampling import sample_codes
 
-torch.set_num_threads(1)
-
 H, W, K = 5, 6, 11
 
 

@@ -15,9 +15,6 @@ from vqkit.nn.vqvae import VQVAEConfig
 from vqkit.nn.quantize import VectorQuantizer
 from vqkit.train.stage1 import TrainConfig, TrainingError, batch_indices, train
 
-# Tiny convolutions are slower with several threads on a shared two-core machine.
-torch.set_num_threads(1)
-
 TINY = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
                    code_dim=4, codebook_size=16)
 
