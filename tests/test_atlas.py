@@ -19,8 +19,6 @@ from vqkit.nn.vqvae import VQVAE2, VQVAE2Config, VQVAEConfig
 from vqkit.runs import checkpoint as ckpt
 from vqkit.training.stage1 import TrainConfig, train
 
-torch.set_num_threads(1)
-
 DATA = f"fashion-mnist:{sample_dir()}"
 STAGE1 = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
                      code_dim=4, codebook_size=16, restart_after=0)

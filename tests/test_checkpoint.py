@@ -25,9 +25,6 @@ from vqkit.runs.checkpoint import (
     write_config,
 )
 
-# Tiny convolutions are slower with several threads on a shared two-core machine.
-torch.set_num_threads(1)
-
 TINY = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
                    code_dim=4, codebook_size=16)
 

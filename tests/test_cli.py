@@ -10,15 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from vqkit.cli.main import main
 from vqkit.data.datasets import from_model, load_dataset, sample_dir, to_model
 from vqkit.runs import checkpoint as ckpt
-
-# Tiny convolutions are slower with several threads on a shared two-core machine.
-torch.set_num_threads(1)
 
 DATA = f"fashion-mnist:{sample_dir()}"
 

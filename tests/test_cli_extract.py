@@ -12,9 +12,6 @@ from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import load_codes
 from vqkit.training.stage1 import TrainConfig, train
 
-# Tiny convolutions are slower with several threads on a shared two-core machine.
-torch.set_num_threads(1)
-
 DATA = f"fashion-mnist:{sample_dir()}"
 
 

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,13 +27,13 @@ from vqkit.codec.codec import (
     uniform_payload_bytes,
     unpack_uniform,
 )
-from vqkit.data.datasets import sample_dir
+from vqkit.data.datasets import sample_dir, to_model
 from vqkit.data.images import load_image, save_png
-from vqkit.nn.vqvae import VQVAE2Config, VQVAEConfig
+from vqkit.nn.vqvae import VQVAE, VQVAE2Config, VQVAEConfig
+from vqkit.prior import PriorConfig, build_prior
 from vqkit.runs import checkpoint as ckpt
+from vqkit.runs.generate import LevelPrior
 from vqkit.training.stage1 import TrainConfig, train
-
-torch.set_num_threads(1)
 
 DATA = f"fashion-mnist:{sample_dir()}"
 TINY2 = VQVAE2Config(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, strides=[1, 1],
@@ -280,3 +281,64 @@ def test_cli_compress_and_decompress(runs, tmp_path, capsys):
     assert main(["compress", str(runs / "one"), str(image), "--prior", str(runs / "top"), "-o", str(tmp_path / "c.vq")]) == 2
     assert "another model" in capsys.readouterr().err
     assert ckpt.run_kind(runs / "one") == "vqvae"
+
+
+def _sharp_codec() -> tuple[Codec, torch.Tensor]:
+    """A fresh one-level model (K = 16, 7x7 prior maps: 28x28 tiles) and a flat 224x224 image
+    with a dark square and a noisy patch, whose 56x56 code map is mostly one code; and a prior
+    whose output layer is zeroed and biased to the log of that map's code frequencies, so every
+    conditional is the map's own histogram: a prior much sharper than uniform."""
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
+                              code_dim=4, codebook_size=16))
+    image = torch.full((1, 224, 224), 200, dtype=torch.uint8)
+    image[:, 100:120, 150:170] = 20
+    image[:, 80:90, 10:30] = torch.randint(0, 256, (1, 10, 20), generator=torch.Generator().manual_seed(0),
+                                           dtype=torch.uint8)
+    model.train()
+    model(to_model(image[None]))  # one training step's k-means initialisation spreads the codebook
+    model.eval()
+    codes = Codec(model, "sharp").encode(image, "uniform")[0]
+    counts = torch.bincount(codes.flatten(), minlength=16).double()
+    prior = build_prior(PriorConfig(codebook_size=16, height=7, width=7, channels=8, layers=2))
+    with torch.no_grad():
+        prior.head[-1].weight.zero_()
+        prior.head[-1].bias.copy_(torch.log((counts + 0.05) / counts.sum()))
+    return Codec(model, "sharp", [LevelPrior(Path("sharp-prior"), prior.eval(), {})], ["sharp-prior"]), image
+
+
+def test_prior_mode_codes_with_the_priors_probabilities():
+    """With a prior far from uniform the payload is the prior's ideal code length (a range coder
+    given uniform probabilities would write about log2 K bits a code whatever the prior says)."""
+    codec, image = _sharp_codec()
+    prior, uniform = codec.compress(image), codec.compress(image, "uniform")
+    codes = prior.codes[0]
+    assert codes.shape == (56, 56) and len(codes.unique()) >= 8  # not one code everywhere
+    assert uniform.header.payload_length == 56 * 56 * 4 // 8
+    # The ideal code length under the prior: the map's histogram entropy, about a third of log2 16.
+    counts = torch.bincount(codes.flatten(), minlength=16).double()
+    p = (counts + 0.05) / (counts.sum() + 16 * 0.05)
+    assert prior.ideal_bits == pytest.approx(float(-(counts * p.log2()).sum()), rel=1e-6)
+    assert prior.ideal_bits < 0.4 * 8 * uniform.header.payload_length
+    payload_bits = 8 * prior.header.payload_length
+    assert prior.ideal_bits - 8 <= payload_bits <= prior.ideal_bits + 64, \
+        f"prior-mode payload {payload_bits} bits, the prior's ideal code length {prior.ideal_bits:.1f} bits"
+    assert prior.header.payload_length < 0.5 * uniform.header.payload_length
+    header, decoded = codec.decompress_codes(prior.data)
+    assert header.mode == "prior" and torch.equal(decoded[0], codes)
+    assert torch.equal(codec.decompress(prior.data), codec.reconstruct(image))
+
+
+def test_payload_that_decodes_to_other_codes_fails_the_codes_checksum():
+    """A payload changed behind valid header and payload checksums still unpacks (uniform mode
+    takes any bits), but to other codes: only the codes checksum in the header can notice."""
+    codec, image = _sharp_codec()
+    data = bytearray(codec.compress(image, "uniform").data)
+    size = header_size(1)
+    data[size] ^= 0x01  # the lowest bit of the first code
+    struct.pack_into("<I", data, len(data) - 4, zlib.crc32(bytes(data[size:-4])))
+    original = unpack_uniform(codec.compress(image, "uniform").data[size:-4], [56 * 56], [16])[0]
+    changed = unpack_uniform(bytes(data[size:-4]), [56 * 56], [16])[0]
+    assert (changed != original).sum() == 1
+    with pytest.raises(CodecError, match="x.vq: the decoded codes do not match the file's checksum"):
+        codec.decompress_codes(bytes(data), "x.vq")

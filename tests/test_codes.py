@@ -16,9 +16,6 @@ from vqkit.data.datasets import TensorImageSet, load_dataset, sample_dir, to_mod
 from vqkit.nn.vqvae import VQVAE, VQVAEConfig
 from vqkit.runs.codes import CodeSet, CodeStoreError, code_dtype, extract_codes, load_codes
 
-# Tiny convolutions are slower with several threads on a shared two-core machine.
-torch.set_num_threads(1)
-
 DATA = f"fashion-mnist:{sample_dir()}"
 N = 37  # not a multiple of the batch size below, so the last batch is partial
 BATCH = 8

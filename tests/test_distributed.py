@@ -33,8 +33,6 @@ from vqkit.training.loop import batch_indices
 from vqkit.training.prior import PriorTrainConfig, prior_config_for, train_prior
 from vqkit.training.stage1 import TrainConfig, train
 
-torch.set_num_threads(1)
-
 DATA = f"fashion-mnist:{sample_dir()}"
 # K = 64 codes for 2 x 2 images of 7 x 7 latents, unused after 2 steps: codes die and are
 # restarted from the global batch during the run, after k-means on the first one.

@@ -12,9 +12,6 @@ from vqkit.data.datasets import TensorImageSet, to_model
 from vqkit.nn.vqvae import VQVAE, VQVAEConfig
 from vqkit.training.evaluate import evaluate
 
-# Tiny convolutions are slower with several threads on a shared two-core machine.
-torch.set_num_threads(1)
-
 TINY = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
                    code_dim=4, codebook_size=16)
 
@@ -128,3 +125,34 @@ def test_empty_evaluation_is_an_error():
     model = _trained(TINY, data, steps=1)
     with pytest.raises(ValueError, match="synthetic"):
         evaluate(model, data, limit=0)
+
+
+def _overshooting(config: VQVAEConfig, data: TensorImageSet, gain: float = 20.0) -> VQVAE:
+    """A briefly trained model whose last decoder layer is scaled by ``gain``: most of its
+    reconstructions lie outside [-1, 1]."""
+    model = _trained(config, data, steps=2)
+    last = [m for m in model.decoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))][-1]
+    with torch.no_grad():
+        last.weight.mul_(gain)
+        if last.bias is not None:
+            last.bias.mul_(gain)
+    return model
+
+
+def test_mse_and_psnr_clamp_reconstructions_to_the_pixel_range():
+    """MSE on the [0, 1] scale of the reconstruction clamped to [-1, 1], the pixels any output
+    image can hold, not of the decoder's raw mean."""
+    data = _dataset(10)
+    model = _overshooting(TINY, data)
+    model.eval()
+    with torch.no_grad():
+        x = to_model(data.images).double()
+        x_hat = model(to_model(data.images)).x_hat.double()
+    assert float((x_hat.abs() > 1).double().mean()) > 0.3  # the test needs outputs out of range
+    clamped = float((((x_hat.clamp(-1, 1) + 1) / 2 - (x + 1) / 2) ** 2).mean())
+    raw = float((((x_hat + 1) / 2 - (x + 1) / 2) ** 2).mean())
+    assert raw > 2 * clamped
+    result = evaluate(model, data, batch_size=4)
+    assert result.mse == pytest.approx(clamped, rel=1e-5), f"evaluate's MSE {result.mse}, clamped {clamped}, raw {raw}"
+    assert result.psnr == pytest.approx(10 * math.log10(1 / clamped), rel=1e-5)
+    assert result.levels[0].psnr_upto == pytest.approx(10 * math.log10(1 / clamped), rel=1e-5)

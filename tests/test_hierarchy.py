@@ -5,9 +5,6 @@ import torch.nn.functional as F
 from vqkit.nn.presets import PRESET_IMAGE_SIZE, PRESETS, preset
 from vqkit.nn.vqvae import VQVAE2, VQVAE2Config
 
-# The machine's cores are shared with benchmarks; note this setting is process-wide.
-torch.set_num_threads(1)
-
 TINY = {"hidden": 8, "res_hidden": 4, "num_res_blocks": 1, "code_dim": 4}
 
 

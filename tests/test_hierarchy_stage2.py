@@ -21,9 +21,6 @@ from vqkit.runs.generate import LevelPrior, chain_codes, check_chain, decode_cod
 from vqkit.training.prior import evaluate_prior
 from vqkit.training.stage1 import TrainConfig, train
 
-# Tiny convolutions are slower with several threads on a shared two-core machine.
-torch.set_num_threads(1)
-
 DATA = f"fashion-mnist:{sample_dir()}"
 TINY2 = VQVAE2Config(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, strides=[1, 1],
                      code_dim=4, codebook_sizes=[8, 16], restart_after=2)

@@ -9,7 +9,6 @@ from vqkit.precision import Placement, autocast, prepare_input, prepare_model, r
 from vqkit.runs.checkpoint import load_model
 from vqkit.training.stage1 import TrainConfig, train
 
-torch.set_num_threads(1)
 CPU = torch.device("cpu")
 
 

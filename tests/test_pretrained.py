@@ -20,8 +20,6 @@ from vqkit.nn.pretrained import PretrainedError, PretrainedMixin
 from vqkit.nn.vqvae import VQVAE, VQVAE2, VQVAE2Config, VQVAEConfig
 from vqkit.runs import checkpoint as ckpt
 
-torch.set_num_threads(1)
-
 TINY1 = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2, code_dim=4,
                     codebook_size=12, restart_after=2)
 TINY2 = VQVAE2Config(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, strides=[1, 1],

@@ -10,8 +10,6 @@ import torch
 
 from vqkit.prior import PriorConfig, build_prior
 
-torch.set_num_threads(1)
-
 H, W, K = 5, 6, 11
 
 

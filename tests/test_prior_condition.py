@@ -12,8 +12,6 @@ import torch
 
 from vqkit.prior import PriorConfig, build_prior, sample
 
-torch.set_num_threads(1)
-
 ARCHS = ["pixelcnn", "pixelsnail"]
 H, W, K = 6, 6, 11
 # Three levels: this prior (6x6) is conditioned on a middle map (3x3, factor 2) and a top map

@@ -15,11 +15,9 @@ from PIL import Image
 from vqkit.cli.main import main
 from vqkit.codec.codec import Codec
 from vqkit.codec.rd import Point, RDResult, measure, ms_ssim, pillow_roundtrip, psnr
-from vqkit.data.datasets import sample_dir
-from vqkit.nn.vqvae import VQVAEConfig
+from vqkit.data.datasets import sample_dir, to_model
+from vqkit.nn.vqvae import VQVAE, VQVAEConfig
 from vqkit.training.stage1 import TrainConfig, train
-
-torch.set_num_threads(1)
 
 
 def _photo(h, w, seed=0, channels=3):
@@ -141,3 +139,31 @@ def test_measure_and_cli(one_level, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         main(["rd", str(one_level / "run"), "--data", str(folder), "--qualities", "10,0", "-o", "x.png"])
     assert exit.value.code == 2 and "qualities run from 1 to 100" in capsys.readouterr().err
+
+
+def test_measured_psnr_is_of_the_clamped_reconstruction(tmp_path):
+    """A decoder whose mean overshoots [-1, 1] (a fresh model, last layer scaled up): the PSNR
+    ``measure`` reports is that of the reconstruction clamped to the pixel range, computed here
+    from the forward pass's raw mean, not of pixels wrapped around by the uint8 conversion."""
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
+                              code_dim=4, codebook_size=16))
+    image = _photo(48, 64, seed=2, channels=1)
+    model.train()
+    model(to_model(image[None]))  # k-means initialisation: more than one code
+    model.eval()
+    last = [m for m in model.decoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))][-1]
+    with torch.no_grad():
+        last.weight.mul_(30)
+        if last.bias is not None:
+            last.bias.mul_(30)
+        x_hat = model(to_model(image[None])).x_hat[0]
+    assert float((x_hat.abs() > 1).float().mean()) > 0.3  # the test needs outputs out of range
+    rec = ((x_hat.clamp(-1, 1) + 1) * 127.5).round().double()
+    expected = 10 * math.log10(255 ** 2 / float(((rec - image.double()) ** 2).mean()))
+    codec = Codec(model, "overshoot")
+    assert psnr(image, codec.decompress(codec.compress(image, "uniform").data)) == pytest.approx(expected, rel=1e-4)
+    Image.fromarray(image[0].numpy()).save(tmp_path / "a.png")
+    result = measure({"m": codec}, [tmp_path / "a.png"], qualities=[50], progress=False)
+    vq = next(p for p in result.points if p.method == "m uniform")
+    assert vq.psnr == pytest.approx(expected, rel=1e-4), f"measured PSNR {vq.psnr:.3f} dB, clamped {expected:.3f} dB"

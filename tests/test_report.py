@@ -23,8 +23,6 @@ from vqkit.runs.codes import extract_codes, load_codes
 from vqkit.training.prior import PriorTrainConfig, prior_config_for, train_prior
 from vqkit.training.stage1 import TrainConfig, train
 
-torch.set_num_threads(1)
-
 DATA = f"fashion-mnist:{sample_dir()}"
 STAGE1 = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
                      code_dim=4, codebook_size=16, restart_after=0)

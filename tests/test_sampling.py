@@ -8,8 +8,6 @@ import torch
 from vqkit.prior import PriorConfig, build_prior, filtered_probs, sample
 from vqkit.prior.sampling import sample_codes
 
-torch.set_num_threads(1)
-
 H, W, K = 5, 6, 11
 
 
@@ -102,3 +100,22 @@ def test_sample_errors():
             sample(prior, 2, **kw)
     with pytest.raises(ValueError, match="n must be a positive"):
         sample(prior, 0)
+
+
+def test_top_p_stops_at_the_first_code_that_reaches_the_mass_exactly():
+    """The nucleus is the smallest set of most likely codes whose mass is >= top_p: when the
+    codes kept so far sum to top_p exactly, the next code is dropped. Powers of two, so the
+    softmax and its cumulative sums are exact and the boundary is hit on the nose."""
+    probs = torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.0625],
+                          [0.0625, 0.125, 0.5, 0.0625, 0.25]])  # the same, shuffled
+    logits = probs.log()
+    assert torch.equal(filtered_probs(logits), probs)  # exact, so the masses below are too
+    for top_p, kept in [(0.5, 1), (0.75, 2), (0.875, 3)]:
+        expected = torch.zeros_like(probs)
+        for row in range(2):
+            top = probs[row].argsort(descending=True)[:kept]
+            expected[row, top] = probs[row, top]
+        got = filtered_probs(logits, top_p=top_p)
+        assert torch.equal(got, expected), f"top_p={top_p}: kept {got.tolist()}, nucleus {expected.tolist()}"
+    # Just past a boundary the next code is needed, and kept.
+    assert torch.equal(filtered_probs(logits, top_p=0.76) > 0, probs >= 0.125)

@@ -16,9 +16,6 @@ from vqkit.training import stage1 as train_module
 from vqkit.training.loop import batch_indices
 from vqkit.training.stage1 import TrainConfig, TrainingError, train
 
-# Tiny convolutions are slower with several threads on a shared two-core machine.
-torch.set_num_threads(1)
-
 TINY = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
                    code_dim=4, codebook_size=16)
 

@@ -20,8 +20,6 @@ from vqkit.training.loop import TrainingError
 from vqkit.training.prior import PriorTrainConfig, evaluate_prior, prior_config_for, split_indices, train_prior
 from vqkit.training.stage1 import TrainConfig, train
 
-torch.set_num_threads(1)
-
 DATA = f"fashion-mnist:{sample_dir()}"
 STAGE1 = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
                      code_dim=4, codebook_size=16, restart_after=0)
