@@ -8,10 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import DATA
 from PIL import Image
 
 from vqkit.cli.main import main
-from vqkit.data.datasets import from_model, load_dataset, sample_dir, to_model
+from vqkit.data.datasets import from_model, load_dataset, to_model
 from vqkit.inspect.atlas import load_complete, write_inspection
 from vqkit.inspect.figures import atlas_image, usage_figure
 from vqkit.inspect.stats import ExemplarBank, crops_at, inspect_model, pca
@@ -19,7 +20,6 @@ from vqkit.nn.vqvae import VQVAE2, VQVAE2Config, VQVAEConfig
 from vqkit.runs import checkpoint as ckpt
 from vqkit.training.stage1 import TrainConfig, train
 
-DATA = f"fashion-mnist:{sample_dir()}"
 STAGE1 = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
                      code_dim=4, codebook_size=16, restart_after=0)
 

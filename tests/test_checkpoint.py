@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 
 from vqkit.nn.vqvae import VQVAE, VQVAEConfig
 from vqkit.runs import checkpoint as ckpt
@@ -24,9 +25,6 @@ from vqkit.runs.checkpoint import (
     save_checkpoint,
     write_config,
 )
-
-TINY = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
-                   code_dim=4, codebook_size=16)
 
 
 def _images(n: int = 8, seed: int = 0) -> torch.Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DATA, TINY2
 
 from vqkit.cli.main import main
 from vqkit.codec.codec import (
@@ -27,17 +28,14 @@ from vqkit.codec.codec import (
     uniform_payload_bytes,
     unpack_uniform,
 )
-from vqkit.data.datasets import sample_dir, to_model
+from vqkit.data.datasets import to_model
 from vqkit.data.images import load_image, save_png
-from vqkit.nn.vqvae import VQVAE, VQVAE2Config, VQVAEConfig
+from vqkit.nn.vqvae import VQVAE, VQVAEConfig
 from vqkit.prior import PriorConfig, build_prior
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.generate import LevelPrior
 from vqkit.training.stage1 import TrainConfig, train
 
-DATA = f"fashion-mnist:{sample_dir()}"
-TINY2 = VQVAE2Config(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, strides=[1, 1],
-                     code_dim=4, codebook_sizes=[8, 16], restart_after=2)
 # A codebook size that is not a power of two: uniform mode packs in mixed radix.
 TINY1 = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2, code_dim=4,
                     codebook_size=12, restart_after=2)

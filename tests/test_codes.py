@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DATA
 
-from vqkit.data.datasets import TensorImageSet, load_dataset, sample_dir, to_model
+from vqkit.data.datasets import TensorImageSet, load_dataset, to_model
 from vqkit.nn.vqvae import VQVAE, VQVAEConfig
 from vqkit.runs.codes import CodeSet, CodeStoreError, code_dtype, extract_codes, load_codes
 
-DATA = f"fashion-mnist:{sample_dir()}"
 N = 37  # not a multiple of the batch size below, so the last batch is partial
 BATCH = 8
 K = 16

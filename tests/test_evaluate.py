@@ -7,13 +7,11 @@ import math
 
 import pytest
 import torch
+from conftest import TINY
 
 from vqkit.data.datasets import TensorImageSet, to_model
 from vqkit.nn.vqvae import VQVAE, VQVAEConfig
 from vqkit.training.evaluate import evaluate
-
-TINY = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
-                   code_dim=4, codebook_size=16)
 
 
 def _dataset(n: int = 20, channels: int = 1, size: int = 16, seed: int = 0) -> TensorImageSet:

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DATA, TINY2
 from PIL import Image
 
 from vqkit.cli.main import main
-from vqkit.data.datasets import load_dataset, sample_dir, to_model
-from vqkit.nn.vqvae import VQVAE2, VQVAE2Config
+from vqkit.data.datasets import load_dataset, to_model
+from vqkit.nn.vqvae import VQVAE2
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.checkpoint import load_prior
 from vqkit.runs.codes import CodeStoreError, extract_codes, load_codes
@@ -21,9 +22,6 @@ from vqkit.runs.generate import LevelPrior, chain_codes, check_chain, decode_cod
 from vqkit.training.prior import evaluate_prior
 from vqkit.training.stage1 import TrainConfig, train
 
-DATA = f"fashion-mnist:{sample_dir()}"
-TINY2 = VQVAE2Config(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, strides=[1, 1],
-                     code_dim=4, codebook_sizes=[8, 16], restart_after=2)
 N = 40
 PRIOR = ["--steps", "4", "--batch-size", "8", "--channels", "8", "--layers", "1", "--no-tensorboard"]
 

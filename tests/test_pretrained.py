@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY2
 
 from vqkit import __version__
 from vqkit.nn import pretrained
@@ -22,8 +23,6 @@ from vqkit.runs import checkpoint as ckpt
 
 TINY1 = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2, code_dim=4,
                     codebook_size=12, restart_after=2)
-TINY2 = VQVAE2Config(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, strides=[1, 1],
-                     code_dim=4, codebook_sizes=[8, 16], restart_after=2)
 
 
 def _images(n: int = 4, seed: int = 0) -> torch.Tensor:

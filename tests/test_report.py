@@ -12,10 +12,11 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from conftest import DATA
 from PIL import Image
 
 from vqkit.cli.main import main
-from vqkit.data.datasets import load_dataset, sample_dir
+from vqkit.data.datasets import load_dataset
 from vqkit.inspect.report import build_report, read_scalars
 from vqkit.nn.vqvae import VQVAE2Config, VQVAEConfig
 from vqkit.runs import checkpoint as ckpt
@@ -23,7 +24,6 @@ from vqkit.runs.codes import extract_codes, load_codes
 from vqkit.training.prior import PriorTrainConfig, prior_config_for, train_prior
 from vqkit.training.stage1 import TrainConfig, train
 
-DATA = f"fashion-mnist:{sample_dir()}"
 STAGE1 = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
                      code_dim=4, codebook_size=16, restart_after=0)
 STAGE1_SECTIONS = ["summary", "config", "curves", "reconstructions", "atlas-codes", "usage", "code-maps", "pca"]

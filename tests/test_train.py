@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 
 from vqkit.data.datasets import TensorImageSet, load_dataset, sample_dir
 from vqkit.nn.quantize import VectorQuantizer
@@ -15,9 +16,6 @@ from vqkit.runs import checkpoint as ckpt
 from vqkit.training import stage1 as train_module
 from vqkit.training.loop import batch_indices
 from vqkit.training.stage1 import TrainConfig, TrainingError, train
-
-TINY = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
-                   code_dim=4, codebook_size=16)
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,15 @@ import math
 
 import numpy as np
 import torch
+from conftest import DATA, TINY2
 from PIL import Image
 
 from vqkit.cli.main import main
-from vqkit.data.datasets import from_model, load_dataset, sample_dir
-from vqkit.nn.vqvae import VQVAE2, VQVAE2Config
+from vqkit.data.datasets import from_model, load_dataset
+from vqkit.nn.vqvae import VQVAE2
 from vqkit.runs import checkpoint as ckpt
 from vqkit.training.evaluate import evaluate
 from vqkit.training.stage1 import TrainConfig, train
-
-DATA = f"fashion-mnist:{sample_dir()}"
-TINY2 = VQVAE2Config(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, strides=[1, 1],
-                     code_dim=4, codebook_sizes=[8, 16], restart_after=2)
 
 
 def _train(run, steps, resume=False):

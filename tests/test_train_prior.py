@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+from conftest import DATA
 from PIL import Image
 
 from vqkit.cli.main import main
-from vqkit.data.datasets import load_dataset, sample_dir
+from vqkit.data.datasets import load_dataset
 from vqkit.nn.vqvae import VQVAEConfig
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.checkpoint import load_prior
@@ -20,7 +21,6 @@ from vqkit.training.loop import TrainingError
 from vqkit.training.prior import PriorTrainConfig, evaluate_prior, prior_config_for, split_indices, train_prior
 from vqkit.training.stage1 import TrainConfig, train
 
-DATA = f"fashion-mnist:{sample_dir()}"
 STAGE1 = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
                      code_dim=4, codebook_size=16, restart_after=0)
 SIZES = dict(channels=8, layers=1)
