@@ -86,7 +86,11 @@ def setup(timeout: float = DEFAULT_TIMEOUT) -> bool:
 
 
 def shutdown() -> None:
+    """Leave the process group, once every process has come here: a process that tore its
+    group down while another still used it has ended in ``std::terminate`` in gloo's threads."""
     if dist.is_available() and dist.is_initialized():
+        if active():
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -59,9 +59,11 @@ FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 # Keys of config.json that are not fields of the model configuration.
 MODEL_TYPE_KEY = "model_type"
 VERSION_KEY = "vqkit_version"
-# The modules that define the model classes, imported before dispatching on model_type so that
-# ``PretrainedMixin.from_pretrained`` knows every kind of model.
-MODEL_MODULES = ("vqkit.nn.vqvae", "vqkit.prior")
+# The modules that define the model classes of this layer, imported before dispatching on
+# model_type. Priors live in a higher layer, which this one never imports: their classes are
+# known once ``vqkit.prior`` has been imported (``Prior.from_pretrained`` always has).
+MODEL_MODULES = ("vqkit.nn.vqvae",)
+_ELSEWHERE = {"prior": "vqkit.prior"}
 # A Hugging Face Hub repo id, "owner/name".
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 
@@ -279,5 +281,8 @@ def _class_for(cls: type[T], model_type: str, path: Path, written: str) -> type[
         other = known[model_type].__name__
         raise PretrainedError(f"{path}: holds a {model_type!r} model ({other}), not a {cls.__name__}; "
                               f"load it with {other}.from_pretrained")
+    if model_type in _ELSEWHERE:
+        raise PretrainedError(f"{path}: holds a {model_type!r} model; import {_ELSEWHERE[model_type]} "
+                              f"and load it with its class (e.g. vqkit.prior.Prior.from_pretrained)")
     raise PretrainedError(f"{path}: unknown model_type {model_type!r} (known: {', '.join(sorted(known))}"
                           f"{written})")
