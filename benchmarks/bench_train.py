@@ -22,7 +22,7 @@ SIZES = {"cifar10": (3, 32), "cifar10-paper": (3, 32), "mnist": (1, 28), "demo":
 
 def run(name: str, steps: int, batch: int) -> dict:
     from vqkit.nn.presets import preset
-from vqkit.nn.vqvae import VQVAE
+    from vqkit.nn.vqvae import VQVAE
 
     torch.manual_seed(0)
     model = VQVAE(preset(name))
