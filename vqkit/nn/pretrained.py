@@ -206,31 +206,35 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load the safetensors file ``path`` into ``model``, which it must fit exactly.
+def fit_state_dict(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> str | None:
+    """Load ``weights`` into ``model`` through ``load_state_dict``, so that the model's own load
+    hooks (such as a renaming of older key names) apply; returns what does not fit (missing or
+    unexpected keys, shape mismatches), or None when everything did."""
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:
+        wrong = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        return "; ".join(wrong[:5]) or str(e)
+    parts = []
+    if result.missing_keys:
+        parts.append(f"missing {', '.join(sorted(result.missing_keys)[:5])}")
+    if result.unexpected_keys:
+        parts.append(f"unexpected {', '.join(sorted(result.unexpected_keys)[:5])}")
+    return "; ".join(parts) or None
 
-    The weights go through ``load_state_dict``, so that the model's own load hooks (such as a
-    renaming of older key names) apply; any missing or unexpected key or shape mismatch is refused.
-    """
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load the safetensors file ``path`` into ``model``, which it must fit exactly
+    (``fit_state_dict``)."""
     if not path.is_file():
         raise PretrainedError(f"{path}: missing")
     try:
         weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise PretrainedError(f"{path}: not a readable safetensors file ({e})") from None
-    try:
-        result = model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:
-        wrong = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
-        raise PretrainedError(f"{path}: weights do not fit the model in {CONFIG_NAME} "
-                              f"({'; '.join(wrong[:5]) or e})") from None
-    parts = []
-    if result.missing_keys:
-        parts.append(f"missing {', '.join(sorted(result.missing_keys)[:5])}")
-    if result.unexpected_keys:
-        parts.append(f"unexpected {', '.join(sorted(result.unexpected_keys)[:5])}")
-    if parts:
-        raise PretrainedError(f"{path}: weights do not fit the model in {CONFIG_NAME} ({'; '.join(parts)})")
+    problem = fit_state_dict(model, weights)
+    if problem:
+        raise PretrainedError(f"{path}: weights do not fit the model in {CONFIG_NAME} ({problem})")
 
 
 def _subclasses(root: type) -> list[type]:

@@ -53,16 +53,6 @@ class _Levels:
     strides: list[int]
     codebook_sizes: list[int]
 
-    def _check_network_fields(self) -> None:
-        if self.likelihood not in LIKELIHOODS:
-            raise ConfigError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, "
-                              f"got {self.likelihood!r}")
-        for name in ("in_channels", "hidden", "res_hidden", "code_dim", "mixtures"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_res_blocks < 0 or self.restart_after < 0:
-            raise ConfigError("num_res_blocks and restart_after must be >= 0")
-
     @property
     def num_levels(self) -> int:
         return len(self.strides)
@@ -87,38 +77,30 @@ class _Levels:
 
 
 @dataclass
-class VQVAEConfig(_Levels, JsonConfig):
-    """Everything needed to rebuild a one-level VQ-VAE; saved as JSON beside its weights.
+class _Network(_Levels):
+    """The fields both configurations share; they apply to every level.
 
     Args:
         in_channels: image channels (1 grey, 3 RGB).
         hidden: channels of the encoder and decoder trunks.
         res_hidden: channels inside each residual block.
-        num_res_blocks: residual blocks in the encoder and in the decoder.
-        downsample: number of stride-2 convolutions: the code map is ``2**downsample`` times
-            smaller than the image per side.
+        num_res_blocks: residual blocks in each encoder and decoder stack.
         code_dim: D, the dimension of each code vector.
-        codebook_size: K, the number of codes.
         beta: commitment weight of eq. 3 (0.25 in the paper).
-        ema: update the codebook by exponential moving averages (appendix A.1) instead of the
+        ema: update the codebooks by exponential moving averages (appendix A.1) instead of the
             codebook loss.
         decay: EMA decay (0.99 in the paper).
-        kmeans_init: set the codebook by k-means on the first training batch.
+        kmeans_init: set each codebook by k-means on the first training batch.
         restart_after: re-seed a code unused for this many training steps (0: never).
         likelihood: ``"gaussian"`` (trained by MSE) or ``"logistic_mixture"``.
         mixtures: logistic components per subpixel (``logistic_mixture`` only).
     """
 
-    label: ClassVar[str] = "VQ-VAE config"
-    kind: ClassVar[str] = "vqvae"  # the run kind in config.json
-
     in_channels: int = 3
     hidden: int = 128
     res_hidden: int = 64
     num_res_blocks: int = 2
-    downsample: int = 2
     code_dim: int = 64
-    codebook_size: int = 512
     beta: float = 0.25
     ema: bool = True
     decay: float = 0.99
@@ -128,7 +110,35 @@ class VQVAEConfig(_Levels, JsonConfig):
     mixtures: int = 5
 
     def __post_init__(self):
-        self._check_network_fields()
+        if self.likelihood not in LIKELIHOODS:
+            raise ConfigError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, "
+                              f"got {self.likelihood!r}")
+        for name in ("in_channels", "hidden", "res_hidden", "code_dim", "mixtures"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_res_blocks < 0 or self.restart_after < 0:
+            raise ConfigError("num_res_blocks and restart_after must be >= 0")
+
+
+@dataclass
+class VQVAEConfig(_Network, JsonConfig):
+    """Everything needed to rebuild a one-level VQ-VAE; saved as JSON beside its weights.
+
+    Args:
+        downsample: number of stride-2 convolutions: the code map is ``2**downsample`` times
+            smaller than the image per side.
+        codebook_size: K, the number of codes.
+        The other fields are those of every model (``_Network``).
+    """
+
+    label: ClassVar[str] = "VQ-VAE config"
+    kind: ClassVar[str] = "vqvae"  # the run kind in config.json
+
+    downsample: int = 2
+    codebook_size: int = 512
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.codebook_size < 1:
             raise ConfigError(f"codebook_size must be positive, got {self.codebook_size}")
         if self.downsample < 0:
@@ -144,7 +154,7 @@ class VQVAEConfig(_Levels, JsonConfig):
 
 
 @dataclass
-class VQVAE2Config(_Levels, JsonConfig):
+class VQVAE2Config(_Network, JsonConfig):
     """Everything needed to rebuild a VQ-VAE-2 of two or more levels; saved as JSON beside
     its weights.
 
@@ -152,32 +162,22 @@ class VQVAE2Config(_Levels, JsonConfig):
         strides: per level, top-first, the downsampling exponent relative to the level below
             (the bottom's: relative to the image); >= 1 above the bottom, >= 0 for the bottom.
         codebook_sizes: K of each level, top-first.
-        The other fields mean what they mean in ``VQVAEConfig`` and apply to every level.
+        res_hidden: as in every model, with the narrower default of the paper's reproductions.
+        The other fields are those of every model (``_Network``).
     """
 
     label: ClassVar[str] = "VQ-VAE-2 config"
     kind: ClassVar[str] = "vqvae2"
 
-    in_channels: int = 3
-    hidden: int = 128
     res_hidden: int = 32
-    num_res_blocks: int = 2
     strides: list[int] = field(default_factory=lambda: [1, 2])
-    code_dim: int = 64
     codebook_sizes: list[int] = field(default_factory=lambda: [512, 512])
-    beta: float = 0.25
-    ema: bool = True
-    decay: float = 0.99
-    kmeans_init: bool = True
-    restart_after: int = 100
-    likelihood: str = "gaussian"
-    mixtures: int = 5
 
     def __post_init__(self):
         # Lists, whatever sequence was given: a config read back from JSON must compare equal.
         self.strides = list(self.strides)
         self.codebook_sizes = list(self.codebook_sizes)
-        self._check_network_fields()
+        super().__post_init__()
         if len(self.strides) < 2:
             raise ConfigError(f"a VQ-VAE-2 needs at least two levels, got strides={self.strides}; "
                               "use VQVAEConfig for a single level")

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from vqkit.errors import ConfigError, VqkitError
 from vqkit.fsutil import atomic_write_text, fsync_dir, fsync_file
+from vqkit.nn.pretrained import fit_state_dict
 from vqkit.nn.vqvae import CONFIGS, VQVAE, StageOneConfig, build_model
 from vqkit.prior import Prior, PriorConfig, build_prior
 
@@ -78,16 +79,21 @@ def run_kind(run_dir: Path) -> str | None:
         return None
 
 
+def _read_json(path: Path, error: type[Exception], missing: str):
+    """The JSON value in ``path``; a missing or unreadable file is ``error`` naming it."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+
+
 def read_config(run_dir: Path, kind: str | tuple[str, ...] = STAGE1_KINDS) -> dict:
     path = Path(run_dir) / "config.json"
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"{run_dir}: no such run folder")
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; {run_dir} is not a vqkit run folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    data = _read_json(path, CheckpointError, f"missing; {run_dir} is not a vqkit run folder")
     if not isinstance(data, dict) or "model" not in data:
         raise CheckpointError(f"{path}: not a vqkit run configuration")
     kinds = (kind,) if isinstance(kind, str) else kind
@@ -113,12 +119,7 @@ def read_model_config(path: str | Path) -> StageOneConfig:
     """A model configuration from a JSON file (the ``model`` part of a run's config.json): a
     ``VQVAE2Config`` when it lists ``strides``, else a ``VQVAEConfig``."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    data = _read_json(path, ConfigError, "no such config file")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a model config is a JSON object of its fields")
     try:
@@ -249,20 +250,9 @@ def load_latest_weights(run_dir: Path, model: torch.nn.Module) -> Checkpoint:
 
 
 def _load_state(model: torch.nn.Module, weights: dict, path: Path) -> None:
-    """Load ``weights`` into ``model`` through ``load_state_dict`` (so the model's own
-    pre-hooks, such as the renaming of legacy keys, apply), refusing any mismatch."""
-    try:
-        result = model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:
-        wrong = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
-        raise CheckpointError(f"{path}: weights do not fit the model in config.json "
-                              f"({'; '.join(wrong[:5]) or e})") from None
-    if result.missing_keys or result.unexpected_keys:
-        detail = "; ".join(part for part in (
-            f"missing {', '.join(sorted(result.missing_keys)[:5])}" if result.missing_keys else "",
-            f"unexpected {', '.join(sorted(result.unexpected_keys)[:5])}" if result.unexpected_keys else "")
-            if part)
-        raise CheckpointError(f"{path}: weights do not fit the model in config.json ({detail})")
+    problem = fit_state_dict(model, weights)
+    if problem:
+        raise CheckpointError(f"{path}: weights do not fit the model in config.json ({problem})")
 
 
 def load_training_state(run_dir: Path, model: torch.nn.Module,

@@ -222,7 +222,8 @@ def _stage1_body(run: Path, out: Path, model, config: dict, checkpoint: ckpt.Che
                          f"{c.in_channels * strides[level] ** 2}x"])
     text.append(_table(["level", "code map", "codebook size", "reduction"], rows))
     text.append(f"Code dimension {c.code_dim}, {c.hidden} hidden channels, {c.num_res_blocks} residual "
-                f"block{'s' if c.num_res_blocks != 1 else ''} per stack, {LIKELIHOOD_NAMES.get(c.likelihood, c.likelihood)} "
+                f"block{'s' if c.num_res_blocks != 1 else ''} per stack, "
+                f"{LIKELIHOOD_NAMES.get(c.likelihood, c.likelihood)} "
                 f"likelihood, {'EMA' if c.ema else 'gradient-trained'} codebook{'s' if levels > 1 else ''}. "
                 f"Everything needed to rebuild it is in `{CONFIG_NAME}`.\n")
     text.append("## Evaluation\n")
@@ -252,9 +253,11 @@ def _stage1_body(run: Path, out: Path, model, config: dict, checkpoint: ckpt.Che
     text.append("## Usage\n\nWith vqkit installed:\n\n```python\n"
                 "import torch\n"
                 f"from {module} import {klass}\n\n"
-                f"model = {klass}.from_pretrained({json.dumps(out.name)})  # this folder, or its Hub repo id \"owner/name\"\n"
-                f"images = torch.rand({batch}, {c.in_channels}, {h}, {w}) * 2 - 1  # a batch (B, C, H, W) scaled to [-1, 1]\n"
-                f"codes = model.encode(images)  # {'top-first list of ' if levels > 1 else ''}{code_shapes} int64\n"
+                f"model = {klass}.from_pretrained({json.dumps(out.name)})  # this folder, or its Hub repo id "
+                "\"owner/name\"\n"
+                f"images = torch.rand({batch}, {c.in_channels}, {h}, {w}) * 2 - 1  # a batch (B, C, H, W) "
+                "scaled to [-1, 1]\n"
+                f"codes = model.encode(images)  # one map per level, top-first: [{code_shapes}] int64\n"
                 f"decoded = model.decode(codes)  # ({batch}, {c.in_channels}, {h}, {w}) in [-1, 1]\n"
                 "```\n\n"
                 "`vqkit.data.images.load_image` reads image files and `vqkit.data.datasets.to_model` scales "
@@ -330,7 +333,8 @@ def _prior_body(run: Path, out: Path, model, config: dict, checkpoint: ckpt.Chec
     text.append("## Usage\n\nWith vqkit installed:\n\n```python\n"
                 "import torch\n"
                 f"{imports}\n"
-                f"prior = {klass}.from_pretrained({json.dumps(out.name)})  # this folder, or its Hub repo id \"owner/name\"\n"
+                f"prior = {klass}.from_pretrained({json.dumps(out.name)})  # this folder, or its Hub repo id "
+                "\"owner/name\"\n"
                 + "".join(line + "\n" for line in setup) +
                 f"codes = {sample_name}(prior, {', '.join(args)})  # ({n}, {c.height}, {c.width}) int64\n"
                 "```\n\n"

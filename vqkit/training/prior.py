@@ -36,7 +36,7 @@ from vqkit.runs.codes import CodeSet, load_codes
 from vqkit.runs.generate import stage1_of
 from vqkit.training.evaluate import evaluate
 from vqkit.training.loop import StepOutput, TrainingError, TrainResult, batch_indices, run_loop
-from vqkit.training.setup import start_run
+from vqkit.training.setup import check_run_fields, start_run
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ class PriorTrainConfig(JsonConfig, precision.PlacementConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("steps must be >= 0, batch_size >= 1 and lr > 0")
+        check_run_fields(self, "checkpoint_every", "log_every", "eval_every")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
         self.cond_codes = [str(p) for p in self.cond_codes]

@@ -22,10 +22,24 @@ from torch import nn
 
 from vqkit import distributed, precision
 from vqkit.config import JsonConfig
+from vqkit.errors import ConfigError
 from vqkit.runs import checkpoint as ckpt
 from vqkit.training.loop import TensorBoard, TrainingError
 
 log = logging.getLogger(__name__)
+
+
+def check_run_fields(config, *every: str) -> None:
+    """The checks every training configuration shares: ``steps`` >= 0, ``batch_size`` >= 1,
+    ``lr`` > 0, a positive ``time_budget`` if any, and each of the ``every`` intervals >= 1."""
+    if config.steps < 0 or config.batch_size < 1 or config.lr <= 0:
+        raise ConfigError("steps must be >= 0, batch_size >= 1 and lr > 0")
+    if config.time_budget is not None and config.time_budget <= 0:
+        raise ConfigError(f"time_budget must be positive seconds, got {config.time_budget}")
+    small = [name for name in every if getattr(config, name) < 1]
+    if small:
+        got = ", ".join(f"{name}={getattr(config, name)}" for name in small)
+        raise ConfigError(f"{', '.join(every)} must be >= 1; got {got}")
 
 
 @dataclass

@@ -22,11 +22,10 @@ from vqkit import distributed, precision
 from vqkit.config import JsonConfig
 from vqkit.data.datasets import ImageSet, from_model, in_memory, load_dataset, to_model
 from vqkit.data.images import make_grid
-from vqkit.errors import ConfigError
 from vqkit.nn.quantize import CodebookUsage
 from vqkit.nn.vqvae import VQVAE, StageOneConfig, build_model, level_names
 from vqkit.training.loop import StepOutput, TrainingError, TrainResult, batch_indices, run_loop
-from vqkit.training.setup import start_run
+from vqkit.training.setup import check_run_fields, start_run
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +62,7 @@ class TrainConfig(JsonConfig, precision.PlacementConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("steps must be >= 0, batch_size >= 1 and lr > 0")
-        if self.checkpoint_every < 1 or self.log_every < 1 or self.image_every < 1:
-            raise ConfigError("checkpoint_every, log_every and image_every must be >= 1")
+        check_run_fields(self, "checkpoint_every", "log_every", "image_every")
 
 
 def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig, resume: bool = False,
