@@ -15,6 +15,7 @@ from PIL import Image
 from shared_data import SHARED, needs_shared
 
 from vqkit.data import datasets as data
+from vqkit.data.cifar import CIFAR10_CLASSES
 from vqkit.data.datasets import (
     FASHION_MNIST_CLASSES,
     DataError,
@@ -235,7 +236,7 @@ def test_cifar_train_uses_the_batches_present(tmp_path):
     (tmp_path / "data_batch_5.bin").write_bytes(_cifar_records([9]))
     ds = load_dataset(f"cifar10:{tmp_path}")
     assert ds.labels.tolist() == [3, 4, 9] and ds.images.shape == (3, 3, 32, 32)
-    assert ds.class_names == data.CIFAR10_CLASSES  # no batches.meta.txt: the standard names
+    assert ds.class_names == CIFAR10_CLASSES  # no batches.meta.txt: the standard names
 
 
 def test_cifar_no_batches(tmp_path):

@@ -1,4 +1,6 @@
-"""Dataset readers for MNIST, Fashion-MNIST, CIFAR-10 (original binary formats) and image folders.
+"""Datasets named ``KIND:DIR``: MNIST and Fashion-MNIST (``vqkit.data.idx``), CIFAR-10
+(``vqkit.data.cifar``), both read whole through ``vqkit.data.files``, and image folders (here),
+as sets of uint8 images with labels.
 
 Pixel convention (the one place it is defined): datasets yield **uint8** pixels in (C, H, W)
 layout, 0..255. Models see ``to_model(x) = x / 127.5 - 1``, float32 in [-1, 1];
@@ -11,29 +13,21 @@ image) raises ``DataError`` with a message that names the file and what is wrong
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import logging
-import math
 import os
-import struct
-import zlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vqkit.data.cifar import cifar10_class_names, load_cifar10
+from vqkit.data.files import DataError
+from vqkit.data.idx import FASHION_MNIST_CLASSES, IDX_NAMES, MNIST_CLASSES, load_idx_pair
 from vqkit.data.images import IMAGE_SUFFIXES, ImageError, load_image, read_image_size
-from vqkit.errors import VqkitError
 
 log = logging.getLogger(__name__)
-
-
-class DataError(VqkitError, ValueError):
-    """Unusable input data; the message names the file (or spec) and the problem."""
 
 
 def to_model(x: torch.Tensor) -> torch.Tensor:
@@ -46,33 +40,6 @@ def from_model(y: torch.Tensor) -> torch.Tensor:
     return ((y.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-# md5 of the official distribution files, keyed by (file name, size in bytes). The size is in
-# the key because MNIST and Fashion-MNIST share file names; a file with an official name but
-# another size (e.g. a re-compressed copy) is not a known file and is not checked.
-OFFICIAL_MD5: dict[tuple[str, int], str] = {
-    # MNIST
-    ("train-images-idx3-ubyte.gz", 9_912_422): "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-    ("train-labels-idx1-ubyte.gz", 28_881): "d53e105ee54ea40749a09fcbcd1e9432",
-    ("t10k-images-idx3-ubyte.gz", 1_648_877): "9fb629c4189551a2d022fa330f9573f3",
-    ("t10k-labels-idx1-ubyte.gz", 4_542): "ec29112dd5afa0611ce80d1b7f02629c",
-    # Fashion-MNIST
-    ("train-images-idx3-ubyte.gz", 26_421_880): "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-    ("train-labels-idx1-ubyte.gz", 29_515): "25c81989df183df01b3e8a0aad5dffbe",
-    ("t10k-images-idx3-ubyte.gz", 4_422_102): "bef4ecab320f06d8554ea6380940ec79",
-    ("t10k-labels-idx1-ubyte.gz", 5_148): "bb300cfdad3c16e7a12a480ee83cd310",
-    # CIFAR-10, binary version (only these two batches have published per-file md5s)
-    ("data_batch_1.bin", 30_730_000): "5dd7e06a14cb22eb9f671a540d1b7c25",
-    ("test_batch.bin", 30_730_000): "803d5f7f4d78ea53de84dbe85f74fb6d",
-}
-
-MNIST_CLASSES = [str(d) for d in range(10)]
-FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
-CIFAR10_CLASSES = [
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-]  # fmt: skip
 
 
 # spec prefix -> canonical kind
@@ -87,11 +54,6 @@ _SPEC_HELP = (
     "expected KIND:DIR with KIND one of mnist, fashion-mnist (or fashion), cifar10, folder, "
     "e.g. 'fashion-mnist:data/fashion' or 'folder:photos/'"
 )
-_CIFAR_RECORD = 1 + 3 * 32 * 32  # label byte + R, G, B planes
-_IDX_NAMES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,10 +210,10 @@ def load_dataset(
     if kind == "folder":
         return _load_folder(spec, root, split, image_size, skip_bad)
     if kind == "cifar10":
-        images, labels = _load_cifar10(root, split)
-        class_names = _cifar10_class_names(root)
+        images, labels = load_cifar10(root, split)
+        class_names = cifar10_class_names(root)
     else:
-        images, labels = _load_idx_pair(root, split)
+        images, labels = load_idx_pair(root, split)
         class_names = MNIST_CLASSES if kind == "mnist" else FASHION_MNIST_CLASSES
     if image_size is not None and image_size != images.shape[-1]:
         images = _resize(images, image_size)
@@ -281,145 +243,6 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
         y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
         out[s : s + chunk] = y.round().clamp(0, 255).to(torch.uint8)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Raw files
-
-
-def _read_checked(path: Path) -> bytes:
-    """Whole file contents; an official file (known name and size) must match its md5."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read file ({e.strerror})") from e
-    expected = OFFICIAL_MD5.get((path.name, len(data)))
-    if expected is not None:
-        got = hashlib.md5(data).hexdigest()
-        if got != expected:
-            raise DataError(
-                f"{path}: checksum mismatch: expected md5 {expected}, got {got} "
-                "(the file is corrupt or modified; download it again)"
-            )
-    return data
-
-
-def _gunzip(path: Path, data: bytes) -> bytes:
-    try:
-        return gzip.decompress(data)
-    except EOFError as e:
-        raise DataError(f"{path}: truncated gzip file (incomplete download?)") from e
-    # BadGzipFile covers a bad header and a CRC or length mismatch; zlib.error a corrupt stream.
-    except (gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{path}: corrupt gzip file ({e})") from e
-
-
-# --------------------------------------------------------------------------------------------
-# IDX (MNIST, Fashion-MNIST)
-
-
-def _find_idx(root: Path, name: str) -> Path:
-    for path in (root / f"{name}.gz", root / name):
-        if path.is_file():
-            return path
-    raise DataError(f"{root}: missing {name}.gz (or uncompressed {name})")
-
-
-def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
-    """Parse an IDX file of uint8 data with ``ndim`` dimensions (gzip-compressed if *.gz)."""
-    data = _read_checked(path)
-    if path.suffix == ".gz":
-        data = _gunzip(path, data)
-    header = 4 + 4 * ndim
-    # Magic first: a wrong file (labels for images, say) is a clearer error than its length.
-    got_magic = int.from_bytes(data[:4], "big")
-    if len(data) >= 4 and got_magic != magic:
-        raise DataError(
-            f"{path}: not an IDX file of this kind: magic number {got_magic}, expected {magic}"
-        )
-    if len(data) < header:
-        raise DataError(f"{path}: truncated: {len(data)} bytes, shorter than the IDX header")
-    dims = list(struct.unpack_from(f">{ndim}I", data, 4))
-    if 0 in dims[1:]:
-        raise DataError(f"{path}: bad IDX dimensions {dims}")
-    expected = header + math.prod(dims)
-    if len(data) != expected:
-        problem = "truncated" if len(data) < expected else "trailing bytes"
-        shape = " x ".join(map(str, dims))
-        raise DataError(
-            f"{path}: {problem}: expected {expected} bytes ({header}-byte header + {shape}), "
-            f"got {len(data)}"
-        )
-    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
-
-
-def _check_labels(path: Path, labels: np.ndarray, num_classes: int = 10) -> None:
-    bad = np.flatnonzero(labels >= num_classes)
-    if bad.size:
-        raise DataError(
-            f"{path}: label {labels[bad[0]]} at record {bad[0]} is out of range "
-            f"0..{num_classes - 1} ({bad.size} bad labels)"
-        )
-
-
-def _load_idx_pair(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images uint8 (N, 1, H, W) and labels int64 (N,) of an IDX image/label file pair."""
-    image_name, label_name = _IDX_NAMES[split]
-    image_path, label_path = _find_idx(root, image_name), _find_idx(root, label_name)
-    images = _read_idx(image_path, magic=2051, ndim=3)
-    labels = _read_idx(label_path, magic=2049, ndim=1)
-    if len(images) != len(labels):
-        raise DataError(
-            f"{root}: {image_path.name} has {len(images)} images but {label_path.name} "
-            f"has {len(labels)} labels"
-        )
-    _check_labels(label_path, labels)
-    # Copy: frombuffer arrays are read-only views of the file bytes.
-    return torch.from_numpy(images[:, None].copy()), torch.from_numpy(labels.astype(np.int64))
-
-
-# --------------------------------------------------------------------------------------------
-# CIFAR-10 (binary version)
-
-
-def _load_cifar10(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images uint8 (N, 3, 32, 32) and labels int64 (N,) from the CIFAR-10 batch files."""
-    if split == "train":
-        paths = [root / f"data_batch_{k}.bin" for k in range(1, 6)]
-        paths = [p for p in paths if p.is_file()]
-        if not paths:
-            raise DataError(
-                f"{root}: no CIFAR-10 training batch (data_batch_1.bin ... data_batch_5.bin)"
-            )
-    else:
-        paths = [root / "test_batch.bin"]
-        if not paths[0].is_file():
-            raise DataError(f"{root}: missing test_batch.bin")
-
-    images, labels = [], []
-    for path in paths:
-        data = _read_checked(path)
-        if len(data) == 0 or len(data) % _CIFAR_RECORD:
-            raise DataError(
-                f"{path}: truncated or not a CIFAR-10 batch: {len(data)} bytes is not a "
-                f"multiple of the {_CIFAR_RECORD}-byte record"
-            )
-        records = np.frombuffer(data, np.uint8).reshape(-1, _CIFAR_RECORD)
-        _check_labels(path, records[:, 0])
-        labels.append(records[:, 0].astype(np.int64))
-        images.append(records[:, 1:].reshape(-1, 3, 32, 32))
-    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
-
-
-def _cifar10_class_names(root: Path) -> list[str]:
-    """Class names from batches.meta.txt if present (one per line), else the standard ten."""
-    meta = root / "batches.meta.txt"
-    if not meta.is_file():
-        return CIFAR10_CLASSES
-    names = [line.strip() for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if len(names) != 10:
-        raise DataError(f"{meta}: expected 10 class names, one per line, found {len(names)}")
-    return names
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,7 +350,7 @@ def _load_folder(
 # --------------------------------------------------------------------------------------------
 # Finding Fashion-MNIST for the demo
 
-_IDX_FILE_NAMES = [name for pair in _IDX_NAMES.values() for name in pair]
+_IDX_FILE_NAMES = [name for pair in IDX_NAMES.values() for name in pair]
 # Where Debian's dataset-fashion-mnist package and common system layouts put the files.
 _SYSTEM_FASHION_DIRS = (
     "/usr/share/dataset-fashion-mnist",
