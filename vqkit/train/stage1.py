@@ -26,7 +26,7 @@ from vqkit.data.images import make_grid
 from vqkit.train.loop import StepOutput, TensorBoard, TrainingError, TrainResult, run_loop
 from vqkit.nn.vqvae2 import VQVAE2, VQVAE2Config, level_names
 from vqkit.nn.vqvae import VQVAE, VQVAEConfig
-from vqkit.nn.quantize import CodebookUsage
+from vqkit.nn.quantize import CodebookUsage, enable_sync
 
 log = logging.getLogger("vqkit")
 
@@ -92,6 +92,8 @@ def train(run_dir: str | Path, model_config: VQVAEConfig | VQVAE2Config, config:
     log.info("training on %s", placement.describe())
     torch.manual_seed(config.seed)
     model = precision.prepare_model(ckpt.build_model(model_config), placement)
+    if distributed.active():
+        enable_sync(model)  # every process's codebook follows the global batch
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     step = 0
     if resume and (run_dir / "latest").exists():
