@@ -239,6 +239,7 @@ def test_helpers_are_no_ops_in_one_process():
     assert distributed.all_reduce_sum(t) is t
     assert torch.equal(distributed.rows_of_global_batch(t.reshape(5, 1), torch.tensor([4, 0])),
                        torch.tensor([[4.0], [0.0]]))
+    assert distributed.batch_sizes(5) == [5]
     assert distributed.mean_over_ranks({"loss": 1.5}) == {"loss": 1.5}
     model = torch.nn.Linear(2, 2)
     assert distributed.wrap(model) is model
@@ -262,14 +263,23 @@ def _shards(rank: int) -> list[torch.Tensor]:
     return [batch[sum(sizes[:rank]):sum(sizes[:rank + 1])] for batch, sizes in zip(_global_batches(), SHARDS)]
 
 
-def _train_quantizer(batches: list[torch.Tensor], ema: bool, sync=False, group=None) -> dict[str, torch.Tensor]:
+def _train_quantizer(batches: list[torch.Tensor], ema: bool, draws: int, sync=False,
+                     group=None) -> dict[str, torch.Tensor]:
+    """The state after training on ``batches``: the same initial codebook everywhere, then the
+    k-means seeds and restarts drawn from the global RNG seeded with ``draws``."""
     torch.manual_seed(0)
     q = VectorQuantizer(**QUANTIZER, ema=ema, sync=sync)
     if group is not None:
         assert enable_sync(q, group) == 1
+    torch.manual_seed(draws)
     for z_e in batches:
         q(z_e)
     return {k: v.clone() for k, v in q.state_dict().items()}
+
+
+def _draws(rank: int) -> int:
+    # Each rank's RNG differs, so the synced runs agree only if rank 0 chooses for all.
+    return 100 + rank
 
 
 @contextlib.contextmanager
@@ -308,17 +318,17 @@ def _quantizer_worker(rank: int, root: str) -> None:
         results = {}
         with _collectives(_refuse):
             for ema in (False, True):
-                results[f"bare-{ema}"] = _train_quantizer(_shards(rank), ema)
-                results[f"alone-{ema}"] = _train_quantizer(_shards(rank), ema, sync=alone)
+                results[f"bare-{ema}"] = _train_quantizer(_shards(rank), ema, _draws(rank))
+                results[f"alone-{ema}"] = _train_quantizer(_shards(rank), ema, _draws(rank), sync=alone)
         groups = []
         with _collectives(groups.append):
             for ema in (False, True):
-                results[f"synced-{ema}"] = _train_quantizer(_shards(rank), ema, sync=True)
+                results[f"synced-{ema}"] = _train_quantizer(_shards(rank), ema, _draws(rank), sync=True)
         assert groups and all(g is None for g in groups)
         groups.clear()
         with _collectives(groups.append):
             for ema in (False, True):
-                results[f"pair-{ema}"] = _train_quantizer(_shards(rank), ema, group=pair)
+                results[f"pair-{ema}"] = _train_quantizer(_shards(rank), ema, _draws(rank), group=pair)
         assert groups and all(g is pair for g in groups)  # the same processes, but not the default group
         save_file({f"{case}/{key}": value for case, state in results.items() for key, value in state.items()},
                   str(root / f"quantizers-rank{rank}.safetensors"))
@@ -357,17 +367,17 @@ def test_a_bare_quantizer_in_a_process_group_never_communicates(quantizer_ranks,
     # own shard exactly, as one process alone would, so the ranks' codebooks differ.
     for case in ("bare", "alone"):  # alone: sync over a group of one process
         for r in range(WORLD):
-            _assert_identical(quantizer_ranks[r][f"{case}-{ema}"], _train_quantizer(_shards(r), ema))
+            _assert_identical(quantizer_ranks[r][f"{case}-{ema}"], _train_quantizer(_shards(r), ema, _draws(r)))
         assert not torch.equal(quantizer_ranks[0][f"{case}-{ema}"]["codebook"],
                                quantizer_ranks[1][f"{case}-{ema}"]["codebook"])
 
 
 @pytest.mark.parametrize("ema", [False, True])
 def test_synced_quantizers_follow_the_global_batch_over_uneven_shards(quantizer_ranks, ema):
-    # Bit-identical on both ranks, and the run of one process on the whole batches: the same
-    # k-means seeds and restarted rows (chosen over the true total, zero-row ranks included);
-    # only the order of float sums differs (per-rank sums all-reduced).
-    single = _train_quantizer(_global_batches(), ema)
+    # Bit-identical on both ranks, and the run of one process on the whole batches with rank
+    # 0's draws: the same k-means seeds and restarted rows (chosen over the true total, zero-row
+    # ranks included); only the order of float sums differs (per-rank sums all-reduced).
+    single = _train_quantizer(_global_batches(), ema, _draws(0))
     assert bool(single["initialized"]) and single["unused_steps"].eq(0).all()  # restarts ran
     for case in ("synced", "pair"):  # pair: an explicit ProcessGroup via enable_sync
         rank0, rank1 = (quantizer_ranks[r][f"{case}-{ema}"] for r in range(WORLD))

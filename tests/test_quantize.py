@@ -90,6 +90,22 @@ def test_ema_update_matches_hand_computed_example_with_laplace_smoothing():
     assert torch.allclose(out.z_q[0, :, 0, 2], torch.tensor([10.0, 10.0]))
 
 
+def test_ema_statistics_are_float32_sums_of_the_assigned_vectors():
+    # Against float64 arithmetic, under bf16 autocast: sums kept in bfloat16 or float16 would be
+    # off by about 1e-3 relative.
+    q = _quantizer(ema=True, decay=0.9)
+    count, total = q.ema_count.double(), q.ema_sum.double()
+    z_e = torch.randn(4, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(z_e)
+    flat = z_e.double().permute(0, 2, 3, 1).reshape(-1, 3)
+    codes = out.codes.flatten()
+    sums = torch.zeros(8, 3, dtype=torch.float64).index_add_(0, codes, flat)
+    torch.testing.assert_close(q.ema_count.double(), 0.9 * count + 0.1 * torch.bincount(codes, minlength=8),
+                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(q.ema_sum.double(), 0.9 * total + 0.1 * sums, rtol=1e-5, atol=1e-6)
+
+
 def test_eval_mode_changes_no_statistics():
     q = _quantizer(ema=True, restart_after=1)
     q.eval()

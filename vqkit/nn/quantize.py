@@ -75,7 +75,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -150,7 +149,7 @@ def _sync_setting(sync) -> tuple[bool, object]:
     group, None) or a ProcessGroup (sync over it)."""
     if isinstance(sync, bool):
         return sync, None
-    if dist.is_available() and isinstance(sync, dist.ProcessGroup):
+    if torch.distributed.is_available() and isinstance(sync, torch.distributed.ProcessGroup):
         return True, sync
     # torch.distributed.new_group hands processes outside the group a placeholder (an int).
     raise ValueError(f"sync must be a bool or a torch.distributed ProcessGroup that this process "
@@ -216,7 +215,7 @@ class VectorQuantizer(nn.Module):
         kmeans_iters: int = 10,
         restart_after: int = 0,
         channel_dim: int = 1,
-        sync: bool | dist.ProcessGroup = False,
+        sync: bool | torch.distributed.ProcessGroup = False,
     ):
         super().__init__()
         if codebook_size < 1 or dim < 1:
