@@ -57,12 +57,12 @@ def active(group=None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def rank(group=None) -> int:
-    return dist.get_rank(group) if active(group) else 0
+def rank() -> int:
+    return dist.get_rank() if active() else 0
 
 
-def world_size(group=None) -> int:
-    return dist.get_world_size(group) if active(group) else 1
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
 
 
 def is_main() -> bool:
