@@ -10,7 +10,13 @@ Compares, in one run and at the same thread count:
 GFLOP/s counts 2 N D K for the distances. Peak memory is the growth of the process's peak
 RSS over the calls, inputs excluded (each case runs in its own subprocess so peaks do not mix).
 
-    python benchmarks/bench_quantizer.py [--threads 2] [--repeats 3]
+``--against REF`` instead times this tree's VectorQuantizer against the one in git revision
+REF (its vqkit/nn/quantize.py, run with this tree's other modules) on the same (B, D, H, W)
+input, in one process with the repeats interleaved, so that a regression shows as a ratio
+rather than drowning in the drift of a shared machine; it reports wall-clock and CPU time
+(the process's, all threads: steadier than wall time when other processes take the cores).
+
+    python benchmarks/bench_quantizer.py [--threads 2] [--repeats 3] [--against main]
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
+import types
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -96,17 +105,70 @@ def run_case(case: str, k: int, repeats: int) -> dict:
             "peak_mib": max(peak - base, 0) / 1024}
 
 
+def quantizer_at(ref: str) -> type:
+    """``VectorQuantizer`` as of git revision ``ref``."""
+    root = Path(__file__).resolve().parent.parent
+    source = subprocess.run(["git", "-C", str(root), "show", f"{ref}:vqkit/nn/quantize.py"],
+                            check=True, capture_output=True, text=True).stdout
+    module = types.ModuleType(f"quantize_at_{ref}")
+    exec(compile(source, f"{ref}:vqkit/nn/quantize.py", "exec"), module.__dict__)
+    return module.VectorQuantizer
+
+
+def compare(ref: str, k: int, repeats: int) -> dict:
+    """Wall-clock and CPU milliseconds per training step (forward, backward, EMA update) of this
+    tree's quantizer and ``ref``'s, interleaved, on the same input and starting codebook."""
+    from vqkit.nn.quantize import VectorQuantizer
+    torch.manual_seed(0)
+    z4 = torch.randn(N, D).t().reshape(1, D, 256, 256).requires_grad_()
+    codebook = torch.randn(k, D)
+    steps = {}
+    for name, cls in (("this tree", VectorQuantizer), (ref, quantizer_at(ref))):
+        q = cls(k, D, ema=True).train()
+        q.codebook.copy_(codebook)
+        q.ema_sum.copy_(codebook)
+
+        def step(q=q):
+            out = q(z4)
+            (out.loss + out.z_q.sum()).backward()
+        step()  # warm-up
+        steps[name] = step
+    times = {name: {"wall": [], "cpu": []} for name in steps}
+    for repeat in range(repeats):
+        # A B B A ...: whichever runs second in a pair finds the caches and allocator warmer.
+        for name, step in sorted(steps.items(), reverse=repeat % 2 == 1):
+            wall, cpu = time.perf_counter(), time.process_time()
+            step()
+            times[name]["cpu"].append(1000 * (time.process_time() - cpu))
+            times[name]["wall"].append(1000 * (time.perf_counter() - wall))
+    return times
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ks", type=int, nargs="+", default=[512, 8192])
+    p.add_argument("--against", metavar="REF", help="time this tree's quantizer against git revision REF's")
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--k", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.case:
         print(json.dumps(run_case(args.case, args.k, args.repeats)))
+        return
+    if args.against:
+        print(f"quantizer training step, N={N}, D={D}, {args.threads} threads, {args.repeats} "
+              f"interleaved repeats: this tree against {args.against}")
+        print(f"{'K':>5} {'clock':>5} {'this min':>9} {'ref min':>9} {'this med':>9} {'ref med':>9} "
+              f"{'min ratio':>9} {'med ratio':>9}")
+        for k in args.ks:
+            ours, theirs = compare(args.against, k, args.repeats).values()
+            for clock in ("wall", "cpu"):
+                a, b = ours[clock], theirs[clock]
+                print(f"{k:>5} {clock:>5} {min(a):>9.1f} {min(b):>9.1f} {statistics.median(a):>9.1f} "
+                      f"{statistics.median(b):>9.1f} {min(a) / min(b):>9.3f} "
+                      f"{statistics.median(a) / statistics.median(b):>9.3f}")
         return
     print(f"quantizer training step, N={N}, D={D}, {args.threads} threads, best of {args.repeats}")
     print(f"{'K':>5} {'case':>8} {'ms':>9} {'GFLOP/s':>8} {'peak MiB':>9} {'vs matmul':>9} {'vqkit speed-up':>14}")

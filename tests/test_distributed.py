@@ -1,17 +1,21 @@
 """Data-parallel training on 2 gloo processes: identical ranks, equivalence with one process
-on the doubled batch, exact resume, the CLI launcher and a failing rank ending the job.
+on the doubled batch, exact resume, the CLI launcher and a failing rank ending the job; and
+the quantizer alone in a process group: bare (never communicates), synced over uneven batches.
 
-The 2-process runs happen once, in ``runs`` (one ``torch.multiprocessing.spawn`` of two
-workers that train several small runs in turn), and the tests check what they left behind.
+The 2-process runs happen once per fixture, in ``runs`` and ``quantizer_ranks`` (one spawn of
+two workers that run several cases in turn), and the tests check what they left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from vqkit import distributed
 from vqkit.cli.main import main
 from vqkit.data.datasets import TensorImageSet, load_dataset, sample_dir
-from vqkit.nn.quantize import VectorQuantizer
+from vqkit.nn.quantize import VectorQuantizer, enable_sync
 from vqkit.nn.vqvae import VQVAEConfig
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes, load_codes
@@ -234,7 +238,151 @@ def test_helpers_are_no_ops_in_one_process():
     assert distributed.all_reduce_sum(t) is t
     assert torch.equal(distributed.rows_of_global_batch(t.reshape(5, 1), torch.tensor([4, 0])),
                        torch.tensor([[4.0], [0.0]]))
+    assert distributed.batch_sizes(5) == [5]
     assert distributed.mean_over_ranks({"loss": 1.5}) == {"loss": 1.5}
     model = torch.nn.Linear(2, 2)
     assert distributed.wrap(model) is model
     assert main(["train", "--data", DATA, "-o", "unused", "--nproc", "0"]) == 2
+
+
+# The quantizer on its own. K = 16 codes for at most 12 vectors a step: codes go unused and are
+# restarted every step (restart_after=1), after k-means on the first batch that has vectors.
+QUANTIZER = dict(codebook_size=16, dim=3, kmeans_init=True, kmeans_iters=3, restart_after=1, channel_dim=-1)
+# Sequences (B, 2, 3) per rank and step: an empty global batch (k-means waits), uneven batches,
+# an empty rank on either side (rank 0 empty still chooses the rows), then even ones.
+SHARDS = [(0, 0), (5, 3), (0, 6), (4, 0), (3, 3)]
+
+
+def _global_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return [torch.randn(sum(sizes), 2, 3, generator=g) for sizes in SHARDS]
+
+
+def _shards(rank: int) -> list[torch.Tensor]:
+    return [batch[sum(sizes[:rank]):sum(sizes[:rank + 1])] for batch, sizes in zip(_global_batches(), SHARDS)]
+
+
+def _train_quantizer(batches: list[torch.Tensor], ema: bool, draws: int, sync=False,
+                     group=None) -> dict[str, torch.Tensor]:
+    """The state after training on ``batches``: the same initial codebook everywhere, then the
+    k-means seeds and restarts drawn from the global RNG seeded with ``draws``."""
+    torch.manual_seed(0)
+    q = VectorQuantizer(**QUANTIZER, ema=ema, sync=sync)
+    if group is not None:
+        assert enable_sync(q, group) == 1
+    torch.manual_seed(draws)
+    for z_e in batches:
+        q(z_e)
+    return {k: v.clone() for k, v in q.state_dict().items()}
+
+
+def _draws(rank: int) -> int:
+    # Each rank's RNG differs, so the synced runs agree only if rank 0 chooses for all.
+    return 100 + rank
+
+
+@contextlib.contextmanager
+def _collectives(check):
+    """Every torch.distributed collective calls ``check(group)`` first while inside."""
+    names = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "all_gather_object", "barrier")
+    saved = {name: getattr(dist, name) for name in names}
+
+    def spy(real):
+        def collective(*args, group=None, **kwargs):
+            check(group)
+            return real(*args, group=group, **kwargs)
+        return collective
+
+    try:
+        for name in names:
+            setattr(dist, name, spy(saved[name]))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
+def _refuse(group) -> None:
+    raise AssertionError("a collective was called")
+
+
+def _quantizer_worker(rank: int, root: str) -> None:
+    torch.set_num_threads(1)
+    root = Path(root)
+    dist.init_process_group("gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        pair = dist.new_group([0, 1])
+        alone = [dist.new_group([r]) for r in range(WORLD)][rank]  # every process makes every group
+        results = {}
+        with _collectives(_refuse):
+            for ema in (False, True):
+                results[f"bare-{ema}"] = _train_quantizer(_shards(rank), ema, _draws(rank))
+                results[f"alone-{ema}"] = _train_quantizer(_shards(rank), ema, _draws(rank), sync=alone)
+        groups = []
+        with _collectives(groups.append):
+            for ema in (False, True):
+                results[f"synced-{ema}"] = _train_quantizer(_shards(rank), ema, _draws(rank), sync=True)
+        assert groups and all(g is None for g in groups)
+        groups.clear()
+        with _collectives(groups.append):
+            for ema in (False, True):
+                results[f"pair-{ema}"] = _train_quantizer(_shards(rank), ema, _draws(rank), group=pair)
+        assert groups and all(g is pair for g in groups)  # the same processes, but not the default group
+        save_file({f"{case}/{key}": value for case, state in results.items() for key, value in state.items()},
+                  str(root / f"quantizers-rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, args: tuple, timeout: float) -> None:
+    """``mp.spawn`` that fails the test instead of hanging when the processes do not finish."""
+    context = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(deadline - time.monotonic(), 0)):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD} processes were still running after {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def quantizer_ranks(tmp_path_factory) -> list[dict[str, dict[str, torch.Tensor]]]:
+    root = tmp_path_factory.mktemp("quantizers")
+    _spawn(_quantizer_worker, (str(root),), timeout=120)
+    ranks = []
+    for r in range(WORLD):
+        cases: dict[str, dict[str, torch.Tensor]] = {}
+        for name, value in load_file(str(root / f"quantizers-rank{r}.safetensors")).items():
+            case, key = name.split("/")
+            cases.setdefault(case, {})[key] = value
+        ranks.append(cases)
+    return ranks
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_a_bare_quantizer_in_a_process_group_never_communicates(quantizer_ranks, ema):
+    # The worker ran these with every collective raising; each rank's quantizer followed its
+    # own shard exactly, as one process alone would, so the ranks' codebooks differ.
+    for case in ("bare", "alone"):  # alone: sync over a group of one process
+        for r in range(WORLD):
+            _assert_identical(quantizer_ranks[r][f"{case}-{ema}"], _train_quantizer(_shards(r), ema, _draws(r)))
+        assert not torch.equal(quantizer_ranks[0][f"{case}-{ema}"]["codebook"],
+                               quantizer_ranks[1][f"{case}-{ema}"]["codebook"])
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_synced_quantizers_follow_the_global_batch_over_uneven_shards(quantizer_ranks, ema):
+    # Bit-identical on both ranks, and the run of one process on the whole batches with rank
+    # 0's draws: the same k-means seeds and restarted rows (chosen over the true total, zero-row
+    # ranks included); only the order of float sums differs (per-rank sums all-reduced).
+    single = _train_quantizer(_global_batches(), ema, _draws(0))
+    assert bool(single["initialized"]) and single["unused_steps"].eq(0).all()  # restarts ran
+    for case in ("synced", "pair"):  # pair: an explicit ProcessGroup via enable_sync
+        rank0, rank1 = (quantizer_ranks[r][f"{case}-{ema}"] for r in range(WORLD))
+        _assert_identical(rank0, rank1)
+        for key, value in rank0.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(value, single[key], rtol=1e-5, atol=1e-6, msg=key)
+            else:
+                assert torch.equal(value, single[key]), key

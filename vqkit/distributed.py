@@ -6,7 +6,8 @@ The process group is the one ``torchrun`` describes in the environment (``RANK``
 each process takes the GPU of its ``LOCAL_RANK`` and CUDA tensors go through NCCL, CPU
 tensors through gloo; without CUDA everything goes through gloo. Gradients are averaged
 by ``DistributedDataParallel``; the EMA codebook, which is not a parameter, is kept identical
-on every process by all-reducing its batch statistics (``quantize.cluster_statistics``).
+on every process by all-reducing its batch statistics, which a quantizer does only when asked
+(``quantize.enable_sync``, which ``train.stage1`` calls under ``torchrun``).
 
 Data sharding: batch ``s`` of a run of W processes with ``batch_size`` B each is the global
 batch of W*B images that ``train.batch_indices`` deals out of the ``(seed, epoch)``
@@ -17,7 +18,9 @@ that resuming is exact and W processes with batch B see exactly the images that 
 with batch W*B sees.
 
 Every helper is a no-op (returns its input, rank 0, world size 1) outside a process group of
-two or more, so that single-process code pays nothing for them.
+two or more, so that single-process code pays nothing for them. Those that take a ``group``
+work within that ``torch.distributed`` process group (ranks are ranks in it); the default,
+None, is the group of all processes, as in ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -50,9 +53,10 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def active() -> bool:
-    """Whether a process group of two or more processes is running."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def active(group=None) -> bool:
+    """Whether a process group of two or more processes is running (``group``, or all
+    processes)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 def rank() -> int:
@@ -94,10 +98,11 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all processes, in place; returns it."""
-    if active():
-        dist.all_reduce(tensor)
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``tensor`` over the processes of ``group`` (all of them by default), in place;
+    returns it."""
+    if active(group):
+        dist.all_reduce(tensor, group=group)
     return tensor
 
 
@@ -125,24 +130,44 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(values, (stacked / world_size()).tolist()))
 
 
-def rows_of_global_batch(local: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
-    """Rows ``picks`` of the global batch, on every process.
+def batch_sizes(n: int, group=None, device: torch.device | str = "cpu") -> list[int]:
+    """The number of rows ``n`` that each process of ``group`` holds, in rank order (one
+    all-gather of an int64 on ``device``, which must suit the group's backend: a CUDA device
+    for NCCL). ``[n]`` outside a group."""
+    if not active(group):
+        return [n]
+    mine = torch.tensor([n], dtype=torch.long, device=device)
+    sizes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, mine, group=group)
+    return [int(size) for size in sizes]
 
-    The global batch is every process's ``local`` (N, D) stacked in rank order (all hold N
-    rows; the sharded batches guarantee it); ``picks`` index it, in ``[0, W*N)``. Rank 0's
-    picks are broadcast so that all processes choose the same rows; each fills in the rows it
-    holds, zeros elsewhere, and a sum all-reduce assembles them. The result is exact (every
-    entry is one value plus zeros) and costs ``len(picks) x D``, not the whole batch.
+
+def rows_of_global_batch(local: torch.Tensor, picks: torch.Tensor, sizes: list[int] | None = None,
+                         group=None) -> torch.Tensor:
+    """Rows ``picks`` of the global batch, on every process of ``group``.
+
+    The global batch is every process's ``local`` (N_r, D...) stacked in rank order; the
+    processes may hold different numbers of rows, none included. ``sizes`` are the N_r
+    (``batch_sizes``, gathered here when not given) and ``picks`` index the global batch, in
+    ``[0, sum(sizes))``. Rank 0's picks are broadcast so that all processes choose the same
+    rows; each fills in the rows it holds, zeros elsewhere, and a sum all-reduce assembles
+    them. The result is exact (every entry is one value plus zeros) and costs
+    ``len(picks) x D``, not the whole batch.
     """
-    if not active():
+    if not active(group):
         return local[picks]
-    dist.broadcast(picks, src=0)
-    n = local.shape[0]
-    start = rank() * n
-    mine = (picks >= start) & (picks < start + n)
+    if sizes is None:
+        sizes = batch_sizes(local.shape[0], group, local.device)
+    me = dist.get_rank(group)
+    if len(sizes) != dist.get_world_size(group) or sizes[me] != local.shape[0]:
+        raise DistributedError(f"rank {me} holds {local.shape[0]} rows but the batch sizes "
+                               f"given are {sizes} for {dist.get_world_size(group)} processes")
+    dist.broadcast(picks, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    start = sum(sizes[:me])
+    mine = (picks >= start) & (picks < start + sizes[me])
     rows = torch.zeros(len(picks), *local.shape[1:], dtype=local.dtype, device=local.device)
     rows[mine] = local[picks[mine] - start]
-    dist.all_reduce(rows)
+    dist.all_reduce(rows, group=group)
     return rows
 
 

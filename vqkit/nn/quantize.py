@@ -2,17 +2,26 @@
 
 Names and shapes used throughout:
 
-* ``z_e``: encoder output, ``(B, D, H, W)``; each of the ``N = B*H*W`` positions is one
-  D-dimensional vector to quantize.
+* ``z_e``: encoder output, with its D channels along the axis ``channel_dim``: feature maps
+  ``(B, D, *spatial)`` with any number of spatial axes, none included (``channel_dim=1``, the
+  default; VQ-VAE's ``(B, D, H, W)``), or sequences ``(B, N, D)`` (``channel_dim=-1``). Each
+  of its ``N = numel / D`` positions is one D-dimensional vector to quantize, taken in the
+  row-major order of the other axes, so ``(B, D, N)`` with ``channel_dim=1`` and its
+  transpose ``(B, N, D)`` with ``channel_dim=-1`` quantize alike, bit for bit.
 * ``codebook``: the K embedding vectors ``e_j``, ``(K, D)``.
-* ``codes``: ``k = argmin_j ||z_e - e_j||_2`` (eq. 1), ``(B, H, W)`` int64.
-* ``z_q``: ``e_k``, ``(B, D, H, W)``, passed to the decoder with the straight-through
+* ``codes``: ``k = argmin_j ||z_e - e_j||_2`` (eq. 1), int64, ``z_e``'s shape without the
+  channel axis (``(B, *spatial)`` or ``(B, N)``).
+* ``z_q``: ``e_k``, ``z_e``'s shape, passed to the decoder with the straight-through
   gradient: the forward value is ``z_q``, the gradient w.r.t. ``z_e`` is the identity.
 
 Loss (eq. 3 without the reconstruction term, means over elements)::
 
     ||sg[z_e] - e||^2  +  beta * ||z_e - sg[e]||^2
       codebook term         commitment term
+
+so that, with ``M = N * D`` elements, ``d loss / d z_e = 2 beta (z_e - e_k) / M`` (plus the
+decoder's gradient, passed straight through) and ``d loss / d e_i = sum_{j: k_j = i}
+2 (e_i - z_e_j) / M``.
 
 With ``ema=True`` the codebook term is dropped and the codebook follows exponential moving
 averages of the vectors assigned to each code (appendix A.1)::
@@ -21,15 +30,43 @@ averages of the vectors assigned to each code (appendix A.1)::
     m_i <- decay * m_i + (1 - decay) * sum_{j: k_j = i} z_e_j
     e_i  = m_i / N~_i,   N~_i = (N_i + eps) / (sum N + K eps) * sum N   (Laplace smoothing)
 
-All codebook maths runs in float32, also under autocast: distances between nearby vectors
-and running averages with decay 0.99 lose most of their digits in bfloat16/float16.
+All codebook maths runs in float32, whatever the dtype of ``z_e`` (float16, bfloat16, float32
+or float64) and also under autocast: distances between nearby vectors and running averages
+with decay 0.99 lose most of their digits in bfloat16/float16, and the codebook itself is
+float32. The losses, perplexity and usage are float32. ``z_q`` has the wider of ``z_e``'s
+dtype and float32: float32 for float16, bfloat16 and float32 inputs, since rounding the
+codebook rows down would throw away their precision and the gradients of several consumers
+of ``z_q`` (VQ-VAE-2's upper levels feed two) would add up in half precision; float64 for
+float64, so that the straight-through gradient reaches ``z_e`` unrounded. The gradient that
+reaches ``z_e`` has ``z_e``'s dtype.
 
-Data-parallel training (``vqkit.distributed``): the codebook must stay identical on every
-process, so everything that changes it is computed over the global batch. The EMA counts and
-sums are all-reduced before the update (``cluster_statistics``), k-means runs Lloyd's steps
-on all-reduced statistics, and the vectors that seed k-means or restart dead codes are rows
-of the global batch chosen by rank 0 (``distributed.rows_of_global_batch``). Outside a
-process group none of this communicates.
+A batch of no vectors (``B = 0``, or a spatial axis of length 0) gives empty codes, an empty
+``z_q`` and losses of exactly 0, not the 0/0 = NaN of a mean over nothing: an empty batch has
+no error to report, a NaN would poison every sum of losses it entered, and a 0 that stays in
+the autograd graph gives every parameter (the codebook included) a zero gradient, so that a
+process with no rows still takes part in DistributedDataParallel's gradient all-reduce. In
+training it is a step in which no code was used: the EMA moves towards zero counts (counts
+and sums by the same factor, so the codebook shifts only through the smoothing) and dead-code
+counters advance, while k-means initialisation and restarts, which need vectors to draw
+from, wait for the next batch that has some.
+
+Data-parallel training: a quantizer communicates only when asked, with ``sync=True`` (the
+default process group), ``sync=group`` (a ``torch.distributed`` ProcessGroup) or
+``enable_sync(model)``, which vqkit's own training calls under ``torchrun``. A bare quantizer
+inside someone's DistributedDataParallel keeps per-process statistics, each process's EMA
+codebook following its own shard. With sync on, in a group of two or more, the codebook must
+stay identical on every process of the group, so everything that changes it is computed over
+the global batch, the group's local batches stacked in rank order: the EMA counts and sums
+are all-reduced before the update (``cluster_statistics``), k-means runs Lloyd's steps on
+all-reduced statistics, the counts that find dead codes are all-reduced, and the vectors that
+seed k-means or restart dead codes are rows of the global batch chosen by the group's rank 0
+(``distributed.rows_of_global_batch``). The processes may hold different numbers of rows,
+none included: the statistics all-reduce has the same shape everywhere, and rows are drawn
+over the true total after an all-gather of the per-process counts
+(``distributed.batch_sizes``). Each training-mode forward pass is then a collective that
+every process of the group must make, as with DistributedDataParallel; evaluation-mode
+passes, ``encode`` and ``lookup`` never communicate, nor does anything outside a process
+group of two or more.
 """
 
 from __future__ import annotations
@@ -42,6 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqkit import distributed
+from vqkit.errors import UsageError
 
 # Rows of z per distance block: a (rows x K) float32 block is 4 MiB, small enough
 # to stay in cache between the matmul that writes it and the argmin that reads it
@@ -74,11 +112,12 @@ def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cluster_statistics(flat: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor,
-                       k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cluster_statistics(flat: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor, k: int, *,
+                       sync: bool = False, group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``n_i`` (K,) and ``s_i = sum_{j: k_j = i} z_j`` (K, D) of the rows ``flat`` (N, D)
-    assigned ``codes`` (N,) with ``counts = bincount(codes)``, summed over all processes when
-    training is distributed (one all-reduce of K x (D+1)).
+    assigned ``codes`` (N,) with ``counts = bincount(codes)``; with ``sync``, summed over the
+    processes of ``group`` (all of them when None) in one all-reduce of K x (D+1), which the
+    processes make whatever their N (zero included).
 
     Float32, also under autocast: the counts stay exact up to 2**24 per code and the sums keep
     the digits that the EMA with decay 0.99 accumulates; bfloat16 keeps 8 bits of mantissa.
@@ -86,26 +125,46 @@ def cluster_statistics(flat: torch.Tensor, codes: torch.Tensor, counts: torch.Te
     sums = torch.zeros(k, flat.shape[1], dtype=torch.float32, device=flat.device)
     sums.index_add_(0, codes, flat.float())
     counts = counts.float()
-    if distributed.active():
-        both = distributed.all_reduce_sum(torch.cat([counts.unsqueeze(1), sums], 1))
+    if sync and distributed.active(group):
+        both = distributed.all_reduce_sum(torch.cat([counts.unsqueeze(1), sums], 1), group)
         counts, sums = both[:, 0], both[:, 1:]
     return counts, sums
 
 
 def perplexity(counts: torch.Tensor) -> torch.Tensor:
     """``exp(-sum_i p_i log p_i)`` with ``p = counts / sum(counts)``: the effective number of
-    codes in use (1 when one code takes everything, K when all are used equally)."""
+    codes in use (1 when one code takes everything, K when all are used equally; 1 for no
+    counts at all)."""
     p = counts.float() / counts.sum().clamp(min=1)
     return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``F.mse_loss``, but 0 for tensors of no elements (where the mean is 0/0), still joined to
+    the graph of both so that their parameters get zero gradients rather than none."""
+    return F.mse_loss(a, b) if a.numel() else (a - b).square().sum()
+
+
+def _sync_setting(sync) -> tuple[bool, object]:
+    """``(sync, group)`` for a ``sync`` argument of ``VectorQuantizer``: a bool (the default
+    group, None) or a ProcessGroup (sync over it)."""
+    if isinstance(sync, bool):
+        return sync, None
+    if torch.distributed.is_available() and isinstance(sync, torch.distributed.ProcessGroup):
+        return True, sync
+    # torch.distributed.new_group hands processes outside the group a placeholder (an int).
+    raise UsageError(f"sync must be a bool or a torch.distributed ProcessGroup that this process "
+                     f"belongs to, got {sync!r}")
 
 
 @dataclass
 class QuantizerOutput:
     """What one quantizer pass returns.
 
-    ``z_q`` (B, D, H, W) carries the straight-through gradient; ``codes`` (B, H, W);
-    ``loss = codebook_loss + beta * commitment_loss`` (codebook term zero with EMA);
-    ``perplexity`` and ``usage`` (fraction of the K codes hit) describe this batch only.
+    ``z_q`` (``z_e``'s shape) carries the straight-through gradient; ``codes`` (``z_e``'s shape
+    without the channel axis); ``loss = codebook_loss + beta * commitment_loss`` (codebook
+    term zero with EMA; all three 0 for an empty batch); ``perplexity`` and ``usage``
+    (fraction of the K codes hit) describe this batch only (the global batch under sync).
     """
 
     z_q: torch.Tensor
@@ -118,17 +177,31 @@ class QuantizerOutput:
 
 
 class VectorQuantizer(nn.Module):
-    """Nearest-neighbour quantizer with a learned (or EMA) codebook.
+    """Nearest-neighbour quantizer with a learned (or EMA) codebook, for inputs of any shape
+    with a channel axis (see the module docstring for the shapes, dtypes and sync rules).
 
     Args:
-        codebook_size: K.
-        dim: D, the channels of ``z_e``.
+        codebook_size: K, the number of codes.
+        dim: D, the size of ``z_e``'s channel axis and of each code vector.
         beta: commitment weight (0.25 in the paper).
-        ema: update the codebook by moving averages instead of the codebook loss.
-        decay, eps: EMA decay and Laplace smoothing constant.
-        kmeans_init: on the first training batch, set the codebook by k-means on ``z_e``.
+        ema: update the codebook by moving averages instead of the codebook loss (the
+            codebook is then a buffer, not a parameter).
+        decay: EMA decay of the counts and sums (with ``ema``).
+        eps: Laplace smoothing constant of the EMA counts (with ``ema``).
+        kmeans_init: on the first training batch with vectors, set the codebook by k-means
+            on ``z_e``.
+        kmeans_iters: Lloyd's steps of that k-means.
         restart_after: re-seed a code from the current batch's ``z_e`` once it has gone this
             many training steps unused (0 disables restarts).
+        channel_dim: the axis of ``z_e`` that holds the D channels: 1 for ``(B, D, *spatial)``
+            feature maps, -1 for ``(B, N, D)`` sequences. ``codes`` drop it and ``lookup``
+            puts it back there.
+        sync: keep the codebook identical across data-parallel processes by computing its
+            updates over the global batch: False (the default) never communicates, True
+            syncs over the default process group, a ``torch.distributed`` ProcessGroup over
+            that group. A no-op outside a group of two or more. A quantizer holding a
+            ProcessGroup cannot be pickled or deep-copied (process groups cannot be); copy it
+            before switching sync on (``enable_sync``).
     """
 
     def __init__(
@@ -142,10 +215,14 @@ class VectorQuantizer(nn.Module):
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
         restart_after: int = 0,
+        channel_dim: int = 1,
+        sync: bool | torch.distributed.ProcessGroup = False,
     ):
         super().__init__()
         if codebook_size < 1 or dim < 1:
-            raise ValueError(f"codebook_size and dim must be positive, got {codebook_size}, {dim}")
+            raise UsageError(f"codebook_size and dim must be positive, got {codebook_size}, {dim}")
+        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+            raise UsageError(f"channel_dim must be an int, got {channel_dim!r}")
         self.codebook_size = codebook_size
         self.dim = dim
         self.beta = beta
@@ -154,6 +231,8 @@ class VectorQuantizer(nn.Module):
         self.eps = eps
         self.kmeans_iters = kmeans_iters
         self.restart_after = restart_after
+        self.channel_dim = channel_dim
+        self.sync, self.group = _sync_setting(sync)
         init = torch.empty(codebook_size, dim).uniform_(-1 / codebook_size, 1 / codebook_size)
         if ema:
             self.register_buffer("codebook", init)
@@ -164,37 +243,47 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
         self.register_buffer("unused_steps", torch.zeros(codebook_size, dtype=torch.long))
 
+    def extra_repr(self) -> str:
+        return (f"{self.codebook_size}, {self.dim}, ema={self.ema}, channel_dim={self.channel_dim}, "
+                f"sync={self.sync}")
+
     def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
-        b, d, h, w = z_e.shape
-        if d != self.dim:
-            raise ValueError(f"z_e has {d} channels but the codebook has dimension {self.dim}")
+        """Quantize ``z_e`` (D channels along ``channel_dim``, any other axes, any float dtype)
+        into ``z_q`` (same shape) and ``codes`` (the shape without the channel axis); in
+        training mode also update the codebook statistics (over the global batch under sync)."""
+        axis = self._channel_axis(z_e)
+        out_dtype = torch.promote_types(z_e.dtype, torch.float32)
         with torch.autocast(device_type=z_e.device.type, enabled=False):
-            flat = z_e.float().permute(0, 2, 3, 1).reshape(-1, d)
+            flat = z_e.float().movedim(axis, -1).reshape(-1, self.dim)
             if self.training and not bool(self.initialized):
                 self._kmeans_init(flat.detach())
             codes = nearest_codes(flat.detach(), self.codebook)
             counts = torch.bincount(codes, minlength=self.codebook_size)
             z_q_flat = F.embedding(codes, self.codebook)
-            commitment = F.mse_loss(flat, z_q_flat.detach())
+            commitment = _mse(flat, z_q_flat.detach())
             if self.ema:
                 codebook_loss = torch.zeros((), device=z_e.device)
             else:
-                codebook_loss = F.mse_loss(z_q_flat, flat.detach())
+                codebook_loss = _mse(z_q_flat, flat.detach())
             if self.training:
                 with torch.no_grad():
                     if self.ema:
-                        n, sums = cluster_statistics(flat, codes, counts, self.codebook_size)
+                        n, sums = cluster_statistics(flat, codes, counts, self.codebook_size,
+                                                     sync=self.sync, group=self.group)
                         self._ema_update(n, sums)
                         counts = n.long()
-                    elif distributed.active():
-                        counts = distributed.all_reduce_sum(counts)
+                    elif self._synced():
+                        counts = distributed.all_reduce_sum(counts, self.group)
                     if self.restart_after > 0:
                         self._restart_dead_codes(flat, counts)
-            z_q_flat = flat + (z_q_flat - flat).detach()
-            z_q = z_q_flat.reshape(b, h, w, d).permute(0, 3, 1, 2)
+            # float32 inputs (the common case) pass straight through without a copy.
+            through = flat if out_dtype == torch.float32 else \
+                z_e.to(out_dtype).movedim(axis, -1).reshape(-1, self.dim)
+            z_q_flat = through + (z_q_flat.to(out_dtype) - through).detach()
+            z_q = z_q_flat.reshape(*self._codes_shape(z_e, axis), self.dim).movedim(-1, axis)
         return QuantizerOutput(
             z_q=z_q,
-            codes=codes.reshape(b, h, w),
+            codes=codes.reshape(self._codes_shape(z_e, axis)),
             loss=codebook_loss + self.beta * commitment,
             codebook_loss=codebook_loss,
             commitment_loss=commitment,
@@ -204,17 +293,57 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, z_e: torch.Tensor) -> torch.Tensor:
-        """Codes (B, H, W) for ``z_e`` (B, D, H, W), without touching any statistics."""
-        b, d, h, w = z_e.shape
-        flat = z_e.float().permute(0, 2, 3, 1).reshape(-1, d)
-        return nearest_codes(flat, self.codebook).reshape(b, h, w)
+        """Codes (``z_e``'s shape without the channel axis, int64) for ``z_e``, without
+        touching any statistics or communicating."""
+        axis = self._channel_axis(z_e)
+        flat = z_e.float().movedim(axis, -1).reshape(-1, self.dim)
+        return nearest_codes(flat, self.codebook).reshape(self._codes_shape(z_e, axis))
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        """``z_q`` (B, D, H, W) for integer ``codes`` (B, H, W)."""
-        if codes.min() < 0 or codes.max() >= self.codebook_size:
-            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got "
+        """The code vectors of integer ``codes`` (any shape), float32, with the channel axis
+        inserted at ``channel_dim``: ``lookup(encode(z_e))`` has ``z_e``'s shape and holds
+        codebook rows bit for bit."""
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise UsageError(f"codes must lie in [0, {self.codebook_size}), got "
                              f"[{int(codes.min())}, {int(codes.max())}]")
-        return F.embedding(codes, self.codebook.float()).permute(0, 3, 1, 2)
+        ndim = codes.dim() + 1
+        if not -ndim <= self.channel_dim < ndim:
+            raise UsageError(f"codes of shape {tuple(codes.shape)} have no axis {self.channel_dim} "
+                             f"to put the channels back at (channel_dim={self.channel_dim})")
+        return F.embedding(codes, self.codebook.float()).movedim(-1, self.channel_dim % ndim)
+
+    def _channel_axis(self, z_e: torch.Tensor) -> int:
+        """``channel_dim`` as a non-negative axis of ``z_e``, after checking the input."""
+        if not -z_e.dim() <= self.channel_dim < z_e.dim():
+            raise UsageError(f"z_e of shape {tuple(z_e.shape)} has no axis {self.channel_dim} "
+                             f"(channel_dim) to hold the {self.dim} channels")
+        axis = self.channel_dim % z_e.dim()
+        if z_e.shape[axis] != self.dim:
+            raise UsageError(f"z_e of shape {tuple(z_e.shape)} has {z_e.shape[axis]} channels along "
+                             f"axis {axis} but the codebook has dimension {self.dim}")
+        if not z_e.is_floating_point():
+            raise UsageError(f"z_e must be a floating-point tensor, got {z_e.dtype}")
+        return axis
+
+    @staticmethod
+    def _codes_shape(z_e: torch.Tensor, axis: int) -> tuple[int, ...]:
+        return z_e.shape[:axis] + z_e.shape[axis + 1:]
+
+    def _synced(self) -> bool:
+        """Whether this quantizer's updates are computed over a group of two or more."""
+        return self.sync and distributed.active(self.group)
+
+    def _batch_sizes(self, flat: torch.Tensor) -> list[int]:
+        """Rows of each process's batch: the global batch's layout under sync."""
+        if self._synced():
+            return distributed.batch_sizes(flat.shape[0], self.group, flat.device)
+        return [flat.shape[0]]
+
+    def _rows(self, flat: torch.Tensor, picks: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Rows ``picks`` of the global batch laid out as ``sizes``, on every process."""
+        if self._synced():
+            return distributed.rows_of_global_batch(flat, picks, sizes, self.group)
+        return flat[picks]
 
     @torch.no_grad()
     def _ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
@@ -231,15 +360,18 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor) -> None:
         """Codes unused for ``restart_after`` steps take random vectors of this batch's z_e
-        (the global batch's, chosen by rank 0, when distributed: ``counts`` are then global
-        too, so every process finds the same dead codes); with EMA their running statistics
-        restart as if that vector had been seen once."""
+        (the global batch's, chosen by rank 0, under sync: ``counts`` are then global too, so
+        every process finds the same dead codes); with EMA their running statistics restart
+        as if that vector had been seen once. With no vectors anywhere, the dead codes wait."""
         self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
         dead = torch.nonzero(self.unused_steps >= self.restart_after).squeeze(1)
         if dead.numel() == 0:
             return
-        picks = torch.randint(flat.shape[0] * distributed.world_size(), (dead.numel(),), device=flat.device)
-        fresh = distributed.rows_of_global_batch(flat, picks)
+        sizes = self._batch_sizes(flat)
+        if sum(sizes) == 0:
+            return
+        picks = torch.randint(sum(sizes), (dead.numel(),), device=flat.device)
+        fresh = self._rows(flat, picks, sizes)
         if self.ema:
             self.ema_count[dead] = 1.0
             self.ema_sum[dead] = fresh
@@ -252,27 +384,42 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _kmeans_init(self, flat: torch.Tensor) -> None:
-        """Lloyd's k-means on one batch of z_e (the global batch when distributed);
-        empty clusters are re-seeded at random."""
+        """Lloyd's k-means on one batch of z_e (the global batch under sync); empty clusters
+        are re-seeded at random. A batch of no vectors (anywhere) leaves it for the next."""
         k = self.codebook_size
-        n = flat.shape[0] * distributed.world_size()
+        sizes = self._batch_sizes(flat)
+        n = sum(sizes)
+        if n == 0:
+            return
         picks = torch.randperm(n, device=flat.device)[:k] if n >= k else \
             torch.randint(n, (k,), device=flat.device)
-        centers = distributed.rows_of_global_batch(flat, picks)
+        centers = self._rows(flat, picks, sizes)
         counts = torch.zeros(k, device=flat.device)
         for _ in range(self.kmeans_iters):
             codes = nearest_codes(flat, centers)
-            counts, sums = cluster_statistics(flat, codes, torch.bincount(codes, minlength=k), k)
+            counts, sums = cluster_statistics(flat, codes, torch.bincount(codes, minlength=k), k,
+                                              sync=self.sync, group=self.group)
             empty = counts == 0
             centers = torch.where(empty.unsqueeze(1), centers, sums / counts.clamp(min=1).unsqueeze(1))
             if empty.any():
                 picks = torch.randint(n, (int(empty.sum()),), device=flat.device)
-                centers[empty] = distributed.rows_of_global_batch(flat, picks)
+                centers[empty] = self._rows(flat, picks, sizes)
         self.codebook.data.copy_(centers)
         if self.ema:
             self.ema_count.copy_(counts.clamp(min=1))
             self.ema_sum.copy_(centers * self.ema_count.unsqueeze(1))
         self.initialized.fill_(True)
+
+
+def enable_sync(module: nn.Module, group=None) -> int:
+    """Switch every ``VectorQuantizer`` in ``module`` (itself included) to sync over ``group``
+    (the default process group when None); returns how many it switched. For data-parallel
+    training, where each process's codebook must follow the global batch."""
+    sync, group = _sync_setting(True if group is None else group)
+    quantizers = [m for m in module.modules() if isinstance(m, VectorQuantizer)]
+    for quantizer in quantizers:
+        quantizer.sync, quantizer.group = sync, group
+    return len(quantizers)
 
 
 class CodebookUsage:

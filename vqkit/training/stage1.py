@@ -22,7 +22,7 @@ from vqkit import distributed, precision
 from vqkit.config import JsonConfig
 from vqkit.data.datasets import ImageSet, from_model, in_memory, load_dataset, to_model
 from vqkit.data.images import make_grid
-from vqkit.nn.quantize import CodebookUsage
+from vqkit.nn.quantize import CodebookUsage, enable_sync
 from vqkit.nn.vqvae import VQVAE, StageOneConfig, build_model, level_names
 from vqkit.training.loop import StepOutput, TrainingError, TrainResult, batch_indices, run_loop
 from vqkit.training.setup import check_run_fields, start_run
@@ -82,7 +82,7 @@ def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig
         raise TrainingError(f"{config.data}: the training set is empty")
     distributed.check_global_batch(len(dataset), config.batch_size, config.data)
 
-    run = start_run(run_dir, model_config.kind, model_config, lambda: build_model(model_config), config,
+    run = start_run(run_dir, model_config.kind, model_config, lambda: _build(model_config), config,
                     resume=resume, tensorboard=tensorboard)
     model, forward, placement, board = run.model, run.forward, run.placement, run.board
     fixed_images, _ = dataset.batch(torch.arange(min(8, len(dataset))))
@@ -117,6 +117,13 @@ def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig
     return run_loop(run_dir, model, run.optimizer, run.step, steps=config.steps, time_budget=config.time_budget,
                     checkpoint_every=config.checkpoint_every, log_every=config.log_every,
                     step_fn=step_fn, after_step=after_step, board=board, progress=progress)
+
+
+def _build(model_config: StageOneConfig) -> VQVAE:
+    model = build_model(model_config)
+    if distributed.active():
+        enable_sync(model)  # every process's codebooks follow the global batch
+    return model
 
 
 @torch.no_grad()
