@@ -1,4 +1,5 @@
-"""Command-line options derived from the config dataclasses (vqkit.cli.args)."""
+"""Command-line options derived from the config dataclasses (vqkit.cli.args), the parser's
+layout and main's error handling; no training here."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+import vqkit
+from vqkit.cli import stage1 as cli_stage1
 from vqkit.cli.args import add_config_args, config_from_args, docstring_args, field_help
+from vqkit.cli.main import build_parser, main
+from vqkit.errors import UsageError
 from vqkit.precision import PlacementConfig
 from vqkit.prior import PriorConfig
 from vqkit.train.prior import PriorTrainConfig
@@ -140,3 +145,49 @@ def test_add_config_args_refuses_what_it_cannot_do():
         add_config_args(parser, Example, exclude=["shape"])
     with pytest.raises(TypeError, match="not given Example's options"):
         config_from_args(Example, argparse.Namespace())
+
+
+# --------------------------------------------------------------------------------------------
+# The parser's layout and main
+
+
+def test_every_command_is_there():
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) >= {"train", "eval", "reconstruct", "levels", "encode", "decode", "extract",
+                                "train-prior", "sample", "compress", "decompress", "rd", "inspect", "report",
+                                "demo"}
+    for name, parser in sub.choices.items():
+        assert callable(parser.get_default("func")), name
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out == f"vqkit {vqkit.__version__}\n"
+
+
+def test_console_script_and_package_entry_point():
+    import vqkit.cli
+    assert vqkit.cli.main is main
+
+
+@pytest.mark.parametrize("error", [UsageError("the run is missing"), FileNotFoundError(2, "No such file", "x")])
+def test_a_vqkit_error_is_one_line_and_status_2(monkeypatch, capsys, error):
+    def fails(args):
+        raise error
+
+    monkeypatch.setattr(cli_stage1, "cmd_eval", fails)
+    assert main(["eval", "somewhere"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vqkit: error: ") and "Traceback" not in err
+    assert str(error) in err
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    def buggy(args):
+        raise KeyError("oops")
+
+    monkeypatch.setattr(cli_stage1, "cmd_eval", buggy)
+    with pytest.raises(KeyError, match="oops"):
+        main(["eval", "somewhere"])

@@ -14,13 +14,14 @@ import traceback
 
 import torch
 
-from vqkit import distributed
+from vqkit import __version__, distributed
 from vqkit.cli import codec, demo, inspect, prior, stage1
 from vqkit.errors import VqkitError
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqkit", description="VQ-VAE: discrete latent image models")
+    p.add_argument("--version", action="version", version=f"vqkit {__version__}")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
