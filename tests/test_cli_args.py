@@ -1,4 +1,4 @@
-"""Command-line options derived from the config dataclasses (vqkit.cli.args), the parser's
+"""The command line's options derived from the config dataclasses (vqkit.cli.args), the parser's
 layout and main's error handling; no training here."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 import pytest
 
 import vqkit
+from vqkit.cli import prior as cli_prior
 from vqkit.cli import stage1 as cli_stage1
-from vqkit.cli.args import add_config_args, config_from_args, docstring_args, field_help
+from vqkit.cli.args import add_config_args, config_args, config_from_args, docstring_args, field_help
 from vqkit.cli.main import build_parser, main
 from vqkit.errors import UsageError
 from vqkit.precision import PlacementConfig
@@ -20,13 +21,127 @@ from vqkit.train.prior import PriorTrainConfig
 from vqkit.train.stage1 import TrainConfig
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def _action(argv: list[str], dest: str) -> argparse.Action:
+    """The action of option ``dest`` in the subcommand that ``argv`` names."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return next(a for a in sub.choices[argv[0]]._actions if a.dest == dest)
+
+
 def _field_names(cls, less=()) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)} - set(less)
+
+
+# --------------------------------------------------------------------------------------------
+# The defaults are the dataclasses' own
+
+
+def test_train_defaults_are_train_config_defaults():
+    args = parse(["train", "--data", "x", "-o", "y"])
+    assert config_from_args(TrainConfig, args) == TrainConfig(data="x")
+    # Every field, the placement ones included, comes from the dataclass: none hand-written.
+    assert set(config_args(TrainConfig, args)) == _field_names(TrainConfig)
+    assert {"device", "precision", "channels_last", "compile"} <= set(config_args(TrainConfig, args))
+
+
+def test_train_prior_defaults_are_the_config_defaults():
+    args = parse(["train-prior", "codes", "-o", "p"])
+    assert config_from_args(PriorTrainConfig, args) == PriorTrainConfig(codes="codes")
+    assert set(config_args(PriorTrainConfig, args)) == _field_names(PriorTrainConfig)
+    sizes = config_args(PriorConfig, args)
+    assert set(sizes) == _field_names(PriorConfig, cli_prior._FROM_DATA)
+    assert PriorConfig(**sizes) == PriorConfig()
+    assert args.conditional is False
+
+
+def test_train_every_option_parses_into_the_config():
+    args = parse(["train", "--data", "x", "-o", "y", "--steps", "5", "--batch-size", "3", "--lr", "0.1",
+                  "--seed", "2", "--time-budget", "9", "--checkpoint-every", "7", "--log-every", "4",
+                  "--image-every", "6", "--image-size", "32", "--skip-bad", "--device", "cpu",
+                  "--precision", "fp32", "--no-channels-last", "--compile"])
+    assert config_from_args(TrainConfig, args) == TrainConfig(
+        data="x", steps=5, batch_size=3, lr=0.1, seed=2, time_budget=9.0, checkpoint_every=7, log_every=4,
+        image_every=6, image_size=32, skip_bad=True, device="cpu", precision="fp32", channels_last=False,
+        compile=True)
+    assert isinstance(config_from_args(TrainConfig, args).time_budget, float)
+    assert parse(["train", "--data", "x", "-o", "y", "--channels-last"]).channels_last is True
+
+
+def test_train_prior_every_option_parses_into_the_configs():
+    args = parse(["train-prior", "codes", "-o", "p", "--cond", "a", "--cond", "b", "--val-codes", "v",
+                  "--val-cond", "va", "--val-cond", "vb", "--val-fraction", "0.1", "--steps", "3",
+                  "--batch-size", "4", "--lr", "0.01", "--seed", "1", "--time-budget", "10",
+                  "--checkpoint-every", "2", "--log-every", "3", "--eval-every", "5", "--precision", "bf16",
+                  "--channels-last", "--arch", "pixelcnn", "--channels", "8", "--layers", "2",
+                  "--kernel-size", "5", "--dropout", "0.1", "--attention-heads", "2", "--attention-every", "3",
+                  "--cond-layers", "1", "--conditional"])
+    assert config_from_args(PriorTrainConfig, args) == PriorTrainConfig(
+        codes="codes", val_codes="v", cond_codes=["a", "b"], val_cond_codes=["va", "vb"], val_fraction=0.1,
+        steps=3, batch_size=4, lr=0.01, seed=1, time_budget=10.0, checkpoint_every=2, log_every=3,
+        eval_every=5, precision="bf16", channels_last=True)
+    assert config_args(PriorConfig, args) == dict(arch="pixelcnn", channels=8, layers=2, kernel_size=5,
+                                                  dropout=0.1, attention_heads=2, attention_every=3,
+                                                  cond_layers=1)
+    assert args.conditional is True
+
+
+def test_list_options_start_empty_each_parse():
+    parser = build_parser()
+    assert parser.parse_args(["train-prior", "c", "-o", "p", "--cond", "a"]).cond_codes == ["a"]
+    assert parser.parse_args(["train-prior", "c", "-o", "p"]).cond_codes == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "-o", "y"],                                   # --data is required (no default)
+    ["train", "--data", "x", "-o", "y", "--precision", "fp8"],
+    ["train-prior", "c", "-o", "p", "--arch", "transformer"],
+    ["train-prior", "-o", "p"],                             # CODES is required
+    ["train", "--data", "x", "-o", "y", "--steps", "many"],
+])
+def test_bad_options_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse(argv)
+    assert exit.value.code == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Help texts come from the Args: sections
+
+
+def test_help_comes_from_the_args_entry():
+    docs = field_help(TrainConfig)
+    assert docs["batch_size"] == "images per step (per process, when data-parallel)."
+    assert _action(["train"], "batch_size").help == "images per step (per process, when data-parallel) (default: 64)"
+    # An inherited field finds its base's entry.
+    assert _action(["train"], "compile").help == field_help(PlacementConfig)["compile"]
+    # Continuation lines are joined.
+    cond = _action(["train-prior"], "cond_codes")
+    assert ("the code sets of the levels above CODES that the prior is conditioned on, from the same "
+            "extraction, top-first") in cond.help
+    assert cond.option_strings == ["--cond"] and cond.metavar == "COND"
+    assert _action(["train-prior"], "val_cond_codes").option_strings == ["--val-cond"]
+    # Other fields named in a help text are spelled as the command line spells them.
+    assert field_help(PriorTrainConfig)["val_codes"] == "a held-out code set (default: the last val_fraction of codes)."
+    assert _action(["train-prior"], "val_codes").help == ("a held-out code set (default: the last "
+                                                          "--val-fraction of CODES).")
+    assert "each --cond level" in _action(["train-prior"], "val_cond_codes").help
+    assert field_help(PriorConfig)["channels"] == "channels of every layer."
+    assert _action(["train-prior"], "channels").help == "channels of every layer (default: 64)"
 
 
 def test_the_config_classes_document_every_field():
     for cls in (TrainConfig, PriorTrainConfig, PriorConfig, PlacementConfig):
         assert set(field_help(cls)) == _field_names(cls)
+
+
+def test_help_of_every_command_renders(capsys):
+    for command in ("train", "train-prior", "demo", "eval"):
+        with pytest.raises(SystemExit):
+            parse([command, "--help"])
+        assert "usage: vqkit " + command in capsys.readouterr().out
 
 
 def test_docstring_args_parsing():

@@ -83,6 +83,11 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+def _names(field_name: str, flags: Mapping[str, str | Sequence[str]]) -> list[str]:
+    names = flags.get(field_name, flag_name(field_name))
+    return [names] if isinstance(names, str) else list(names)
+
+
 def _default(f: dataclasses.Field):
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -115,12 +120,17 @@ def _argparse_kwargs(cls: type, f: dataclasses.Field, tp, default) -> dict:
                     "exclude it or write its option by hand")
 
 
-def _help(text: str, default, kwargs: dict) -> str:
+def _help(text: str, default, kwargs: dict, names: Mapping[str, str]) -> str:
+    """The Args: entry as help: the other fields it names given as the command line spells them
+    (``val_codes`` as --val-codes, a positional ``codes`` as CODES), then the default."""
+    if names:
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+        text = pattern.sub(lambda m: names[m[1]], text)
     text = text.replace("%", "%%")
     if kwargs.get("action") == "append":
         text += " Repeat the option for each."
     shown = default is not dataclasses.MISSING and default is not None and not isinstance(default, (bool, list))
-    return f"{text} (default: {default})" if shown else text
+    return f"{text.removesuffix('.')} (default: {default})" if shown else text
 
 
 def add_config_args(parser: argparse.ArgumentParser | argparse._ActionsContainer, cls: type, *,
@@ -145,6 +155,10 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ActionsContainer
     # The class's own fields first, then those it inherits (the placement settings).
     own = [n for n in fields if n in cls.__dict__.get("__annotations__", {})]
     order = own + [n for n in fields if n not in own]
+    # How the help texts spell the fields added here: a positional by its metavar; a field with
+    # an underscore by its option (a one-word name like "data" is as likely to be plain English).
+    spelled = {n: n.upper() if n in positional else _names(n, flags)[0] for n in order
+               if n not in exclude and (n in positional or "_" in n)}
     added = []
     for name in order:
         if name in exclude:
@@ -156,19 +170,18 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ActionsContainer
         kwargs = _argparse_kwargs(cls, f, hints[name], default)
         if name in choices:
             kwargs["choices"] = choices[name]
-        kwargs["help"] = _help(docs[name], default, kwargs)
+        kwargs["help"] = _help(docs[name], default, kwargs, {n: v for n, v in spelled.items() if n != name})
         if name in positional:
             if default is not dataclasses.MISSING:
                 kwargs.update(nargs="?", default=default)
-            parser.add_argument(name, **kwargs)
+            parser.add_argument(name, metavar=spelled[name], **kwargs)
         else:
-            names = flags.get(name, flag_name(name))
-            names = [names] if isinstance(names, str) else list(names)
+            names = _names(name, flags)
             if default is dataclasses.MISSING:
                 kwargs["required"] = True
             else:
                 kwargs["default"] = default
-            if kwargs.get("action") not in ("store_true", argparse.BooleanOptionalAction):
+            if kwargs.get("action") not in ("store_true", argparse.BooleanOptionalAction) and "choices" not in kwargs:
                 kwargs["metavar"] = names[0].lstrip("-").upper().replace("-", "_")
             parser.add_argument(*names, dest=name, **kwargs)
         added.append(name)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from vqkit import distributed
-from vqkit.precision import PRECISIONS
 from vqkit.runs import checkpoint as ckpt
 from vqkit.train.evaluate import save_eval
 
@@ -48,18 +46,3 @@ def save_eval_record(run: Path, checkpoint: ckpt.Checkpoint, record: dict) -> No
                         **record})
     except OSError as e:
         print(f"vqkit: warning: could not save {run / 'eval.json'} ({e})", file=sys.stderr)
-
-
-def placement_args(sp) -> None:
-    sp.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu, cuda, cuda:N")
-    sp.add_argument("--precision", choices=PRECISIONS, default="auto",
-                    help="bf16: autocast the forward pass to bfloat16 (codebook maths stays float32); "
-                         "auto: bf16 where the device computes it natively, else fp32")
-    sp.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                    help="channels_last memory format (default: with bf16)")
-    sp.add_argument("--compile", action="store_true", help="torch.compile the model")
-
-
-def placement(args) -> dict:
-    return {"device": args.device, "precision": args.precision, "channels_last": args.channels_last,
-            "compile": args.compile}

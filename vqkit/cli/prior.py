@@ -7,9 +7,11 @@ from pathlib import Path
 import torch
 
 from vqkit import distributed
-from vqkit.cli.common import distributed_args, placement, placement_args
+from vqkit.cli.args import add_config_args, config_args, config_from_args
+from vqkit.cli.common import distributed_args
 from vqkit.data.images import make_grid, save_png, side_by_side
 from vqkit.errors import UsageError
+from vqkit.precision import PRECISIONS
 from vqkit.prior import PriorConfig
 from vqkit.prior.config import ARCHS
 from vqkit.runs import checkpoint as ckpt
@@ -24,22 +26,21 @@ from vqkit.train.prior import (
     train_prior,
 )
 
+# PriorConfig's fields that the data decide (K, the map shape, the conditioning maps; the classes
+# through --conditional); the rest are the user's choice of model.
+_FROM_DATA = ("codebook_size", "height", "width", "num_classes", "cond_channels", "cond_codes")
+
 
 def cmd_train_prior(args) -> None:
     codes = load_codes(args.codes)
-    config = PriorTrainConfig(codes=str(args.codes), val_codes=args.val_codes,
-                              cond_codes=[str(p) for p in args.cond],
-                              val_cond_codes=[str(p) for p in args.val_cond], steps=args.steps,
-                              batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                              time_budget=args.time_budget, checkpoint_every=args.checkpoint_every,
-                              **placement(args))
+    config = config_from_args(PriorTrainConfig, args)
     _, val, val_idx = split_indices(codes, config)
     cond, val_cond = load_cond(config, codes, val)
     if args.resume and (Path(args.out) / "config.json").exists():
         prior_config = PriorConfig.from_dict(ckpt.read_config(args.out, kind="prior")["model"])
     else:
-        prior_config = prior_config_for(codes, args.arch, args.conditional, cond, channels=args.channels,
-                                        layers=args.layers)
+        sizes = config_args(PriorConfig, args)
+        prior_config = prior_config_for(codes, sizes.pop("arch"), args.conditional, cond, **sizes)
     result = train_prior(args.out, prior_config, config, resume=args.resume,
                          tensorboard=not args.no_tensorboard)
     if not distributed.is_main():
@@ -86,29 +87,15 @@ def cmd_sample(args) -> None:
 
 def add_parsers(sub) -> None:
     tp = sub.add_parser("train-prior", help="fit an autoregressive prior to extracted codes (stage 2)")
-    tp.add_argument("codes", type=Path, help="code set written by vqkit extract (for a VQ-VAE-2, "
-                                              "one level's: CODES/top, CODES/bottom, ...)")
-    tp.add_argument("--cond", type=Path, action="append", default=[],
-                    help="VQ-VAE-2: condition the prior on this code set of a level above CODES, "
-                         "from the same extraction; repeat top-first (--cond CODES/top --cond "
-                         "CODES/middle); the top prior takes none")
     tp.add_argument("-o", "--out", required=True, type=Path, help="prior run folder")
-    tp.add_argument("--arch", choices=ARCHS, default="pixelsnail")
-    tp.add_argument("--conditional", action="store_true", help="class-conditional prior")
-    tp.add_argument("--channels", type=int, default=64)
-    tp.add_argument("--layers", type=int, default=6)
-    tp.add_argument("--val-codes", help="held-out code set (default: the last 5%% of CODES)")
-    tp.add_argument("--val-cond", type=Path, action="append", default=[],
-                    help="the held-out code set of each --cond level (with --val-codes), same order")
-    tp.add_argument("--steps", type=int, default=5000)
-    tp.add_argument("--batch-size", type=int, default=32)
-    tp.add_argument("--lr", type=float, default=3e-4)
-    tp.add_argument("--seed", type=int, default=0)
-    tp.add_argument("--time-budget", type=float, help="stop after this many seconds (and save)")
-    tp.add_argument("--checkpoint-every", type=int, default=1000)
+    add_config_args(tp, PriorTrainConfig, positional=["codes"],
+                    flags={"cond_codes": "--cond", "val_cond_codes": "--val-cond"},
+                    choices={"precision": PRECISIONS})
+    model = tp.add_argument_group("the prior's model (with --resume, the run's own)")
+    add_config_args(model, PriorConfig, exclude=_FROM_DATA, choices={"arch": ARCHS})
+    model.add_argument("--conditional", action="store_true", help="class-conditional prior")
     tp.add_argument("--resume", action="store_true")
     tp.add_argument("--no-tensorboard", action="store_true")
-    placement_args(tp)
     distributed_args(tp)
     tp.set_defaults(func=cmd_train_prior)
 

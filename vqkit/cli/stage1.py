@@ -8,14 +8,13 @@ from pathlib import Path
 import torch
 
 from vqkit import distributed
+from vqkit.cli.args import add_config_args, config_from_args
 from vqkit.cli.common import (
     DATA_HELP,
     SPLITS,
     distributed_args,
     eval_data,
     image_size,
-    placement,
-    placement_args,
     run_and_data,
     save_eval_record,
 )
@@ -24,6 +23,7 @@ from vqkit.data.images import load_image, make_grid, save_png
 from vqkit.errors import UsageError
 from vqkit.nn.presets import PRESETS, preset
 from vqkit.nn.vqvae import StageOneConfig, level_names
+from vqkit.precision import PRECISIONS
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes, read_maps, save_maps
 from vqkit.runs.generate import decode_codes
@@ -41,12 +41,7 @@ def _model_config(args) -> StageOneConfig:
 
 
 def cmd_train(args) -> None:
-    model_config = _model_config(args)
-    config = TrainConfig(data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         seed=args.seed, time_budget=args.time_budget,
-                         checkpoint_every=args.checkpoint_every, image_size=args.image_size,
-                         skip_bad=args.skip_bad, **placement(args))
-    result = train(args.out, model_config, config, resume=args.resume,
+    result = train(args.out, _model_config(args), config_from_args(TrainConfig, args), resume=args.resume,
                    tensorboard=not args.no_tensorboard)
     if not distributed.is_main():
         return
@@ -159,23 +154,14 @@ def cmd_extract(args) -> None:
 
 def add_parsers(sub) -> None:
     t = sub.add_parser("train", help="train a VQ-VAE (stage 1)")
-    t.add_argument("--data", required=True, help=DATA_HELP)
     g = t.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="model preset (default cifar10; with --resume, the run's own model)")
     g.add_argument("--config", help="model config JSON (the 'model' part of a run's config.json)")
     t.add_argument("-o", "--out", required=True, type=Path, help="run folder")
-    t.add_argument("--steps", type=int, default=10_000)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--time-budget", type=float, help="stop after this many seconds (and save)")
-    t.add_argument("--checkpoint-every", type=int, default=1000)
-    t.add_argument("--image-size", type=int, help="centre-crop and resize folder images to this size")
-    t.add_argument("--skip-bad", action="store_true", help="skip unreadable image files (counted in the log)")
+    add_config_args(t, TrainConfig, choices={"precision": PRECISIONS})
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     t.add_argument("--no-tensorboard", action="store_true")
-    placement_args(t)
     distributed_args(t)
     t.set_defaults(func=cmd_train)
 
