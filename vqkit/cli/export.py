@@ -8,7 +8,7 @@ from vqkit.nn.pretrained import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 from vqkit.runs.export import export_run
 
 
-def add_parser(subparsers) -> None:
+def add_parsers(subparsers) -> None:
     """Register the ``export`` subcommand on ``subparsers`` (argparse's add_subparsers())."""
     ex = subparsers.add_parser(
         "export", help="a run's latest checkpoint as a shareable model folder (config.json, "

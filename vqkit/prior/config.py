@@ -40,12 +40,12 @@ class PriorConfig(JsonConfig):
 
     label: ClassVar[str] = "prior config"
 
-    arch: str = "pixelcnn"
+    arch: str = "pixelsnail"
     codebook_size: int = 512
     height: int = 8
     width: int = 8
-    channels: int = 128
-    layers: int = 10
+    channels: int = 64
+    layers: int = 6
     kernel_size: int = 3
     attention_heads: int = 4
     attention_every: int = 4

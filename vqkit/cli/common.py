@@ -1,0 +1,47 @@
+"""Options and helpers that several command groups share."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from vqkit import distributed
+from vqkit.runs import checkpoint as ckpt
+
+DATA_HELP = ("dataset as KIND:DIR with KIND one of mnist, fashion-mnist, cifar10, folder "
+             "(e.g. cifar10:../shared/data/cifar10)")
+SPLITS = ["train", "test", "all"]
+
+
+def run_and_data(sp, need_data: bool = False) -> None:
+    """RUN, --data (default: the run's training data) and --split (default test)."""
+    sp.add_argument("run", type=Path, help="run folder written by vqkit train")
+    sp.add_argument("--data", required=need_data, help=DATA_HELP + "; default: the run's training data")
+    sp.add_argument("--split", default="test", choices=SPLITS)
+
+
+def distributed_args(sp) -> None:
+    sp.add_argument("--nproc", type=int, default=1,
+                    help="train data-parallel in this many processes on this machine (launches "
+                         "torchrun; --batch-size is per process); for several machines run "
+                         "torchrun -m vqkit ... yourself")
+    sp.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT,
+                    help="seconds a process waits for the others before the job fails "
+                         f"(default {distributed.DEFAULT_TIMEOUT:.0f})")
+
+
+def eval_data(args, run: Path) -> str:
+    return args.data or ckpt.read_config(run)["train"]["data"]
+
+
+def image_size(run: Path) -> int | None:
+    return ckpt.read_config(run).get("train", {}).get("image_size")
+
+
+def save_eval_record(run: Path, checkpoint: ckpt.Checkpoint, record: dict) -> None:
+    """Keep the figures in RUN/eval.json for vqkit report; a read-only run only loses that."""
+    try:
+        ckpt.save_eval(run, {"step": checkpoint.step, "fingerprint": checkpoint.state.get("fingerprint"),
+                        **record})
+    except OSError as e:
+        print(f"vqkit: warning: could not save {run / 'eval.json'} ({e})", file=sys.stderr)

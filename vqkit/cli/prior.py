@@ -1,0 +1,119 @@
+"""Stage-2 commands: train-prior, sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vqkit import distributed
+from vqkit.cli.args import add_config_args, config_args, config_from_args
+from vqkit.cli.common import distributed_args
+from vqkit.data.images import make_grid, save_png, side_by_side
+from vqkit.errors import UsageError
+from vqkit.precision import PRECISIONS
+from vqkit.prior import PriorConfig
+from vqkit.prior.config import ARCHS
+from vqkit.runs import checkpoint as ckpt
+from vqkit.runs.codes import load_codes
+from vqkit.runs.generate import LevelPrior, chain_codes, check_chain, decode_codes, uniform_chain_codes
+from vqkit.training.prior import (
+    PriorTrainConfig,
+    evaluate_prior,
+    load_cond,
+    prior_config_for,
+    split_indices,
+    train_prior,
+)
+
+# PriorConfig's fields that the data decide (K, the map shape, the conditioning maps; the classes
+# through --conditional); the rest are the user's choice of model.
+_FROM_DATA = ("codebook_size", "height", "width", "num_classes", "cond_channels", "cond_codes")
+
+
+def cmd_train_prior(args) -> None:
+    codes = load_codes(args.codes)
+    config = config_from_args(PriorTrainConfig, args)
+    _, val, val_idx = split_indices(codes, config)
+    cond, val_cond = load_cond(config, codes, val)
+    if args.resume and (Path(args.out) / "config.json").exists():
+        prior_config = PriorConfig.from_dict(ckpt.read_config(args.out, kind="prior")["model"])
+    else:
+        sizes = config_args(PriorConfig, args)
+        prior_config = prior_config_for(codes, sizes.pop("arch"), args.conditional, cond, **sizes)
+    result = train_prior(args.out, prior_config, config, resume=args.resume,
+                         tensorboard=not args.no_tensorboard)
+    if not distributed.is_main():
+        return
+    prior, _ = ckpt.load_prior(args.out)
+    print(f"step {result.step} in {result.seconds:.0f} s; "
+          f"{evaluate_prior(prior, val, val_idx, cond=val_cond).summary()}")
+
+
+def _class_labels(value: str | None, n: int, nrow: int, config: dict) -> tuple[torch.Tensor | None, int]:
+    num_classes = config["model"].get("num_classes")
+    if value is None:
+        if num_classes:
+            return torch.arange(n) % num_classes, nrow
+        return None, nrow
+    if not num_classes:
+        raise UsageError("--class needs a class-conditional prior (train-prior --conditional)")
+    if value == "all":  # one row of n samples per class
+        return torch.arange(num_classes).repeat_interleave(n), n
+    names = (config.get("source") or {}).get("class_names") or []
+    label = names.index(value) if value in names else int(value) if value.isdigit() else -1
+    if not 0 <= label < num_classes:
+        raise UsageError(f"--class {value!r}: choose 0..{num_classes - 1}, a class name or 'all'")
+    return torch.full((n,), label), nrow
+
+
+def cmd_sample(args) -> None:
+    chain = [LevelPrior.load(run) for run in args.runs]
+    model = check_chain(chain)
+    nrow = args.nrow or max(1, int(round(args.n ** 0.5)))
+    # The labels follow the first class-conditional prior (the top one, when it is).
+    labelled = next((link.run_config for link in chain if link.prior.config.num_classes), chain[0].run_config)
+    labels, nrow = _class_labels(args.class_, args.n, nrow, labelled)
+    n = len(labels) if labels is not None else args.n
+    codes = chain_codes(chain, n, labels, args.temperature, args.top_k, args.top_p, args.seed)
+    grid = make_grid(decode_codes(model, codes), nrow=nrow)
+    if args.compare_uniform:
+        uniform = make_grid(decode_codes(model, uniform_chain_codes(chain, n, args.seed)), nrow=nrow)
+        grid = side_by_side(uniform, grid)
+    save_png(grid, args.out)
+    what = "uniform prior (left) beside the fitted prior (right)" if args.compare_uniform else "samples"
+    print(f"wrote {args.out}: {n} {what}")
+
+
+def add_parsers(sub) -> None:
+    tp = sub.add_parser("train-prior", help="fit an autoregressive prior to extracted codes (stage 2)")
+    tp.add_argument("-o", "--out", required=True, type=Path, help="prior run folder")
+    add_config_args(tp, PriorTrainConfig, positional=["codes"],
+                    flags={"cond_codes": "--cond", "val_cond_codes": "--val-cond"},
+                    choices={"precision": PRECISIONS})
+    model = tp.add_argument_group("the prior's model (with --resume, the run's own)")
+    add_config_args(model, PriorConfig, exclude=_FROM_DATA, choices={"arch": ARCHS})
+    model.add_argument("--conditional", action="store_true", help="class-conditional prior")
+    tp.add_argument("--resume", action="store_true")
+    tp.add_argument("--no-tensorboard", action="store_true")
+    distributed_args(tp)
+    tp.set_defaults(func=cmd_train_prior)
+
+    sm = sub.add_parser("sample", help="sample codes from a prior (for a VQ-VAE-2, a prior per level) "
+                                       "and decode them to images")
+    sm.add_argument("runs", nargs="+", type=Path, metavar="PRIOR",
+                    help="prior run folder written by vqkit train-prior; for a VQ-VAE-2 one per level, "
+                         "top-first (TOP [MIDDLE] BOTTOM), each lower one conditioned on the levels above")
+    sm.add_argument("-n", type=int, default=64)
+    sm.add_argument("-o", "--out", required=True, type=Path, help="PNG grid")
+    sm.add_argument("--class", dest="class_",
+                    help="a class index or name, or 'all' for one row of n samples per class")
+    sm.add_argument("--temperature", type=float, default=1.0)
+    sm.add_argument("--top-k", type=int)
+    sm.add_argument("--top-p", type=float)
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--nrow", type=int)
+    sm.add_argument("--compare-uniform", action="store_true",
+                    help="put samples of the uniform prior (every level uniform; left) beside the "
+                         "fitted priors' (right)")
+    sm.set_defaults(func=cmd_sample)

@@ -1,0 +1,221 @@
+"""Stage-1 commands: train, eval, reconstruct, levels, encode, decode, extract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vqkit import distributed
+from vqkit.cli.args import add_config_args, config_from_args
+from vqkit.cli.common import (
+    DATA_HELP,
+    SPLITS,
+    distributed_args,
+    eval_data,
+    image_size,
+    run_and_data,
+    save_eval_record,
+)
+from vqkit.data.datasets import from_model, load_dataset, to_model
+from vqkit.data.images import load_image, make_grid, save_png
+from vqkit.errors import UsageError
+from vqkit.nn.presets import PRESETS, preset
+from vqkit.nn.vqvae import StageOneConfig, level_names
+from vqkit.precision import PRECISIONS
+from vqkit.runs import checkpoint as ckpt
+from vqkit.runs.codes import extract_codes, read_maps, save_maps
+from vqkit.runs.generate import decode_codes
+from vqkit.training.evaluate import evaluate
+from vqkit.training.prior import PriorEvalResult, evaluate_prior_run
+from vqkit.training.stage1 import TrainConfig, train
+
+
+def _model_config(args) -> StageOneConfig:
+    if args.config:
+        return ckpt.read_model_config(args.config)
+    if args.preset is None and args.resume and (Path(args.out) / "config.json").exists():
+        return ckpt.model_config_of(args.out)
+    return preset(args.preset or "cifar10")
+
+
+def cmd_train(args) -> None:
+    result = train(args.out, _model_config(args), config_from_args(TrainConfig, args), resume=args.resume,
+                   tensorboard=not args.no_tensorboard)
+    if not distributed.is_main():
+        return
+    why = "time budget reached" if result.stopped_by_time else "done"
+    print(f"{why}: step {result.step} in {result.seconds:.0f} s, loss {result.last_loss:.4f}; "
+          f"checkpoint in {args.out}")
+
+
+def cmd_eval(args) -> None:
+    if ckpt.run_kind(args.run) == "prior":
+        return _eval_prior(args)
+    model, checkpoint = ckpt.load_model(args.run)
+    data = load_dataset(eval_data(args, args.run), args.split, image_size=image_size(args.run))
+    result = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json)
+    record = {"data": data.spec, "split": args.split, **result.to_dict()}
+    save_eval_record(args.run, checkpoint, record)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(f"{data.spec} ({args.split}): {result.summary()}")
+
+
+def _eval_prior(args) -> None:
+    record = evaluate_prior_run(args.run, data=args.data, split=args.split, codes=args.codes, cond=args.cond,
+                                limit=args.limit, batch_size=args.batch_size, progress=not args.json)
+    save_eval_record(args.run, ckpt.latest_checkpoint(args.run), record)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        prior = PriorEvalResult(record["maps"], record["bits_per_code"], record["uniform_bits_per_code"])
+        print(f"prior: {prior.summary()}")
+        level = record["level"]
+        print(f"{record['data']} ({args.split}): {record['stage1']['bits_per_dim']:.3f} bits/dim with the "
+              f"uniform prior, {record['bits_per_dim_with_prior']:.3f} with this prior"
+              + (f" for the {level} level" if level else ""))
+
+
+def cmd_reconstruct(args) -> None:
+    model, _ = ckpt.load_model(args.run)
+    data = load_dataset(eval_data(args, args.run), args.split, image_size=image_size(args.run))
+    images, _ = data.batch(torch.arange(min(args.n, len(data))))
+    recon = from_model(model.decode(model.encode(to_model(images))))
+    save_png(make_grid(torch.cat([images, recon]), nrow=args.nrow or len(images)), args.out)
+    print(f"wrote {args.out}: {len(images)} originals (top) and reconstructions (bottom)")
+
+
+def _images_from_args(args, run: Path) -> torch.Tensor:
+    config = ckpt.model_config_of(run)
+    if args.data:
+        data = load_dataset(args.data, args.split, image_size=image_size(run))
+        n = len(data) if args.limit is None else min(args.limit, len(data))
+        return data.batch(torch.arange(n))[0]
+    if not args.images:
+        raise UsageError("give image files or --data SPEC")
+    return torch.stack([load_image(p, args.image_size or image_size(run), config.in_channels)
+                        for p in args.images])
+
+
+def cmd_levels(args) -> None:
+    model, _ = ckpt.load_model(args.run)
+    data = load_dataset(eval_data(args, args.run), args.split, image_size=image_size(args.run))
+    images, _ = data.batch(torch.arange(min(args.n, len(data))))
+    x = to_model(images)
+    codes = model.encode(x)
+    columns = [from_model(model.decode_levels(codes, upto)) for upto in range(1, len(codes) + 1)] + [images]
+    save_png(make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=len(columns)), args.out)
+    names = level_names(len(codes))
+    print(f"wrote {args.out}: per image (row), decoded from the {names[0]} level alone, "
+          + "".join(f"then adding {name}, " for name in names[1:]) + "then the original")
+
+
+def cmd_encode(args) -> None:
+    model, _ = ckpt.load_model(args.run)
+    images = _images_from_args(args, args.run)
+    batches = [model.encode(to_model(images[i:i + 256])) for i in range(0, len(images), 256)]
+    maps = [torch.cat(level) for level in zip(*batches)]
+    save_maps(maps, args.out, model.config.codebook_sizes)
+    shapes = ", ".join(f"{name} {m.shape[1]}x{m.shape[2]}, K = {k}" for name, m, k in
+                       zip(level_names(len(maps)), maps, model.config.codebook_sizes))
+    print(f"wrote {args.out}: {len(maps[0])} images' code maps ({shapes})")
+
+
+def cmd_decode(args) -> None:
+    model, _ = ckpt.load_model(args.run)
+    images = decode_codes(model, read_maps(args.codes, model.config))
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        save_png(make_grid(images, nrow=args.nrow or min(len(images), 16)), out)
+        print(f"wrote {out}: grid of {len(images)} images")
+    else:
+        for i, image in enumerate(images):
+            save_png(image, out / f"{i:06d}.png")
+        print(f"wrote {len(images)} images to {out}/")
+
+
+def cmd_extract(args) -> None:
+    model, checkpoint = ckpt.load_model(args.run)
+    data = load_dataset(eval_data(args, args.run), args.split, image_size=image_size(args.run))
+    source = {"run": str(Path(args.run).resolve()), "step": checkpoint.step,
+              "fingerprint": checkpoint.state.get("fingerprint"), "data": data.spec,
+              "split": args.split}
+    sets = extract_codes(model, data, args.out, batch_size=args.batch_size, limit=args.limit,
+                         overwrite=args.overwrite, source=source)
+    print(f"wrote {args.out}: {len(sets[0])} images from {data.spec} ({args.split}), one code set per "
+          "level, top-first:")
+    for codes in sets:
+        h, w = codes.shape
+        print(f"  {codes.path}: {len(codes)} code maps of {h} x {w}, K = {codes.codebook_size}")
+
+
+def add_parsers(sub) -> None:
+    t = sub.add_parser("train", help="train a VQ-VAE (stage 1)")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="model preset (default cifar10; with --resume, the run's own model)")
+    g.add_argument("--config", help="model config JSON (the 'model' part of a run's config.json)")
+    t.add_argument("-o", "--out", required=True, type=Path, help="run folder")
+    add_config_args(t, TrainConfig, choices={"precision": PRECISIONS})
+    t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    t.add_argument("--no-tensorboard", action="store_true")
+    distributed_args(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="test MSE, PSNR, bits/dim and codebook usage; for a prior "
+                                    "run, its held-out bits per code and the bits/dim it gives")
+    run_and_data(e)
+    e.add_argument("--codes", type=Path, help="(prior runs) held-out code set to evaluate on")
+    e.add_argument("--cond", type=Path, action="append", default=[],
+                   help="(conditioned prior runs, with --codes) the held-out code set of a level the "
+                        "prior is conditioned on; repeat top-first, as in train-prior")
+    e.add_argument("--limit", type=int, help="evaluate only the first N images")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--json", action="store_true", help="print machine-readable results")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("reconstruct", help="grid of originals above reconstructions")
+    run_and_data(r)
+    r.add_argument("-n", type=int, default=16)
+    r.add_argument("--nrow", type=int)
+    r.add_argument("-o", "--out", required=True, type=Path)
+    r.set_defaults(func=cmd_reconstruct)
+
+    lv = sub.add_parser("levels", help="VQ-VAE-2 Figure 3: each image decoded from the top level "
+                                       "alone, then adding each lower level, then the original")
+    run_and_data(lv)
+    lv.add_argument("-n", type=int, default=8)
+    lv.add_argument("-o", "--out", required=True, type=Path)
+    lv.set_defaults(func=cmd_levels)
+
+    en = sub.add_parser("encode", help="images to integer code maps (.npy, N x h x w; for a VQ-VAE-2, a folder "
+                                       "of top.npy, [middle.npy,] bottom.npy)")
+    run_and_data(en)
+    en.add_argument("images", nargs="*", help="image files (instead of --data)")
+    en.add_argument("--limit", type=int)
+    en.add_argument("--image-size", type=int)
+    en.add_argument("-o", "--out", required=True, type=Path)
+    en.set_defaults(func=cmd_encode)
+
+    d = sub.add_parser("decode", help="code maps (.npy, or a VQ-VAE-2's folder from encode) back to images")
+    d.add_argument("run", type=Path)
+    d.add_argument("codes", type=Path)
+    d.add_argument("-o", "--out", required=True, help="a .png grid, or a folder for one PNG per map")
+    d.add_argument("--nrow", type=int)
+    d.set_defaults(func=cmd_decode)
+
+    x = sub.add_parser("extract", help="a dataset's code maps, stored for training a prior (for a "
+                                       "VQ-VAE-2, one code set per level in OUT/top, ..., OUT/bottom)")
+    x.add_argument("run", type=Path, help="run folder written by vqkit train")
+    x.add_argument("--data", help=DATA_HELP + "; default: the run's training data")
+    x.add_argument("--split", default="train", choices=SPLITS)
+    x.add_argument("--limit", type=int, help="extract only the first N images")
+    x.add_argument("--batch-size", type=int, default=256)
+    x.add_argument("-o", "--out", required=True, type=Path,
+                   help="code set folder (codes.npy, labels.npy, manifest.json); for a VQ-VAE-2 "
+                        "the folder of one such set per level")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing code set")
+    x.set_defaults(func=cmd_extract)
