@@ -23,6 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -36,14 +37,17 @@ from vqkit.runs.codes import CodeSet, load_codes
 from vqkit.runs.generate import stage1_of
 from vqkit.training.evaluate import evaluate
 from vqkit.training.loop import StepOutput, TrainingError, TrainResult, batch_indices, run_loop
-from vqkit.training.setup import check_run_fields, start_run
+from vqkit.training.setup import RunConfig, start_run
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class PriorTrainConfig(JsonConfig, precision.PlacementConfig):
+class PriorTrainConfig(JsonConfig, RunConfig):
     """How to train a prior; saved in the prior run's config.json.
+
+    The schedule and placement fields are those of every run (``RunConfig``), with a prior's
+    defaults for steps, batch size and lr.
 
     Args:
         codes: the code set to fit (written by vqkit extract; for a VQ-VAE-2, one level's).
@@ -52,33 +56,24 @@ class PriorTrainConfig(JsonConfig, precision.PlacementConfig):
             from the same extraction, top-first (the top prior takes none).
         val_cond_codes: the held-out code set of each cond_codes level, in the same order.
         val_fraction: the share of codes held out when no val_codes are given.
-        steps: train until this many steps in all (a resumed run continues up to it).
-        batch_size: code maps per step (per process, when data-parallel).
-        lr: Adam's learning rate.
-        seed: seeds the initialisation and, with the step, the data order.
-        time_budget: stop after this many seconds (and save).
-        checkpoint_every: save a checkpoint every this many steps.
-        log_every: log the training scalars every this many steps.
         eval_every: measure the held-out NLL every this many steps.
+        batch_size: code maps per step (per process, when data-parallel).
     """
+
+    intervals: ClassVar[tuple[str, ...]] = (*RunConfig.intervals, "eval_every")
 
     codes: str
     val_codes: str | None = None
     cond_codes: list[str] = field(default_factory=list)
     val_cond_codes: list[str] = field(default_factory=list)
     val_fraction: float = 0.05
-    steps: int = 5000
-    batch_size: int = 32
-    lr: float = 3e-4
-    seed: int = 0
-    time_budget: float | None = None
-    checkpoint_every: int = 1000
-    log_every: int = 50
     eval_every: int = 500
+    steps: int = field(default=5000, kw_only=True)
+    batch_size: int = field(default=32, kw_only=True)
+    lr: float = field(default=3e-4, kw_only=True)
 
     def __post_init__(self):
         super().__post_init__()
-        check_run_fields(self, "checkpoint_every", "log_every", "eval_every")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
         self.cond_codes = [str(p) for p in self.cond_codes]

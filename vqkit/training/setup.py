@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -29,17 +30,42 @@ from vqkit.training.loop import TensorBoard, TrainingError
 log = logging.getLogger(__name__)
 
 
-def check_run_fields(config, *every: str) -> None:
-    """The checks every training configuration shares: ``steps`` >= 0, ``batch_size`` >= 1,
-    ``lr`` > 0, a positive ``time_budget`` if any, and each of the ``every`` intervals >= 1."""
-    if config.steps < 0 or config.batch_size < 1 or config.lr <= 0:
-        raise ConfigError("steps must be >= 0, batch_size >= 1 and lr > 0")
-    if config.time_budget is not None and config.time_budget <= 0:
-        raise ConfigError(f"time_budget must be positive seconds, got {config.time_budget}")
-    small = [name for name in every if getattr(config, name) < 1]
-    if small:
-        got = ", ".join(f"{name}={getattr(config, name)}" for name in small)
-        raise ConfigError(f"{', '.join(every)} must be >= 1; got {got}")
+@dataclass(kw_only=True)
+class RunConfig(precision.PlacementConfig):
+    """What every training run is told, whatever it trains (keyword-only fields, as the
+    placement's, so that configurations with required fields can inherit them; a subclass may
+    redeclare a default). ``intervals`` names the fields that count steps between two events.
+
+    Args:
+        steps: train until this many steps in all (a resumed run continues up to it).
+        batch_size: examples per step (per process, when data-parallel).
+        lr: Adam's learning rate.
+        seed: seeds the initialisation and, with the step, the data order.
+        time_budget: stop after this many seconds (and save).
+        checkpoint_every: save a checkpoint every this many steps.
+        log_every: log the training scalars every this many steps.
+    """
+
+    intervals: ClassVar[tuple[str, ...]] = ("checkpoint_every", "log_every")
+
+    steps: int = 10_000
+    batch_size: int = 64
+    lr: float = 2e-4
+    seed: int = 0
+    time_budget: float | None = None
+    checkpoint_every: int = 1000
+    log_every: int = 50
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("steps must be >= 0, batch_size >= 1 and lr > 0")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ConfigError(f"time_budget must be positive seconds, got {self.time_budget}")
+        small = [name for name in self.intervals if getattr(self, name) < 1]
+        if small:
+            got = ", ".join(f"{name}={getattr(self, name)}" for name in small)
+            raise ConfigError(f"{', '.join(self.intervals)} must be >= 1; got {got}")
 
 
 @dataclass

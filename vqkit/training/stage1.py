@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -25,44 +26,31 @@ from vqkit.data.images import make_grid
 from vqkit.nn.quantize import CodebookUsage, enable_sync
 from vqkit.nn.vqvae import VQVAE, StageOneConfig, build_model, level_names
 from vqkit.training.loop import StepOutput, TrainingError, TrainResult, batch_indices, run_loop
-from vqkit.training.setup import check_run_fields, start_run
+from vqkit.training.setup import RunConfig, start_run
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig(JsonConfig, precision.PlacementConfig):
+class TrainConfig(JsonConfig, RunConfig):
     """How to train a stage-1 model; saved in the run's config.json beside the model configuration.
+
+    The schedule and placement fields are those of every run (``RunConfig``).
 
     Args:
         data: the training images, as KIND:DIR (mnist, fashion-mnist, cifar10, folder).
-        steps: train until this many steps in all (a resumed run continues up to it).
         batch_size: images per step (per process, when data-parallel).
-        lr: Adam's learning rate.
-        seed: seeds the initialisation and, with the step, the data order.
-        time_budget: stop after this many seconds (and save).
-        checkpoint_every: save a checkpoint every this many steps.
-        log_every: log the training scalars every this many steps.
         image_every: log a reconstruction grid every this many steps.
         image_size: centre-crop and resize folder images to this side.
         skip_bad: skip unreadable image files (counted in the log).
     """
 
+    intervals: ClassVar[tuple[str, ...]] = (*RunConfig.intervals, "image_every")
+
     data: str
-    steps: int = 10_000
-    batch_size: int = 64
-    lr: float = 2e-4
-    seed: int = 0
-    time_budget: float | None = None
-    checkpoint_every: int = 1000
-    log_every: int = 50
     image_every: int = 1000
     image_size: int | None = None
     skip_bad: bool = False
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_run_fields(self, "checkpoint_every", "log_every", "image_every")
 
 
 def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig, resume: bool = False,
