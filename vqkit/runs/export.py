@@ -38,12 +38,12 @@ from vqkit.runs import checkpoint as ckpt
 # model_type -> (module, class) of the loading snippet in the card; the one place to change
 # when the model classes move.
 USAGE_IMPORTS = {
-    "vqvae": ("vqkit.nn.vqvae", "VQVAE"),
-    "vqvae2": ("vqkit.nn.vqvae", "VQVAE2"),
-    "prior": ("vqkit.prior", "Prior"),
+    "vqvae": ("vqkit", "VQVAE"),
+    "vqvae2": ("vqkit", "VQVAE2"),
+    "prior": ("vqkit", "Prior"),
 }
 # Where the ``sample`` function of the prior snippet lives.
-SAMPLE_IMPORT = ("vqkit.prior", "sample")
+SAMPLE_IMPORT = ("vqkit", "sample")
 # Dataset kinds (the KIND of a KIND:DIR spec) that are known Hub datasets, and their Hub ids.
 HUB_DATASETS = {"mnist": "ylecun/mnist", "fashion-mnist": "zalando-datasets/fashion_mnist",
                 "fashion": "zalando-datasets/fashion_mnist", "cifar10": "uoft-cs/cifar10"}
