@@ -17,17 +17,9 @@ import torch
 from conftest import DATA, TINY2
 
 from vqkit.cli.main import main
-from vqkit.codec.codec import (
-    MAGIC,
-    Codec,
-    CodecError,
-    _from_tiles,
-    _to_tiles,
-    header_size,
-    pack_uniform,
-    uniform_payload_bytes,
-    unpack_uniform,
-)
+from vqkit.codec.codec import Codec, CodecError, _from_tiles, _to_tiles
+from vqkit.codec.format import MAGIC, header_size
+from vqkit.codec.packing import pack_uniform, uniform_payload_bytes, unpack_uniform
 from vqkit.data.datasets import to_model
 from vqkit.data.images import load_image, save_png
 from vqkit.nn.vqvae import VQVAE, VQVAEConfig

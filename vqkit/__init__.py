@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    **dict.fromkeys(["VqkitError", "ConfigError", "UsageError"], "vqkit.errors"),
+    **dict.fromkeys(["VqkitError", "ConfigError", "UsageError", "CodecError"], "vqkit.errors"),
     **dict.fromkeys(["VectorQuantizer", "QuantizerOutput", "CodebookUsage"], "vqkit.nn.quantize"),
     **dict.fromkeys(["VQVAE", "VQVAE2", "VQVAEConfig", "VQVAE2Config", "VQVAEOutput", "build_model",
                      "level_names"], "vqkit.nn.vqvae"),
@@ -42,7 +42,7 @@ _EXPORTS = {
     **dict.fromkeys(["PriorTrainConfig", "train_prior", "evaluate_prior"], "vqkit.training.prior"),
     **dict.fromkeys(["TrainingError"], "vqkit.training.loop"),
     **dict.fromkeys(["evaluate", "EvalResult"], "vqkit.training.evaluate"),
-    **dict.fromkeys(["Codec", "CodecError"], "vqkit.codec.codec"),
+    **dict.fromkeys(["Codec"], "vqkit.codec.codec"),
     **dict.fromkeys(["DistributedError"], "vqkit.distributed"),
 }
 

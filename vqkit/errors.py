@@ -21,3 +21,8 @@ class ConfigError(VqkitError, ValueError):
 class UsageError(VqkitError, ValueError):
     """An argument that cannot be used: a wrong shape, a value out of range, an option that
     does not apply to this model."""
+
+
+class CodecError(VqkitError, ValueError):
+    """A ``.vq`` file that cannot be decoded, or an image that cannot be coded; the message
+    names the file and the problem."""

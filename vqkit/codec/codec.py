@@ -26,25 +26,8 @@ differently between threads), then ``softmax`` in float64; ``constriction``'s
 fixed-point arithmetic (every symbol keeps a nonzero frequency). A CRC of the codes in the
 header turns any disagreement (say, another CPU's float arithmetic) into an error.
 
-File layout (little-endian)::
-
-    magic      8 bytes  89 'VQK' 0d 0a 1a 0a
-    version    u8       FORMAT_VERSION
-    mode       u8       0 uniform, 1 prior
-    levels     u8       L
-    channels   u8       1 or 3
-    fingerprint 32 bytes sha256 of the stage-1 (and, in prior mode, the priors') weights and configs
-    height, width, padded_height, padded_width, tile_height, tile_width   u32 each
-    L x (h, w, K)       u32 each, top-first: the code maps of the padded image
-    codes_crc  u32      CRC-32 of the codes (int32, level after level)
-    payload_length u64
-    header_crc u32      CRC-32 of every byte above
-    payload    payload_length bytes
-    payload_crc u32     CRC-32 of the payload
-
-The reader checks the magic, version, header checksum, every field's range, the length and
-the payload checksum before any model work, so a damaged file gives a ``CodecError`` naming
-the problem and never allocates more than its size limits allow.
+The container (header, checksums, limits) is ``vqkit.codec.format``; uniform mode's packing is
+``vqkit.codec.packing``.
 """
 
 from __future__ import annotations
@@ -53,7 +36,6 @@ import contextlib
 import hashlib
 import json
 import math
-import struct
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -64,235 +46,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vqkit.codec.format import CRC, MAX_PIXELS, MODES, Header, parse, read_vq
+from vqkit.codec.packing import pack_uniform, unpack_uniform
 from vqkit.data.datasets import to_model
 from vqkit.data.images import load_image, save_png
-from vqkit.errors import UsageError, VqkitError
+from vqkit.errors import CodecError, UsageError
 from vqkit.fsutil import atomic_write_bytes
 from vqkit.nn.vqvae import VQVAE
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.generate import LevelPrior, check_chain, decode_codes
 
-MAGIC = b"\x89VQK\r\n\x1a\n"
-FORMAT_VERSION = 1
-MODES = ("uniform", "prior")
-MAX_LEVELS = 8
-MAX_PIXELS = 1 << 26          # 64 megapixels: what a file may declare
-MAX_CODEBOOK = 1 << 20
-# Uniform mode with a codebook size that is not a power of two packs all codes into one big
-# number, whose base conversion grows faster than linearly; it is limited to this many codes.
-MAX_MIXED_RADIX_CODES = 1 << 16
-
-_FIXED = struct.Struct("<8sBBBB32s6I")
-_LEVEL = struct.Struct("<3I")
-_TAIL = struct.Struct("<IQI")      # codes_crc, payload_length, header_crc
-_CRC = struct.Struct("<I")
-
-
-class CodecError(VqkitError, ValueError):
-    """A ``.vq`` file that cannot be decoded, or an image that cannot be coded; the message
-    names the file and the problem."""
-
-
-@dataclass
-class Header:
-    """The fields of a ``.vq`` header; ``levels`` holds (h, w, K) per level, top-first."""
-
-    mode: str
-    channels: int
-    fingerprint: bytes
-    height: int
-    width: int
-    padded_height: int
-    padded_width: int
-    tile_height: int
-    tile_width: int
-    levels: list[tuple[int, int, int]]
-    codes_crc: int
-    payload_length: int
-
-    def to_bytes(self) -> bytes:
-        head = _FIXED.pack(MAGIC, FORMAT_VERSION, MODES.index(self.mode), len(self.levels), self.channels,
-                           self.fingerprint, self.height, self.width, self.padded_height,
-                           self.padded_width, self.tile_height, self.tile_width)
-        head += b"".join(_LEVEL.pack(*level) for level in self.levels)
-        head += struct.pack("<IQ", self.codes_crc, self.payload_length)
-        return head + _CRC.pack(zlib.crc32(head))
-
-    @property
-    def num_codes(self) -> int:
-        return sum(h * w for h, w, _ in self.levels)
-
-
-def header_size(levels: int) -> int:
-    return _FIXED.size + levels * _LEVEL.size + _TAIL.size
-
-
-def parse(data: bytes, name: str = "<bytes>") -> tuple[Header, bytes]:
-    """Check a whole ``.vq`` file and split it into its header and payload.
-
-    Needs no model: magic, version, header checksum, field ranges, length and payload checksum.
-    Raises CodecError naming ``name`` and the first problem found.
-    """
-    if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
-        raise CodecError(f"{name}: not a .vq file (it does not start with the vqkit magic bytes)")
-    if len(data) < _FIXED.size:
-        raise CodecError(f"{name}: truncated: {len(data)} bytes, shorter than the fixed header "
-                         f"({_FIXED.size} bytes)")
-    (_, version, mode, levels, channels, fingerprint, height, width, padded_height, padded_width,
-     tile_height, tile_width) = _FIXED.unpack_from(data)
-    if version != FORMAT_VERSION:
-        raise CodecError(f"{name}: .vq format version {version} is not supported (this vqkit reads "
-                         f"version {FORMAT_VERSION})")
-    if not 1 <= levels <= MAX_LEVELS:
-        raise CodecError(f"{name}: corrupt header: {levels} levels (1 to {MAX_LEVELS} allowed)")
-    size = header_size(levels)
-    if len(data) < size:
-        raise CodecError(f"{name}: truncated: {len(data)} bytes, shorter than its header ({size} bytes)")
-    codes_crc, payload_length, header_crc = _TAIL.unpack_from(data, size - _TAIL.size)
-    if zlib.crc32(data[:size - 4]) != header_crc:
-        raise CodecError(f"{name}: corrupt header (checksum mismatch)")
-    shapes = [_LEVEL.unpack_from(data, _FIXED.size + i * _LEVEL.size) for i in range(levels)]
-    header = Header(MODES[mode] if mode < len(MODES) else str(mode), channels, fingerprint, height, width,
-                    padded_height, padded_width, tile_height, tile_width, [tuple(s) for s in shapes],
-                    codes_crc, payload_length)
-    _check_fields(header, name)
-    expected = size + payload_length + _CRC.size
-    if len(data) < expected:
-        raise CodecError(f"{name}: truncated: the header announces {payload_length} payload bytes "
-                         f"({expected} bytes in all) but the file holds {len(data)} bytes")
-    if len(data) > expected:
-        raise CodecError(f"{name}: {len(data) - expected} unexpected bytes after the end of the payload")
-    payload = data[size:size + payload_length]
-    if zlib.crc32(payload) != _CRC.unpack_from(data, size + payload_length)[0]:
-        raise CodecError(f"{name}: corrupt payload (checksum mismatch)")
-    return header, payload
-
-
-def _check_fields(h: Header, name: str) -> None:
-    problem = None
-    if h.mode not in MODES:
-        problem = f"unknown coding mode {h.mode}"
-    elif h.channels not in (1, 3):
-        problem = f"{h.channels} channels (1 or 3 allowed)"
-    elif not (1 <= h.height <= h.padded_height and 1 <= h.width <= h.padded_width):
-        problem = f"image size {h.height}x{h.width} does not fit its padded size {h.padded_height}x{h.padded_width}"
-    elif h.padded_height * h.padded_width > MAX_PIXELS:
-        problem = f"padded size {h.padded_height}x{h.padded_width} exceeds {MAX_PIXELS} pixels"
-    elif not (1 <= h.tile_height <= h.padded_height and 1 <= h.tile_width <= h.padded_width) \
-            or h.padded_height % h.tile_height or h.padded_width % h.tile_width:
-        problem = f"tile {h.tile_height}x{h.tile_width} does not divide the padded size"
-    elif h.padded_height - h.height >= h.tile_height or h.padded_width - h.width >= h.tile_width:
-        problem = "more padding than one tile"
-    elif any(not (1 <= lh <= h.padded_height and 1 <= lw <= h.padded_width and 1 <= k <= MAX_CODEBOOK)
-             for lh, lw, k in h.levels):
-        problem = f"code map shapes {h.levels} do not fit the image"
-    elif h.mode == "uniform" and (h.num_codes > h.padded_height * h.padded_width
-                                  or not _packable([lh * lw for lh, lw, _ in h.levels], [k for _, _, k in h.levels])
-                                  or h.payload_length != uniform_payload_bytes(
-                                      [lh * lw for lh, lw, _ in h.levels], [k for _, _, k in h.levels])):
-        problem = f"a uniform-mode payload of {h.payload_length} bytes does not match its code maps"
-    elif h.mode == "prior" and h.payload_length % 4:
-        problem = f"a prior-mode payload of {h.payload_length} bytes is not whole 32-bit words"
-    if problem:
-        raise CodecError(f"{name}: corrupt header: {problem}")
-
-
-# --- uniform mode: mixed-radix packing ------------------------------------------------------
-
-def uniform_payload_bytes(counts: Sequence[int], radices: Sequence[int]) -> int:
-    """``ceil(sum_l counts[l] * log2 radices[l] / 8)``, computed exactly: the bytes of the
-    largest number ``prod_l K_l ** n_l - 1``."""
-    if all(k & (k - 1) == 0 for k in radices):
-        return (sum(n * (k.bit_length() - 1) for n, k in zip(counts, radices)) + 7) // 8
-    if not _packable(counts, radices):
-        raise CodecError(f"uniform mode with codebook sizes {list(radices)} (not all powers of two) is "
-                         f"limited to {MAX_MIXED_RADIX_CODES} codes; this image has {sum(counts)}")
-    total = 1
-    for n, k in zip(counts, radices):
-        total *= k ** n
-    return ((total - 1).bit_length() + 7) // 8
-
-
-def _packable(counts: Sequence[int], radices: Sequence[int]) -> bool:
-    return all(k & (k - 1) == 0 for k in radices) or sum(counts) <= MAX_MIXED_RADIX_CODES
-
-
-def pack_uniform(levels: Sequence[np.ndarray], radices: Sequence[int]) -> bytes:
-    """Codes of every level (flat int arrays, values < K_l) -> the bytes of the number whose
-    mixed-radix digits they are, least significant first; exactly ``uniform_payload_bytes``."""
-    size = uniform_payload_bytes([len(c) for c in levels], radices)
-    if all(k & (k - 1) == 0 for k in radices):
-        bits = [((c.astype(np.int64)[:, None] >> np.arange(k.bit_length() - 1)) & 1).astype(np.uint8).ravel()
-                for c, k in zip(levels, radices)]
-        return np.packbits(np.concatenate(bits), bitorder="little").tobytes().ljust(size, b"\0")
-    digits, radix = _flatten(levels, radices)
-    return _to_int(digits, radix, 0, len(digits))[0].to_bytes(size, "little")
-
-
-def unpack_uniform(payload: bytes, counts: Sequence[int], radices: Sequence[int]) -> list[np.ndarray]:
-    """Inverse of ``pack_uniform``; raises CodecError when the number is out of range."""
-    if len(payload) != uniform_payload_bytes(counts, radices):
-        raise CodecError(f"uniform payload of {len(payload)} bytes does not hold {sum(counts)} codes")
-    if all(k & (k - 1) == 0 for k in radices):
-        bits = np.unpackbits(np.frombuffer(payload, np.uint8), bitorder="little").astype(np.int64)
-        out, at = [], 0
-        for n, k in zip(counts, radices):
-            b = k.bit_length() - 1
-            chunk = bits[at:at + n * b].reshape(n, b)
-            out.append((chunk << np.arange(b)).sum(1) if b else np.zeros(n, np.int64))
-            at += n * b
-        if bits[at:].any():
-            raise CodecError("uniform payload has bits set beyond its last code")
-        return out
-    radix = np.concatenate([np.full(n, k, np.int64) for n, k in zip(counts, radices)])
-    value = int.from_bytes(payload, "little")
-    if value >= _product(radix, 0, len(radix)):
-        raise CodecError("uniform payload holds a number beyond its code maps' range")
-    digits = np.zeros(len(radix), np.int64)
-    _from_int(value, radix, 0, len(radix), digits)
-    out, at = [], 0
-    for n in counts:
-        out.append(digits[at:at + n])
-        at += n
-    return out
-
-
-def _flatten(levels, radices) -> tuple[np.ndarray, np.ndarray]:
-    return (np.concatenate([c.astype(np.int64) for c in levels]),
-            np.concatenate([np.full(len(c), k, np.int64) for c, k in zip(levels, radices)]))
-
-
-def _product(radix: np.ndarray, a: int, b: int) -> int:
-    values, counts = np.unique(radix[a:b], return_counts=True)
-    return math.prod(int(v) ** int(c) for v, c in zip(values, counts))
-
-
-def _to_int(digits: np.ndarray, radix: np.ndarray, a: int, b: int) -> tuple[int, int]:
-    """(value, radix product) of digits[a:b], by halves so big-number products stay balanced."""
-    if b - a <= 32:
-        value, scale = 0, 1
-        for d, r in zip(digits[a:b].tolist(), radix[a:b].tolist()):
-            value += d * scale
-            scale *= r
-        return value, scale
-    m = (a + b) // 2
-    low, low_scale = _to_int(digits, radix, a, m)
-    high, high_scale = _to_int(digits, radix, m, b)
-    return low + low_scale * high, low_scale * high_scale
-
-
-def _from_int(value: int, radix: np.ndarray, a: int, b: int, out: np.ndarray) -> None:
-    if b - a <= 32:
-        for i in range(a, b):
-            value, out[i] = divmod(value, int(radix[i]))
-        return
-    m = (a + b) // 2
-    high, low = divmod(value, _product(radix, a, m))
-    _from_int(low, radix, a, m, out)
-    _from_int(high, radix, m, b, out)
-
-
-# --- the codec ------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
@@ -337,7 +100,7 @@ class Compressed:
 
     @property
     def header_bytes(self) -> int:
-        return len(self.data) - self.header.payload_length - _CRC.size
+        return len(self.data) - self.header.payload_length - CRC.size
 
 
 class Codec:
@@ -452,7 +215,7 @@ class Codec:
         header = Header(mode, image.shape[0], self.fingerprints[mode], image.shape[1], image.shape[2], ph, pw,
                         th, tw, [(m.shape[0], m.shape[1], k) for m, k in zip(codes, self.radices)],
                         _crc_codes(codes), len(payload))
-        data = header.to_bytes() + payload + _CRC.pack(zlib.crc32(payload))
+        data = header.to_bytes() + payload + CRC.pack(zlib.crc32(payload))
         return Compressed(data, header, codes, bits)
 
     def decompress_codes(self, data: bytes, name: str = "<bytes>") -> tuple[Header, list[torch.Tensor]]:
@@ -551,16 +314,6 @@ class Codec:
         image = self.decompress(read_vq(path), str(path))
         save_png(image, out)
         return image
-
-
-def read_vq(path: str | Path) -> bytes:
-    """The bytes of a ``.vq`` file; refuses one larger than any image the format allows could need."""
-    path = Path(path)
-    size = path.stat().st_size
-    limit = MAX_PIXELS * 4 + (1 << 20)
-    if size > limit:
-        raise CodecError(f"{path}: {size} bytes is larger than any .vq file can be ({limit})")
-    return path.read_bytes()
 
 
 def _hash(obj: dict) -> bytes:

@@ -33,7 +33,8 @@ from PIL import Image
 from pytorch_msssim import ms_ssim as _ms_ssim
 from tqdm import tqdm
 
-from vqkit.codec.codec import Codec, uniform_payload_bytes
+from vqkit.codec.codec import Codec
+from vqkit.codec.packing import uniform_payload_bytes
 from vqkit.data.images import IMAGE_SUFFIXES, load_image, psnr_from_mse
 from vqkit.errors import UsageError
 from vqkit.fsutil import atomic_path
