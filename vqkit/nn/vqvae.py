@@ -394,14 +394,18 @@ class VQVAE(nn.Module, PretrainedMixin):
         top = given[0]
         if top.dim() != 3:
             raise UsageError(f"expected codes (B, h, w), got {tuple(top.shape)} for the top level")
-        for level, c in enumerate(given):
-            scale = 2 ** sum(self.config.strides[:level])
-            expected = (top.shape[0], top.shape[1] * scale, top.shape[2] * scale)
+        for level, (c, expected) in enumerate(zip(given, self._shapes_below(top))):
             if tuple(c.shape) != expected:
                 raise UsageError(f"level {level} codes have shape {tuple(c.shape)}, expected {expected} "
                                  "from the top map: codes are top-first, and adding levels can only be decoded "
                                  "in order")
         return given
+
+    def _shapes_below(self, top: torch.Tensor) -> list[tuple[int, int, int]]:
+        """(B, h_l, w_l) of every level's codes, top-first, given the top level's codes."""
+        top_stride = self.config.total_stride
+        return [(top.shape[0], top.shape[1] * top_stride // s, top.shape[2] * top_stride // s)
+                for s in self.config.level_strides()]
 
     @torch.no_grad()
     def decode_levels(self, codes: Sequence[torch.Tensor | None], upto: int) -> torch.Tensor:
@@ -414,12 +418,9 @@ class VQVAE(nn.Module, PretrainedMixin):
         hierarchy, not a sample of the model. ``upto = L`` is ``decode``.
         """
         given = self._given_levels(codes, upto)
-        top = given[0]
         z_qs = [self.quantizers[level].lookup(c) for level, c in enumerate(given)]
-        for level in range(upto, self.num_levels):
-            scale = 2 ** sum(self.config.strides[:level])
-            z_qs.append(torch.zeros(top.shape[0], self.config.code_dim, top.shape[1] * scale,
-                                    top.shape[2] * scale, device=top.device))
+        z_qs += [torch.zeros(b, self.config.code_dim, h, w, device=given[0].device)
+                 for b, h, w in self._shapes_below(given[0])[upto:]]
         return self.likelihood.mean(self._decode_z_q(z_qs)).clamp(-1, 1)
 
     @torch.no_grad()

@@ -153,9 +153,12 @@ def _image_shape(train: dict, in_channels: int) -> tuple[int, int, int] | None:
     return data.channels, data.height, data.width
 
 
-def _step_line(checkpoint: ckpt.Checkpoint, train: dict) -> str:
+def _schedule_rows(checkpoint: ckpt.Checkpoint, train: dict) -> list[list[str]]:
+    """The training table's rows every run kind has: steps, batch size, learning rate, seed."""
     planned = train.get("steps")
-    return str(checkpoint.step) + (f" (of {planned} planned)" if planned not in (None, checkpoint.step) else "")
+    steps = str(checkpoint.step) + (f" (of {planned} planned)" if planned not in (None, checkpoint.step) else "")
+    return [["steps", steps], ["batch size", str(train.get("batch_size", "?"))],
+            ["learning rate", str(train.get("lr", "?"))], ["seed", str(train.get("seed", "?"))]]
 
 
 def _eval_provenance(run: Path, checkpoint: ckpt.Checkpoint, record: dict) -> str:
@@ -193,7 +196,7 @@ def _stage1_body(run: Path, out: Path, model, config: dict, checkpoint: ckpt.Che
             maps = c.latent_shapes(shape[1], shape[2])
         except ValueError:
             maps = None
-    strides = [2 ** c.downsample] if levels == 1 else [2 ** sum(c.strides[level:]) for level in range(levels)]
+    strides = c.level_strides()
     size = f"{shape[1]}x{shape[2]}" if shape else "unknown"
     text = [f"# {name}{f' ({levels} levels)' if levels > 1 else ''} image tokenizer, trained with vqkit\n",
             f"A {name} (vector-quantized autoencoder) that turns {size} images with {c.in_channels} "
@@ -203,10 +206,7 @@ def _stage1_body(run: Path, out: Path, model, config: dict, checkpoint: ckpt.Che
             "## Training\n",
             _table(["training", ""], [["data", f"`{train.get('data', '?')}`"],
                               ["image size", f"{size}, {c.in_channels} channel{'s' if c.in_channels > 1 else ''}"],
-                              ["steps", _step_line(checkpoint, train)],
-                              ["batch size", str(train.get("batch_size", "?"))],
-                              ["learning rate", str(train.get("lr", "?"))],
-                              ["seed", str(train.get("seed", "?"))]]),
+                              *_schedule_rows(checkpoint, train)]),
             "## Architecture\n",
             f"Levels top-first{f', for {size} images' if maps else ''}; the reduction factor is the number "
             "of image values (channels x height x width) per code.\n"]
@@ -295,10 +295,7 @@ def _prior_body(run: Path, out: Path, model, config: dict, checkpoint: ckpt.Chec
             _table(["training", ""], [["codes", f"`{source.get('data', '?')}` ({source.get('split', '?')} split), "
                                         f"encoded by the stage-1 model at step {source.get('step', '?')}"],
                               ["stage-1 weights", f"sha256 `{stage1}`"],
-                              ["steps", _step_line(checkpoint, train)],
-                              ["batch size", str(train.get("batch_size", "?"))],
-                              ["learning rate", str(train.get("lr", "?"))],
-                              ["seed", str(train.get("seed", "?"))]]),
+                              *_schedule_rows(checkpoint, train)]),
             "## Architecture\n",
             f"{arch}, {c.layers} layers of {c.channels} channels, kernel {c.kernel_size}{attention}"
             f"{conditioning}. Everything needed to rebuild it is in `{CONFIG_NAME}`.\n",
