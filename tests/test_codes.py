@@ -109,6 +109,29 @@ def test_limit_and_unlabelled_dataset(model, dataset, tmp_path):
     assert torch.equal(codes.batch(torch.arange(10))[0], model.encode(to_model(dataset.images[:10]))[0])
 
 
+def test_flip_stores_the_codes_of_the_mirrored_images_after_the_originals(model, dataset, stored, tmp_path):
+    [codes] = extract_codes(model, dataset, tmp_path / "f", batch_size=BATCH, flip=True, progress=False,
+                            source=SOURCE)
+    assert (len(codes), codes.images, codes.flipped) == (2 * N, N, True)
+    maps, labels = codes.batch(torch.arange(2 * N))
+    [mirrored] = model.encode(to_model(dataset.images.flip(-1)))
+    assert not torch.equal(mirrored, maps[:N])  # the encoder's codes of the mirror, not a flipped map
+    assert torch.equal(maps[:N], load_codes(stored).batch(torch.arange(N))[0])
+    assert torch.equal(maps[N:], mirrored)
+    assert torch.equal(labels, dataset.labels.repeat(2))
+    assert codes.with_flips(torch.tensor([3, 0])).tolist() == [3, 0, N + 3, N]
+    plain = load_codes(stored)
+    assert (plain.images, plain.flipped) == (N, False) and plain.with_flips(torch.tensor([3])).tolist() == [3]
+
+
+def test_a_flipped_manifest_must_hold_each_image_twice(model, dataset, tmp_path):
+    extract_codes(model, dataset, tmp_path / "f", batch_size=BATCH, flip=True, progress=False, source=SOURCE)
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    (tmp_path / "f" / "manifest.json").write_text(json.dumps({**manifest, "images": N + 1}))
+    with pytest.raises(CodeStoreError, match="invalid or missing images"):
+        load_codes(tmp_path / "f")
+
+
 def test_code_dtype():
     assert code_dtype(65536) == np.uint16 and code_dtype(65537) == np.int32
 
@@ -218,7 +241,7 @@ CORRUPTIONS = {
     "wrong version": ("manifest.json", _edit_manifest(format_version=99), "version 99"),
     "bad shape field": ("manifest.json", _edit_manifest(shape=[7]), "shape"),
     "wrong dtype field": ("manifest.json", _edit_manifest(dtype="float32"), "dtype"),
-    "count mismatch": ("codes.npy", _edit_manifest(count=N + 1), "manifest"),
+    "count mismatch": ("codes.npy", _edit_manifest(count=N + 1, images=N + 1), "manifest"),
     "no codes": ("codes.npy", lambda f: (f / "codes.npy").unlink(), "missing"),
     "codes not npy": ("codes.npy", lambda f: (f / "codes.npy").write_text("1 2 3\n"), ".npy"),
     "codes npz": ("codes.npy", _npz_as_codes, ".npy"),

@@ -127,16 +127,22 @@ def test_prior_report_shows_its_nll_curves_and_samples(runs, tmp_path):
     run, prior = runs
     report = build_report(prior, tmp_path / "prior.html", progress=False)
     page = report.path.read_text()
-    assert report.section_ids == ["summary", "config", "curves", "samples"]
+    assert report.section_ids == ["summary", "config", "validation", "curves", "samples"]
     assert "val/bits_per_code" in page and "NLL curves" in page
-    assert len(_images(page)) == 2
+    # The held-out history is drawn with its best point, which the summary names.
+    history = ckpt.read_validation(prior)["history"]
+    best_step, best_value = min(history, key=lambda h: h[1])
+    assert [s for s, _ in history] == [2, 4]
+    assert f"best {best_value:.4f} at step {best_step}" in page
+    assert f"<td>best checkpoint (held-out)</td><td>step {best_step}</td>" in page
+    assert len(_images(page)) == 3
     # A stage-1 report with its prior and an extra image (e.g. a grid of vqkit sample).
     extra = tmp_path / "grid.png"
     Image.new("RGB", (40, 30), "red").save(extra)
     report = build_report(run, tmp_path / "all.html", data=DATA, limit=32, priors=[prior],
                           extra_images=[extra], progress=False)
     assert report.section_ids[-2:] == ["prior-0", "extra-0"]
-    assert len(_images(report.path.read_text())) == 6 + 2 + 1
+    assert len(_images(report.path.read_text())) == 6 + 3 + 1
 
 
 def test_a_bad_extra_image_is_one_clear_error(runs, tmp_path, capsys):

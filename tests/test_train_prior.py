@@ -43,8 +43,8 @@ def codes_dir(tmp_path_factory):
 def _train(run, codes_dir, steps, arch="pixelsnail", conditional=False, resume=False, **kw):
     codes = load_codes(codes_dir)
     config = prior_config_for(codes, arch, conditional, **SIZES)
-    train_config = PriorTrainConfig(codes=str(codes_dir), steps=steps, batch_size=16, lr=3e-3,
-                                    eval_every=10, **kw)
+    train_config = PriorTrainConfig(codes=str(codes_dir), steps=steps, **{"batch_size": 16, "lr": 3e-3,
+                                                                           "eval_every": 10, **kw})
     return train_prior(run, config, train_config, resume=resume, progress=False, tensorboard=False), train_config
 
 
@@ -67,6 +67,33 @@ def test_held_out_split_and_mismatched_validation_codes(tmp_path, codes_dir):
     assert val is codes and train_idx.tolist() == list(range(180)) and val_idx.tolist() == list(range(180, 200))
     with pytest.raises(CodeStoreError, match=str(tmp_path)):  # not a code set
         split_indices(codes, PriorTrainConfig(codes=str(codes_dir), val_codes=str(tmp_path)))
+
+
+def test_held_out_images_of_a_flipped_set_are_originals_whose_mirrors_are_not_trained_on(tmp_path, codes_dir):
+    codes = load_codes(codes_dir)
+    model, _ = ckpt.load_model(codes.manifest["source"]["run"])
+    [flipped] = extract_codes(model, load_dataset(DATA, "train"), tmp_path / "f", limit=200, flip=True,
+                              progress=False, source=codes.manifest["source"])
+    train_idx, val, val_idx = split_indices(flipped, PriorTrainConfig(codes=str(tmp_path / "f"), val_fraction=0.1))
+    assert val_idx.tolist() == list(range(180, 200))
+    assert sorted(train_idx.tolist()) == list(range(180)) + list(range(200, 380))
+    # A separate held-out set is measured on its originals only.
+    _, _, separate = split_indices(codes, PriorTrainConfig(codes=str(codes_dir), val_codes=str(tmp_path / "f")))
+    assert separate.tolist() == list(range(200))
+
+
+def test_the_best_checkpoint_holds_the_lowest_logged_held_out_nll(tmp_path, codes_dir):
+    result, config = _train(tmp_path / "p", codes_dir, steps=40, patience=0, lr=3e-2)
+    history = ckpt.read_validation(tmp_path / "p")["history"]
+    assert [s for s, _ in history] == [10, 20, 30, 40]
+    best_step, best_value = min(history, key=lambda h: h[1])
+    assert (result.best_step, result.best_value) == (best_step, best_value)
+    _, val, val_idx = split_indices(load_codes(codes_dir), config)
+    best, _ = load_prior(tmp_path / "p")
+    assert ckpt.chosen_checkpoint(tmp_path / "p").step == best_step
+    assert evaluate_prior(best, val, val_idx).bits_per_code == pytest.approx(best_value, rel=1e-6)
+    latest, _ = load_prior(tmp_path / "p", "latest")
+    assert evaluate_prior(latest, val, val_idx).bits_per_code == pytest.approx(history[-1][1], rel=1e-6)
 
 
 def test_resume_gives_the_same_prior_as_training_straight(tmp_path, codes_dir):

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from vqkit.cli.common import checkpoint_arg
 from vqkit.codec.codec import Codec
 from vqkit.errors import UsageError
 from vqkit.fsutil import atomic_write_text
@@ -22,7 +23,7 @@ def _qualities(text: str) -> list[int]:
 
 
 def _codec(args) -> Codec:
-    return Codec.load(args.run, args.prior)
+    return Codec.load(args.run, args.prior, args.checkpoint)
 
 
 def cmd_compress(args) -> None:
@@ -54,7 +55,7 @@ def cmd_decompress(args) -> None:
 
 def cmd_rd(args) -> None:
     from vqkit.codec.rd import QUALITIES, codecs_for, image_files, measure, plot
-    codecs = codecs_for(args.runs, args.prior)
+    codecs = codecs_for(args.runs, args.prior, args.checkpoint)
     files = image_files(args.data)[:args.limit]
     result = measure(codecs, files, args.qualities or QUALITIES)
     print(result.table())
@@ -73,6 +74,7 @@ def add_parsers(sub) -> None:
     cp.add_argument("--prior", type=Path, action="append", default=[], help=prior_help)
     cp.add_argument("--uniform", action="store_true", help="code every code with log2 K bits (no prior)")
     cp.add_argument("-o", "--out", required=True, help="a .vq file for one image, else a folder")
+    checkpoint_arg(cp)
     cp.set_defaults(func=cmd_compress)
 
     dp = sub.add_parser("decompress", help=".vq files back to PNG images")
@@ -81,6 +83,7 @@ def add_parsers(sub) -> None:
     dp.add_argument("--prior", type=Path, action="append", default=[],
                     help="the prior runs the files were made with, top-first (repeat)")
     dp.add_argument("-o", "--out", required=True, help="a .png file for one file, else a folder")
+    checkpoint_arg(dp)
     dp.set_defaults(func=cmd_decompress)
 
     rdp = sub.add_parser("rd", help="rate-distortion of .vq files against JPEG and WebP over a folder "
@@ -95,4 +98,5 @@ def add_parsers(sub) -> None:
                     help="JPEG/WebP qualities, comma-separated (default: 13 from 1 to 90, dense at low rates)")
     rdp.add_argument("-o", "--out", required=True, type=Path, help="the plot (PNG)")
     rdp.add_argument("--json", type=Path, help="also write every figure as JSON here")
+    checkpoint_arg(rdp)
     rdp.set_defaults(func=cmd_rd)

@@ -45,3 +45,10 @@ def save_eval_record(run: Path, checkpoint: ckpt.Checkpoint, record: dict) -> No
                         **record})
     except OSError as e:
         print(f"vqkit: warning: could not save {run / 'eval.json'} ({e})", file=sys.stderr)
+
+
+def checkpoint_arg(sp) -> None:
+    """--checkpoint: which checkpoint of a prior run to use."""
+    sp.add_argument("--checkpoint", choices=ckpt.CHECKPOINT_CHOICES, default=ckpt.BEST,
+                    help="(prior runs) the checkpoint to use: best, the lowest held-out NLL of training "
+                         "(default; a run without one uses its latest), or latest")

@@ -8,7 +8,7 @@ import torch
 
 from vqkit import distributed
 from vqkit.cli.args import add_config_args, config_args, config_from_args
-from vqkit.cli.common import distributed_args
+from vqkit.cli.common import checkpoint_arg, distributed_args
 from vqkit.data.images import make_grid, save_png, side_by_side
 from vqkit.errors import UsageError
 from vqkit.precision import PRECISIONS
@@ -68,7 +68,7 @@ def _class_labels(value: str | None, n: int, nrow: int, config: dict) -> tuple[t
 
 
 def cmd_sample(args) -> None:
-    chain = [LevelPrior.load(run) for run in args.runs]
+    chain = [LevelPrior.load(run, args.checkpoint) for run in args.runs]
     model = check_chain(chain)
     nrow = args.nrow or max(1, int(round(args.n ** 0.5)))
     # The labels follow the first class-conditional prior (the top one, when it is).
@@ -116,4 +116,5 @@ def add_parsers(sub) -> None:
     sm.add_argument("--compare-uniform", action="store_true",
                     help="put samples of the uniform prior (every level uniform; left) beside the "
                          "fitted priors' (right)")
+    checkpoint_arg(sm)
     sm.set_defaults(func=cmd_sample)

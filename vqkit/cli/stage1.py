@@ -12,6 +12,7 @@ from vqkit.cli.args import add_config_args, config_from_args
 from vqkit.cli.common import (
     DATA_HELP,
     SPLITS,
+    checkpoint_arg,
     distributed_args,
     eval_data,
     image_size,
@@ -66,8 +67,9 @@ def cmd_eval(args) -> None:
 
 def _eval_prior(args) -> None:
     record = evaluate_prior_run(args.run, data=args.data, split=args.split, codes=args.codes, cond=args.cond,
-                                limit=args.limit, batch_size=args.batch_size, progress=not args.json)
-    save_eval_record(args.run, ckpt.latest_checkpoint(args.run), record)
+                                limit=args.limit, batch_size=args.batch_size, progress=not args.json,
+                                which=args.checkpoint)
+    save_eval_record(args.run, ckpt.chosen_checkpoint(args.run, args.checkpoint), record)
     if args.json:
         print(json.dumps(record, indent=2))
     else:
@@ -144,9 +146,10 @@ def cmd_extract(args) -> None:
               "fingerprint": checkpoint.state.get("fingerprint"), "data": data.spec,
               "split": args.split}
     sets = extract_codes(model, data, args.out, batch_size=args.batch_size, limit=args.limit,
-                         overwrite=args.overwrite, source=source)
-    print(f"wrote {args.out}: {len(sets[0])} images from {data.spec} ({args.split}), one code set per "
-          "level, top-first:")
+                         overwrite=args.overwrite, flip=args.flip, source=source)
+    mirrored = " and their mirror images" if args.flip else ""
+    print(f"wrote {args.out}: {sets[0].images} images{mirrored} from {data.spec} ({args.split}), one code set "
+          "per level, top-first:")
     for codes in sets:
         h, w = codes.shape
         print(f"  {codes.path}: {len(codes)} code maps of {h} x {w}, K = {codes.codebook_size}")
@@ -175,6 +178,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--limit", type=int, help="evaluate only the first N images")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--json", action="store_true", help="print machine-readable results")
+    checkpoint_arg(e)
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("reconstruct", help="grid of originals above reconstructions")
@@ -218,4 +222,7 @@ def add_parsers(sub) -> None:
                    help="code set folder (codes.npy, labels.npy, manifest.json); for a VQ-VAE-2 "
                         "the folder of one such set per level")
     x.add_argument("--overwrite", action="store_true", help="replace an existing code set")
+    x.add_argument("--flip", action="store_true",
+                   help="also store the codes of every image mirrored left to right (after the "
+                        "originals): exact augmentation for the prior, which holds out originals only")
     x.set_defaults(func=cmd_extract)

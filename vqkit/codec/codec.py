@@ -128,14 +128,15 @@ class Codec:
             self.tile = self._tile_of(chain)
 
     @classmethod
-    def load(cls, run: str | Path, priors: Sequence[str | Path] = ()) -> "Codec":
+    def load(cls, run: str | Path, priors: Sequence[str | Path] = (), which: str = ckpt.BEST) -> "Codec":
         """The codec of stage-1 run ``run`` with the prior runs ``priors`` (top-first; none:
-        uniform mode only). Each prior must have been fitted to this run's model."""
+        uniform mode only) at their checkpoint ``which`` (``best`` or ``latest``). Each prior
+        must have been fitted to this run's model."""
         model, checkpoint = ckpt.load_model(Path(run))
         fingerprint = checkpoint.state.get("fingerprint", "")
         if not priors:
             return cls(model, fingerprint)
-        chain = [LevelPrior.load(p) for p in priors]
+        chain = [LevelPrior.load(p, which) for p in priors]
         for link in chain:
             if link.source.get("fingerprint") != fingerprint:
                 raise ckpt.CheckpointError(
@@ -143,8 +144,7 @@ class Codec:
                     f"{run}'s latest checkpoint (fingerprint {str(link.source.get('fingerprint'))[:12]} vs "
                     f"{fingerprint[:12]})")
         check_chain(chain, model)
-        return cls(model, fingerprint, chain,
-                   [ckpt.latest_checkpoint(link.run).state.get("fingerprint", "") for link in chain])
+        return cls(model, fingerprint, chain, [link.fingerprint for link in chain])
 
     def _tile_of(self, chain: list[LevelPrior]) -> tuple[int, int]:
         strides = self.model.config.level_strides()

@@ -186,9 +186,11 @@ def _interp(curve: list[Point], bpp: float, what: str) -> float | None:
     return float(np.interp(bpp, [p.bpp for p in curve], [getattr(p, what) for p in curve]))
 
 
-def codecs_for(runs: Sequence[str | Path], priors: Sequence[str | Path] = ()) -> dict[str, Codec]:
+def codecs_for(runs: Sequence[str | Path], priors: Sequence[str | Path] = (),
+               which: str = ckpt.BEST) -> dict[str, Codec]:
     """One codec per stage-1 run, named after its folder, each with the prior runs (given
-    top-first per model) that were fitted to its latest checkpoint, matched by fingerprint."""
+    top-first per model, at their checkpoint ``which``) that were fitted to its latest
+    checkpoint, matched by fingerprint."""
     matched: dict[Path, list[Path]] = {Path(run): [] for run in runs}
     fingerprints = {ckpt.latest_checkpoint(run).state.get("fingerprint"): run for run in matched}
     for prior in map(Path, priors):
@@ -197,7 +199,7 @@ def codecs_for(runs: Sequence[str | Path], priors: Sequence[str | Path] = ()) ->
         if run is None:
             raise UsageError(f"{prior}: fitted to none of the models given ({', '.join(map(str, runs))})")
         matched[run].append(prior)
-    return {run.name: Codec.load(run, run_priors) for run, run_priors in matched.items()}
+    return {run.name: Codec.load(run, run_priors, which) for run, run_priors in matched.items()}
 
 
 def image_files(folder: str | Path) -> list[Path]:

@@ -33,6 +33,7 @@ import base64
 import html
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,6 +200,8 @@ def render(title: str, sections: list[Section]) -> str:
 def _summary(run: Path, config: dict, checkpoint: ckpt.Checkpoint) -> Section:
     rows = [("run folder", str(run.resolve())), ("kind", config.get("kind")),
             ("latest complete checkpoint", f"step {checkpoint.step}"),
+            *([("best checkpoint (held-out)", f"step {ckpt.read_checkpoint(run, ckpt.BEST).step}")]
+              if (run / ckpt.BEST).exists() else []),
             ("weights fingerprint (sha256)", checkpoint.state.get("fingerprint")),
             ("last logged loss", checkpoint.state.get("metrics", {}).get("loss"))]
     source = config.get("source")
@@ -222,6 +225,40 @@ def _curves(run: Path, what: str, sid: str = "curves") -> Section | None:
     tags = ", ".join(curves.series)
     return Section(sid, what, _img(figure_png(fig), f"{what} of {run}") +
                    f'<p class="note">logged scalars: {html.escape(tags)}</p>')
+
+
+def validation_figure(history: list[list], best: tuple[int, float], uniform: float | None, title: str) -> Figure:
+    """The held-out measure over training, the best point marked, beside the uniform prior's
+    log2 K when known: a curve that turns up while training goes on is a prior memorising."""
+    fig = Figure(figsize=(5.6, 3.2))
+    ax = fig.subplots()
+    steps, values = zip(*history)
+    ax.plot(steps, values, lw=1.2, marker="." if len(history) < 40 else None, label="held-out")
+    ax.plot([best[0]], [best[1]], "o", color="C3", label=f"best: {best[1]:.3f} at step {best[0]}")
+    if uniform is not None:
+        ax.axhline(uniform, color="0.5", ls="--", lw=1, label=f"uniform prior: {uniform:.3f}")
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_ylabel("bits per code", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.15, top=0.9)
+    return fig
+
+
+def _validation(run: Path, config: dict) -> Section | None:
+    record = ckpt.read_validation(run)
+    if not record or not record["history"]:
+        return None
+    history = record["history"]
+    best = tuple(min(history, key=lambda h: h[1]))
+    k = (config.get("model") or {}).get("codebook_size")
+    uniform = math.log2(k) if isinstance(k, int) and k > 1 else None
+    fig = validation_figure(history, best, uniform, f"held-out {record.get('metric')}: {run.name}")
+    last = history[-1]
+    text = (f"measured {len(history)} times; best {best[1]:.4f} at step {best[0]} (the checkpoint eval, sample "
+            f"and compress use), last {last[1]:.4f} at step {last[0]}")
+    return Section("validation", "Held-out NLL", _p(text) + _img(figure_png(fig), f"held-out NLL of {run}"))
 
 
 def _eval(run: Path, checkpoint: ckpt.Checkpoint, sid: str = "eval") -> Section | None:
@@ -311,8 +348,9 @@ def _prior_samples(run: Path, config: dict, sid: str, n: int = 16) -> Section:
 def _prior_sections(run: Path, prefix: str, title: str) -> list[Section]:
     config = ckpt.read_config(run, kind="prior")
     checkpoint = ckpt.latest_checkpoint(run)
-    parts = [_summary(run, config, checkpoint), _config(config), _curves(run, "NLL curves"),
-             _eval(run, checkpoint), _prior_samples(run, config, "samples")]
+    parts = [_summary(run, config, checkpoint), _config(config), _validation(run, config),
+             _curves(run, "NLL curves"), _eval(run, ckpt.chosen_checkpoint(run)),
+             _prior_samples(run, config, "samples")]
     sections = [p for p in parts if p is not None]
     if not prefix:
         return sections

@@ -4,13 +4,17 @@ Layout of a run folder::
 
     config.json                      {"kind": "vqvae", "model": {...}, "train": {...}}
     latest                           name of the newest complete checkpoint
+    best                             name of the checkpoint with the best held-out score, for
+                                     runs that measure one (priors; see ``validation.json``)
+    validation.json                  every held-out measurement of the run: step and value
     checkpoints/step-00001000/
         model.safetensors            weights and buffers (codebook, EMA statistics)
         training.safetensors         optimizer tensors and RNG state, for resuming
         state.json                   step, optimizer hyperparameters, fingerprint, metrics
 
 A checkpoint is written into a temporary folder, renamed into place, and only then named in
-``latest``; killing the process at any instant leaves the previous checkpoint loadable.
+``latest`` (and ``best``); killing the process at any instant leaves the previous checkpoint
+loadable. Pruning keeps the newest ``KEEP_CHECKPOINTS`` and the one ``best`` names.
 Nothing is unpickled: safetensors and JSON only.
 """
 
@@ -27,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vqkit.errors import ConfigError, VqkitError
+from vqkit.errors import ConfigError, UsageError, VqkitError
 from vqkit.fsutil import atomic_write_text, fsync_dir, fsync_file
 from vqkit.nn.pretrained import fit_state_dict
 from vqkit.nn.vqvae import CONFIGS, VQVAE, StageOneConfig, build_model
@@ -35,6 +39,9 @@ from vqkit.prior import Prior, PriorConfig, build_prior
 
 FORMAT_VERSION = 1
 KEEP_CHECKPOINTS = 2
+# The files naming a checkpoint: the newest, and the best by held-out score.
+LATEST, BEST = "latest", "best"
+VALIDATION_FILE = "validation.json"
 # Stage-1 run kinds.
 STAGE1_KINDS = tuple(CONFIGS)
 
@@ -156,12 +163,13 @@ def read_eval(run: str | Path) -> dict | None:
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    step: int, metrics: dict | None = None) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, prune old ones."""
+                    step: int, metrics: dict | None = None, *, best: bool = False) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest`` (and with ``best``, ``best``) at
+    it, prune old ones."""
     root = Path(run_dir) / "checkpoints"
     name = f"step-{step:08d}"
     final = root / name
-    pointer = Path(run_dir) / "latest"
+    pointer = Path(run_dir) / LATEST
     if final.exists() and pointer.exists() and pointer.read_text().strip() == name:
         raise CheckpointError(f"{final}: step {step} is already the latest checkpoint; "
                               "a saved checkpoint is never overwritten")
@@ -186,17 +194,46 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     os.replace(tmp, final)
     fsync_dir(root)
     atomic_write_text(pointer, name + "\n")
-    older = sorted(p for p in root.glob("step-*") if p.name != name)
-    for old in older[: max(0, len(older) - (KEEP_CHECKPOINTS - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+    if best:
+        mark_best(run_dir, step)
+    _prune(Path(run_dir))
     return final
 
 
+def mark_best(run_dir: Path, step: int) -> None:
+    """Point ``best`` at the saved checkpoint of ``step``."""
+    name = f"step-{step:08d}"
+    if not (Path(run_dir) / "checkpoints" / name / "state.json").exists():
+        raise CheckpointError(f"{Path(run_dir) / 'checkpoints' / name}: no saved checkpoint to mark as best")
+    atomic_write_text(Path(run_dir) / BEST, name + "\n")
+
+
+def _prune(run_dir: Path) -> None:
+    """Delete all but the newest ``KEEP_CHECKPOINTS`` checkpoints and the one ``best`` names."""
+    keep = {_pointed(run_dir / p) for p in (LATEST, BEST)} - {None}
+    older = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.name not in keep)
+    for old in older[: max(0, len(older) - (KEEP_CHECKPOINTS - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _pointed(pointer: Path) -> str | None:
+    try:
+        return pointer.read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
 def latest_checkpoint(run_dir: Path) -> Checkpoint:
+    return read_checkpoint(run_dir, LATEST)
+
+
+def read_checkpoint(run_dir: Path, which: str = LATEST) -> Checkpoint:
+    """The checkpoint that ``run_dir/which`` (``latest`` or ``best``) names."""
     run_dir = Path(run_dir)
-    pointer = run_dir / "latest"
+    pointer = run_dir / which
     if not pointer.exists():
-        raise CheckpointError(f"{run_dir}: no checkpoint yet ({pointer} is missing)")
+        raise CheckpointError(f"{run_dir}: no {which} checkpoint ({pointer} is missing)"
+                              if which != LATEST else f"{run_dir}: no checkpoint yet ({pointer} is missing)")
     name = pointer.read_text().strip()
     path = run_dir / "checkpoints" / name
     state_path = path / "state.json"
@@ -208,6 +245,40 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{state_path}: unreadable checkpoint state ({e})") from None
     return Checkpoint(path=path, step=step, state=state)
+
+
+# What a prior run is used at by default: its best checkpoint by held-out NLL.
+CHECKPOINT_CHOICES = (BEST, LATEST)
+
+
+def chosen_checkpoint(run_dir: Path, which: str = BEST) -> Checkpoint:
+    """The checkpoint ``which`` of a run: ``latest``, or ``best`` (the run's latest where it kept
+    no best one: a run trained without held-out evaluation, or by an older vqkit)."""
+    if which not in CHECKPOINT_CHOICES:
+        raise UsageError(f"checkpoint must be one of {', '.join(CHECKPOINT_CHOICES)}, got {which!r}")
+    if which == BEST and not (Path(run_dir) / BEST).exists():
+        which = LATEST
+    return read_checkpoint(run_dir, which)
+
+
+def read_validation(run_dir: Path) -> dict | None:
+    """``RUN/validation.json`` (``{"metric": name, "history": [[step, value], ...]}``) or None if
+    the run has none; an unreadable one is a CheckpointError naming the file."""
+    path = Path(run_dir) / VALIDATION_FILE
+    if not path.exists():
+        return None
+    data = _read_json(path, CheckpointError, "missing")
+    history = data.get("history") if isinstance(data, dict) else None
+    if not isinstance(history, list) or not all(
+            isinstance(h, list) and len(h) == 2 and isinstance(h[0], int) and isinstance(h[1], (int, float))
+            for h in history):
+        raise CheckpointError(f"{path}: not a validation record ({{'metric': ..., 'history': [[step, value], ...]}})")
+    return data
+
+
+def write_validation(run_dir: Path, metric: str, history: list[tuple[int, float]]) -> None:
+    atomic_write_text(Path(run_dir) / VALIDATION_FILE, json.dumps(
+        {"metric": metric, "history": [[int(s), float(v)] for s, v in history]}, indent=2) + "\n")
 
 
 def _load_tensors(path: Path, expected_fingerprint: str | None) -> dict[str, torch.Tensor]:
@@ -229,21 +300,33 @@ def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[VQVAE
     return model.to(device).eval(), ckpt
 
 
-def load_prior(run_dir: str | Path) -> tuple[Prior, dict]:
-    """The latest prior of a prior run, in eval mode, and its config.json."""
+def load_prior(run_dir: str | Path, which: str = BEST) -> tuple[Prior, dict]:
+    """The prior of a prior run at its checkpoint ``which`` (``best`` by held-out NLL, the
+    default, or ``latest``; see ``chosen_checkpoint``), in eval mode, and its config.json."""
+    prior, config, _ = load_prior_checkpoint(run_dir, which)
+    return prior, config
+
+
+def load_prior_checkpoint(run_dir: str | Path, which: str = BEST) -> tuple[Prior, dict, Checkpoint]:
+    """``load_prior``, and the checkpoint it loaded (whose fingerprint names the weights)."""
     config = read_config(run_dir, kind="prior")
     try:
         prior_config = PriorConfig.from_dict(config["model"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{Path(run_dir) / 'config.json'}: invalid prior configuration ({e})") from None
     prior = build_prior(prior_config)
-    load_latest_weights(run_dir, prior)
-    return prior.eval(), config
+    checkpoint = chosen_checkpoint(run_dir, which)
+    load_weights_of(checkpoint, prior)
+    return prior.eval(), config, checkpoint
 
 
 def load_latest_weights(run_dir: Path, model: torch.nn.Module) -> Checkpoint:
     """Load the latest checkpoint's weights into ``model`` (built from the run's config)."""
-    ckpt = latest_checkpoint(run_dir)
+    return load_weights_of(latest_checkpoint(run_dir), model)
+
+
+def load_weights_of(ckpt: Checkpoint, model: torch.nn.Module) -> Checkpoint:
+    """Load the weights of ``ckpt`` into ``model``, checked against its fingerprint."""
     weights_path = ckpt.path / "model.safetensors"
     _load_state(model, _load_tensors(weights_path, ckpt.state.get("fingerprint")), weights_path)
     return ckpt

@@ -9,6 +9,12 @@ instead of re-encoding images every step. Layout of a code set folder::
     manifest.json    count, map shape, K, dtype, image size, classes, provenance (run, model
                      fingerprint, dataset spec and split); written last
 
+Extracted with ``flip``, a set holds ``images`` = N/2 images twice: rows ``[0, images)`` are the
+images' code maps and row ``images + i`` is the code map of image ``i`` mirrored left to right
+(the encoder's codes of the mirrored image, not the mirrored map: the encoder is not
+equivariant). A prior trains on both and is measured on the originals only
+(``CodeSet.images``, ``CodeSet.with_flips``).
+
 Both arrays are plain ``.npy`` files, memory-mapped on load and never unpickled. Extraction
 streams batches into a memory-mapped ``codes.npy`` inside a temporary sibling folder
 ``.NAME.tmp-*``, fsyncs it, writes the manifest last and renames the folder into place: a
@@ -77,6 +83,21 @@ class CodeSet:
     def num_classes(self) -> int | None:
         return self.manifest["num_classes"]
 
+    @property
+    def images(self) -> int:
+        """The number of distinct images (half the maps of a set extracted with ``flip``)."""
+        return self.manifest.get("images", self.manifest["count"])
+
+    @property
+    def flipped(self) -> bool:
+        """Whether maps ``images + i`` are those of image ``i`` mirrored."""
+        return self.images != len(self)
+
+    def with_flips(self, indices: torch.Tensor) -> torch.Tensor:
+        """The map indices of the images ``indices``: each image's own map and, in a flipped
+        set, its mirror's."""
+        return torch.cat([indices, indices + self.images]) if self.flipped else indices
+
     def __len__(self) -> int:
         return self.codes.shape[0]
 
@@ -98,7 +119,7 @@ def code_dtype(codebook_size: int) -> np.dtype:
 
 def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, batch_size: int = 256,
                   limit: int | None = None, progress: bool = True, overwrite: bool = False,
-                  source: dict) -> list[CodeSet]:
+                  flip: bool = False, source: dict) -> list[CodeSet]:
     """VQ-VAE-2 Algorithm 2, lines 1-7: encode the first ``limit`` images of ``dataset`` (all by
     default) once and store every level's code maps. Returns the sets top-first.
 
@@ -109,6 +130,10 @@ def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, ba
     level is image ``i``: a lower level's prior trains on its maps with the maps of the levels
     above as conditioning.
 
+    ``flip`` also stores the code maps of every image mirrored left to right, after the
+    originals (rows ``n + i``; see the module docstring): exact augmentation for a prior, at
+    twice the extraction time and space.
+
     ``source`` is the provenance written into the manifests (JSON-serialisable; the command
     line gives ``run``, ``step``, ``fingerprint``, ``data`` and ``split``). An existing
     ``out`` is refused unless ``overwrite``, and then only if it is a code set itself. The whole
@@ -118,12 +143,13 @@ def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, ba
     levels = model.config.num_levels
     names = level_names(levels) if levels > 1 else None
     _extract(model, dataset, Path(out), names, batch_size=batch_size, limit=limit, progress=progress,
-             overwrite=overwrite, source=source)
+             overwrite=overwrite, flip=flip, source=source)
     return [load_codes(Path(out) / name) for name in names] if names else [load_codes(out)]
 
 
 def _extract(model: VQVAE, dataset: ImageSet, out: Path, names: list[str] | None, *,
-             batch_size: int, limit: int | None, progress: bool, overwrite: bool, source: dict) -> None:
+             batch_size: int, limit: int | None, progress: bool, overwrite: bool, flip: bool,
+             source: dict) -> None:
     """Encode into one code set at ``out`` (``names`` None), or one per level in ``out/<name>/``."""
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
@@ -141,20 +167,21 @@ def _extract(model: VQVAE, dataset: ImageSet, out: Path, names: list[str] | None
     except VqkitError as e:
         raise UsageError(f"{dataset.spec}: {e}") from None
     sizes = config.codebook_sizes
+    count = 2 * n if flip else n
     folders = [Path()] if names is None else [Path(name) for name in names]
     # Serialise now: a provenance that is not JSON must fail before the long encoding pass.
     manifest_texts = []
     for level, ((h, w), k) in enumerate(zip(shapes, sizes)):
         level_source = source if names is None else {**source, "level": names[level], "level_index": level}
         manifest_texts.append(_json({
-            "format_version": FORMAT_VERSION, "kind": KIND, "count": n, "shape": [h, w],
+            "format_version": FORMAT_VERSION, "kind": KIND, "count": count, "images": n, "shape": [h, w],
             "codebook_size": k, "dtype": code_dtype(k).name,
             "image_size": [dataset.channels, dataset.height, dataset.width],
             "num_classes": dataset.num_classes, "class_names": dataset.class_names,
             "source": level_source,
         }))
     levels_text = None if names is None else _json({
-        "format_version": FORMAT_VERSION, "kind": LEVELS_KIND, "count": n, "levels": names,
+        "format_version": FORMAT_VERSION, "kind": LEVELS_KIND, "count": count, "images": n, "levels": names,
         "source": source})
     _check_replaceable(out, overwrite)
 
@@ -166,23 +193,26 @@ def _extract(model: VQVAE, dataset: ImageSet, out: Path, names: list[str] | None
     try:
         for folder in folders:
             (tmp / folder).mkdir(exist_ok=True)
-        codes = [open_memmap(tmp / folder / "codes.npy", mode="w+", dtype=code_dtype(k), shape=(n, h, w))
+        codes = [open_memmap(tmp / folder / "codes.npy", mode="w+", dtype=code_dtype(k), shape=(count, h, w))
                  for folder, (h, w), k in zip(folders, shapes, sizes)]
-        labels = [open_memmap(tmp / folder / "labels.npy", mode="w+", dtype=np.int64, shape=(n,))
+        labels = [open_memmap(tmp / folder / "labels.npy", mode="w+", dtype=np.int64, shape=(count,))
                   for folder in folders]
-        with tqdm(total=n, desc="extract", unit="img", disable=not progress,
+        # Where each pass over the images goes: the originals, then (flip) their mirrors.
+        passes = [(0, False), (n, True)] if flip else [(0, False)]
+        with tqdm(total=count, desc="extract", unit="img", disable=not progress,
                   dynamic_ncols=True) as bar:
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
                 images, y = dataset.batch(torch.arange(start, stop))
-                # One encoder pass gives every level's map of the same images.
-                maps = model.encode(to_model(images).to(device))
-                for array, level_maps in zip(codes, maps):
-                    array[start:stop] = level_maps.cpu().numpy()
-                # Unlabelled folders give label 0 for every image; -1 says "no label".
-                for array in labels:
-                    array[start:stop] = y.numpy() if dataset.num_classes is not None else -1
-                bar.update(stop - start)
+                for offset, mirrored in passes:
+                    x = to_model(images.flip(-1) if mirrored else images).to(device)
+                    # One encoder pass gives every level's map of the same images.
+                    for array, level_maps in zip(codes, model.encode(x)):
+                        array[offset + start:offset + stop] = level_maps.cpu().numpy()
+                    # Unlabelled folders give label 0 for every image; -1 says "no label".
+                    for array in labels:
+                        array[offset + start:offset + stop] = y.numpy() if dataset.num_classes is not None else -1
+                    bar.update(stop - start)
         for array in codes + labels:
             array.flush()
         del codes, labels, array  # close the maps before the files are fsynced and renamed
@@ -289,6 +319,9 @@ def _read_manifest(path: Path) -> dict:
         "num_classes" if not (classes is None or positive_int(classes)) else "",
         "class_names" if not (names is None and classes is None or isinstance(names, list)
                               and len(names) == classes) else "",
+        # A flipped set holds each image twice (see the module docstring).
+        "images" if "images" in manifest and not (positive_int(manifest["images"]) and manifest.get("count")
+                                                  in (manifest["images"], 2 * manifest["images"])) else "",
     ]
     problems = [p for p in problems if p]
     if problems:

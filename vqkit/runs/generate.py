@@ -38,16 +38,24 @@ def stage1_of(prior_config: dict, prior_run: Path) -> VQVAE:
 
 @dataclass
 class LevelPrior:
-    """One link of a sampling chain: a prior, its run folder and that run's config.json
-    (``run_config``; the prior's own configuration is ``prior.config``)."""
+    """One link of a sampling chain: a prior, its run folder, that run's config.json
+    (``run_config``; the prior's own configuration is ``prior.config``) and the checkpoint its
+    weights came from (None for a prior built in memory)."""
 
     run: Path
     prior: Prior
     run_config: dict
+    checkpoint: ckpt.Checkpoint | None = None
 
     @classmethod
-    def load(cls, run: str | Path) -> "LevelPrior":
-        return cls(Path(run), *ckpt.load_prior(run))
+    def load(cls, run: str | Path, which: str = ckpt.BEST) -> "LevelPrior":
+        """The prior of ``run`` at its checkpoint ``which`` (``best`` or ``latest``)."""
+        return cls(Path(run), *ckpt.load_prior_checkpoint(run, which))
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the prior's weights ("" for a prior built in memory)."""
+        return self.checkpoint.state.get("fingerprint", "") if self.checkpoint else ""
 
     @property
     def source(self) -> dict:

@@ -1,7 +1,9 @@
 """The training loop shared by stage 1 (``train``) and the priors (``train_prior``).
 
 It owns what every run needs and nothing model-specific: the step counter, the time budget,
-the non-finite-loss stop, atomic checkpoints, the progress bar and TensorBoard scalars.
+the non-finite-loss stop, atomic checkpoints, the progress bar and TensorBoard scalars; and,
+for a run that measures itself on held-out data (``Validation``), the history of that measure
+(``validation.json``), the best checkpoint (``best``) and early stopping.
 
 In data-parallel training (``vqkit.distributed``) every process runs the loop; the loss it
 checks and logs is the mean over the processes (so all stop together on a non-finite loss),
@@ -38,10 +40,71 @@ class StepOutput:
 
 @dataclass
 class TrainResult:
+    """How a run ended: at ``step`` after ``seconds``; ``stopped_by_time`` (the budget) or
+    ``stopped_early`` (no held-out improvement for ``patience`` evaluations); ``best_step`` and
+    ``best_value`` of the held-out measure, when the run has one."""
+
     step: int
     seconds: float
     stopped_by_time: bool
     last_loss: float
+    stopped_early: bool = False
+    best_step: int | None = None
+    best_value: float | None = None
+
+
+@dataclass
+class Validation:
+    """A held-out measure of the model, lower is better (a prior's NLL in bits per code).
+
+    ``measure()`` runs every ``every`` steps and at the end of training, on every process (the
+    value of rank 0 decides for all). Each value is appended to ``validation.json`` with its step;
+    a new minimum is saved as a checkpoint and named in ``best``; after ``patience`` evaluations
+    in a row without a new minimum (0: never) training stops.
+
+    Args:
+        name: the measure's name in validation.json, the progress bar and TensorBoard (``val/NAME``).
+        measure: computes the measure of the model as it is now.
+        every: steps between two measurements.
+        patience: evaluations without improvement before training stops early (0: never).
+    """
+
+    name: str
+    measure: Callable[[], float]
+    every: int
+    patience: int = 0
+
+
+class _Tracker:
+    """The held-out history of a run, resumed from its validation.json up to the resumed step."""
+
+    def __init__(self, run_dir: Path, validation: Validation, step: int):
+        self.run_dir, self.validation = run_dir, validation
+        saved = ckpt.read_validation(run_dir) if step > 0 else None
+        self.history = [(s, v) for s, v in (saved or {}).get("history", []) if s <= step]
+
+    @property
+    def best(self) -> tuple[int, float] | None:
+        return min(self.history, key=lambda h: h[1]) if self.history else None
+
+    @property
+    def since_best(self) -> int:
+        """Evaluations after the best one."""
+        best = self.best
+        return 0 if best is None else sum(1 for s, _ in self.history if s > best[0])
+
+    def record(self, step: int) -> tuple[float, bool]:
+        """Measure at ``step``; returns the value and whether it is a new best."""
+        value = float(distributed.broadcast(torch.tensor([self.validation.measure()], dtype=torch.float64))[0])
+        improved = self.best is None or value < self.best[1]
+        self.history.append((step, value))
+        if distributed.is_main():
+            ckpt.write_validation(self.run_dir, self.validation.name, self.history)
+        return value, improved
+
+    @property
+    def exhausted(self) -> bool:
+        return 0 < self.validation.patience <= self.since_best
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0,
@@ -91,22 +154,45 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
              steps: int, time_budget: float | None, checkpoint_every: int, log_every: int,
              step_fn: Callable[[int], StepOutput], board: TensorBoard, progress: bool = True,
              after_step: Callable[[int, StepOutput], None] | None = None,
-             desc: str = "train") -> TrainResult:
+             validation: Validation | None = None, desc: str = "train") -> TrainResult:
     """Run ``step_fn`` from ``step`` up to ``steps`` (or until ``time_budget`` seconds), with
     a checkpoint every ``checkpoint_every`` steps and at the end. ``after_step`` runs on every
-    process (it may all-reduce); ``board`` should be enabled on rank 0 only."""
+    process (it may all-reduce); ``board`` should be enabled on rank 0 only. With
+    ``validation``, the model is measured on held-out data as it says, the best checkpoint is
+    kept as ``best`` and training stops early when it stops improving."""
     start_time = time.monotonic()
-    stopped_by_time = False
+    stopped_by_time = stopped_early = False
     last_saved = step
     loss_value = math.nan
     model.train()
     main = distributed.is_main()
+    tracker = _Tracker(run_dir, validation, step) if validation is not None else None
     bar = tqdm(total=steps, initial=step, desc=desc, disable=not (progress and main), dynamic_ncols=True)
     start_step = step
+    postfix: dict[str, str] = {}
+
+    def validate() -> None:
+        nonlocal last_saved
+        value, improved = tracker.record(step)
+        model.train()
+        postfix[f"val_{validation.name}"] = f"{value:.4g}"
+        bar.set_postfix(postfix)
+        board.scalars({f"val/{validation.name}": value}, step)
+        if improved and main:
+            if step == last_saved and (run_dir / ckpt.LATEST).exists():
+                ckpt.mark_best(run_dir, step)
+            else:
+                ckpt.save_checkpoint(run_dir, model, optimizer, step, {"loss": loss_value}, best=True)
+        if improved:
+            last_saved = step
+
     try:
         while step < steps:
             if _time_is_up(start_time, time_budget):
                 stopped_by_time = True
+                break
+            if tracker is not None and tracker.exhausted:
+                stopped_early = True
                 break
             out = step_fn(step)
             loss_value = distributed.mean_over_ranks({"loss": float(out.loss.detach())})["loss"]
@@ -127,20 +213,28 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
             if step % log_every == 0 or step == steps:
                 stats = {"loss": loss_value, **distributed.mean_over_ranks(
                     {k: float(v.detach()) for k, v in out.stats.items()})}
-                bar.set_postfix({k: f"{v:.4g}" for k, v in list(stats.items())[:3]})
+                postfix.update({k: f"{v:.4g}" for k, v in list(stats.items())[:3]})
+                bar.set_postfix(postfix)
                 board.scalars({f"train/{k}": v for k, v in stats.items()}, step)
-            if step % checkpoint_every == 0:
+            if tracker is not None and step % validation.every == 0:
+                validate()
+            if step % checkpoint_every == 0 and step != last_saved:
                 if main:
                     ckpt.save_checkpoint(run_dir, model, optimizer, step, {"loss": loss_value})
                 last_saved = step
+        # The weights training ends with are measured too, unless they just were.
+        if tracker is not None and step > start_step and (not tracker.history or tracker.history[-1][0] != step):
+            validate()
     finally:
         bar.close()
         board.close()
-    if main and (step != last_saved or not (run_dir / "latest").exists()):
+    if main and (step != last_saved or not (run_dir / ckpt.LATEST).exists()):
         ckpt.save_checkpoint(run_dir, model, optimizer, step, {"loss": loss_value})
     distributed.barrier()  # the final checkpoint exists when ``run_loop`` returns on any rank
-    return TrainResult(step=step, seconds=time.monotonic() - start_time,
-                       stopped_by_time=stopped_by_time, last_loss=loss_value)
+    best = tracker.best if tracker is not None else None
+    return TrainResult(step=step, seconds=time.monotonic() - start_time, stopped_by_time=stopped_by_time,
+                       last_loss=loss_value, stopped_early=stopped_early,
+                       best_step=best[0] if best else None, best_value=best[1] if best else None)
 
 
 def _fit_bar_to_budget(bar: tqdm, step: int, steps: int, start_step: int, start_time: float,

@@ -36,7 +36,7 @@ from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import CodeSet, load_codes
 from vqkit.runs.generate import stage1_of
 from vqkit.training.evaluate import evaluate
-from vqkit.training.loop import StepOutput, TrainingError, TrainResult, batch_indices, run_loop
+from vqkit.training.loop import StepOutput, TrainingError, TrainResult, Validation, batch_indices, run_loop
 from vqkit.training.setup import RunConfig, start_run
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,10 @@ class PriorTrainConfig(JsonConfig, RunConfig):
             from the same extraction, top-first (the top prior takes none).
         val_cond_codes: the held-out code set of each cond_codes level, in the same order.
         val_fraction: the share of codes held out when no val_codes are given.
-        eval_every: measure the held-out NLL every this many steps.
+        eval_every: measure the held-out NLL every this many steps (the run keeps the best
+            checkpoint by it as ``best``, which eval, sample and compress use by default).
+        patience: stop after this many held-out measurements in a row without a new best
+            (0: train on to the last step).
         batch_size: code maps per step (per process, when data-parallel).
     """
 
@@ -67,13 +70,16 @@ class PriorTrainConfig(JsonConfig, RunConfig):
     cond_codes: list[str] = field(default_factory=list)
     val_cond_codes: list[str] = field(default_factory=list)
     val_fraction: float = 0.05
-    eval_every: int = 500
+    eval_every: int = 250
+    patience: int = 8
     steps: int = field(default=5000, kw_only=True)
     batch_size: int = field(default=32, kw_only=True)
     lr: float = field(default=3e-4, kw_only=True)
 
     def __post_init__(self):
         super().__post_init__()
+        if not isinstance(self.patience, int) or self.patience < 0:
+            raise ConfigError(f"patience must be an integer >= 0, got {self.patience!r}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
         self.cond_codes = [str(p) for p in self.cond_codes]
@@ -109,18 +115,22 @@ class PriorEvalResult:
 
 def split_indices(codes: CodeSet, config: PriorTrainConfig) -> tuple[torch.Tensor, CodeSet, torch.Tensor]:
     """Training indices into ``codes``, and the held-out set with its indices: a separate
-    store when ``val_codes`` is given, else the last ``val_fraction`` of the maps."""
-    n = len(codes)
+    store when ``val_codes`` is given, else the last ``val_fraction`` of the images.
+
+    In a set extracted with ``flip`` the training maps are both orientations of the training
+    images and the held-out maps the held-out images as they are: no mirror of a held-out image
+    is trained on, and the held-out NLL is that of real images."""
+    n = codes.images
     if config.val_codes:
         val = load_codes(config.val_codes)
         if val.codebook_size != codes.codebook_size or tuple(val.shape) != tuple(codes.shape):
             raise TrainingError(f"{config.val_codes}: held-out codes do not match {config.codes} "
                                 "(codebook size or map shape differ)")
-        return torch.arange(n), val, torch.arange(len(val))
+        return torch.arange(len(codes)), val, torch.arange(val.images)
     n_val = max(1, int(n * config.val_fraction))
     if n - n_val < 1:
         raise TrainingError(f"{config.codes}: {n} maps are too few to hold out {n_val} for validation")
-    return torch.arange(n - n_val), codes, torch.arange(n - n_val, n)
+    return codes.with_flips(torch.arange(n - n_val)), codes, torch.arange(n - n_val, n)
 
 
 def check_cond_sets(codes: CodeSet, cond: Sequence[CodeSet]) -> None:
@@ -139,8 +149,9 @@ def check_cond_sets(codes: CodeSet, cond: Sequence[CodeSet]) -> None:
         if (s.get("data"), s.get("split")) != (source.get("data"), source.get("split")):
             raise TrainingError(f"{c.path}: extracted from {s.get('data')} ({s.get('split')}) but "
                                 f"{codes.path} from {source.get('data')} ({source.get('split')})")
-        if len(c) != len(codes):
-            raise TrainingError(f"{c.path}: holds {len(c)} code maps but {codes.path} holds {len(codes)}; "
+        if len(c) != len(codes) or c.images != codes.images:
+            raise TrainingError(f"{c.path}: holds {len(c)} code maps of {c.images} images but {codes.path} "
+                                f"holds {len(codes)} of {codes.images}; "
                                 "conditioning maps must be of the same images, in the same order")
         level, target = s.get("level_index"), source.get("level_index")
         if level is None or target is None:
@@ -262,34 +273,33 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
                           cond_codes=_cond_batch(cond, picks, placement.device)).mean()
         return StepOutput(nll, {"bits_per_code": nll / math.log(2)})
 
-    def after_step(step: int, _: StepOutput) -> None:
-        if board.enabled and (step % config.eval_every == 0 or step == config.steps):
-            result = evaluate_prior(prior, val_codes, eval_idx, cond=val_cond)
-            board.scalars({"val/bits_per_code": result.bits_per_code}, step)
-
+    validation = Validation(
+        "bits_per_code", lambda: evaluate_prior(prior, val_codes, eval_idx, cond=val_cond).bits_per_code,
+        every=config.eval_every, patience=config.patience)
     return run_loop(run_dir, prior, run.optimizer, run.step, steps=config.steps, time_budget=config.time_budget,
                     checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-                    step_fn=step_fn, after_step=after_step, board=board, progress=progress,
+                    step_fn=step_fn, board=board, progress=progress, validation=validation,
                     desc="train-prior")
 
 
 def evaluate_prior_run(run: str | Path, *, data: str | None = None, split: str = "test",
                        codes: str | Path | None = None, cond: Sequence[str | Path] = (),
-                       limit: int | None = None, batch_size: int = 256, progress: bool = False) -> dict:
+                       limit: int | None = None, batch_size: int = 256, progress: bool = False,
+                       which: str = ckpt.BEST) -> dict:
     """What ``vqkit eval PRIOR_RUN`` reports: the prior's held-out NLL in bits per code, and the
     stage-1 model's bits/dim on ``data`` (default: its training data), ``split``, with the
     prior's NLL in place of the uniform log K term of its own level.
 
     The held-out maps are ``codes`` (a code set, with the sets ``cond`` of the levels the prior
     is conditioned on, top-first) or else those the prior held out in training; ``limit`` caps
-    both the maps and the images. Returns a JSON-ready record (also kept as ``RUN/eval.json``
-    by the command line).
+    both the maps and the images; ``which`` picks the prior's checkpoint (``best`` or ``latest``).
+    Returns a JSON-ready record (also kept as ``RUN/eval.json`` by the command line).
     """
-    prior, config = ckpt.load_prior(run)
+    prior, config, checkpoint = ckpt.load_prior_checkpoint(run, which)
     train_config = PriorTrainConfig(**config["train"])
     if codes is not None:
         val = load_codes(codes)
-        val_idx = torch.arange(len(val))
+        val_idx = torch.arange(val.images)
         val_cond = [load_codes(path) for path in cond]
         check_cond_sets(val, val_cond)
     else:
@@ -309,5 +319,6 @@ def evaluate_prior_run(run: str | Path, *, data: str | None = None, split: str =
     # The prior replaces the uniform log2 K bits of its own level's latents only (a VQ-VAE-2's
     # other levels keep theirs).
     total = stage1.bits_per_dim - latents * result.saving / subpixels
-    return {"data": dataset.spec, "split": split, "level": config["source"].get("level"), **result.to_dict(),
+    return {"data": dataset.spec, "split": split, "level": config["source"].get("level"),
+            "checkpoint": checkpoint.path.name, **result.to_dict(),
             "stage1": stage1.to_dict(), "bits_per_dim_with_prior": total}
