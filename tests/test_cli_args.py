@@ -17,7 +17,7 @@ from vqkit.cli.main import build_parser, main
 from vqkit.errors import UsageError
 from vqkit.precision import PlacementConfig
 from vqkit.prior import PriorConfig
-from vqkit.training.prior import PriorTrainConfig
+from vqkit.training.prior import SIZED_BY_MAPS, PriorTrainConfig
 from vqkit.training.stage1 import TrainConfig
 
 
@@ -53,7 +53,10 @@ def test_train_prior_defaults_are_the_config_defaults():
     assert set(config_args(PriorTrainConfig, args)) == _field_names(PriorTrainConfig)
     sizes = config_args(PriorConfig, args)
     assert set(sizes) == _field_names(PriorConfig, cli_prior._FROM_DATA)
-    assert PriorConfig(**sizes) == PriorConfig()
+    # The sizes that follow the number of maps are left to prior_config_for; the rest are PriorConfig's.
+    assert {name for name, value in sizes.items() if value is None} == set(SIZED_BY_MAPS)
+    given = {name: value for name, value in sizes.items() if value is not None}
+    assert PriorConfig(**given, **{name: getattr(PriorConfig(), name) for name in SIZED_BY_MAPS}) == PriorConfig()
     assert args.conditional is False
 
 
@@ -129,7 +132,9 @@ def test_help_comes_from_the_args_entry():
                                                           "--val-fraction of CODES).")
     assert "each --cond level" in _action(["train-prior"], "val_cond_codes").help
     assert field_help(PriorConfig)["channels"] == "channels of every layer."
-    assert _action(["train-prior"], "channels").help == "channels of every layer (default: 64)"
+    assert _action(["train-prior"], "kernel_size").help == "side of the causal convolutions (odd, >= 3) (default: 3)"
+    assert _action(["train-prior"], "channels").help == ("channels of every layer (default: by the number of "
+                                                         "training maps, printed when training starts)")
 
 
 def test_the_config_classes_document_every_field():
@@ -247,6 +252,15 @@ def test_add_config_args_types():
     assert "--fast, --no-fast" in help and "--no-quiet" not in help and "5% is fine" in help
     with pytest.raises(SystemExit):
         parser.parse_args(["--name", "z"])
+
+
+def test_unset_options_default_to_none_and_say_who_decides():
+    parser = _example_parser(unset={"count": "by the data", "rate": "by the data"})
+    assert config_args(Example, parser.parse_args([]))["count"] is None
+    assert config_args(Example, parser.parse_args(["--count", "3"]))["count"] == 3
+    assert "(default: by the data)" in " ".join(parser.format_help().split())
+    with pytest.raises(TypeError, match="no field"):
+        _example_parser(unset={"typo": "x"})
 
 
 def test_add_config_args_refuses_what_it_cannot_do():

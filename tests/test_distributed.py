@@ -63,7 +63,9 @@ def _prior(run: Path, codes_dir: Path, batch_size: int):
     codes = load_codes(codes_dir)
     config = PriorTrainConfig(codes=str(codes_dir), steps=PRIOR_STEPS, batch_size=batch_size, lr=3e-3,
                               eval_every=2, precision="fp32")
-    return train_prior(run, prior_config_for(codes, "pixelsnail", False, channels=8, layers=1), config,
+    # No dropout: its masks are drawn per process, so two processes of B and one of 2B differ.
+    sizes = dict(channels=8, layers=1, dropout=0.0)
+    return train_prior(run, prior_config_for(codes, "pixelsnail", False, **sizes), config,
                        progress=False, tensorboard=False)
 
 

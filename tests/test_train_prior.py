@@ -18,7 +18,16 @@ from vqkit.runs.checkpoint import load_prior
 from vqkit.runs.codes import CodeStoreError, extract_codes, load_codes
 from vqkit.runs.generate import prior_codes, uniform_codes
 from vqkit.training.loop import TrainingError
-from vqkit.training.prior import PriorTrainConfig, evaluate_prior, prior_config_for, split_indices, train_prior
+from vqkit.training.prior import (
+    _SIZES_BY_MAPS,
+    SIZED_BY_MAPS,
+    PriorTrainConfig,
+    evaluate_prior,
+    prior_config_for,
+    prior_sizes,
+    split_indices,
+    train_prior,
+)
 from vqkit.training.stage1 import TrainConfig, train
 
 STAGE1 = VQVAEConfig(in_channels=1, hidden=8, res_hidden=4, num_res_blocks=1, downsample=2,
@@ -96,6 +105,19 @@ def test_the_best_checkpoint_holds_the_lowest_logged_held_out_nll(tmp_path, code
     assert evaluate_prior(latest, val, val_idx).bits_per_code == pytest.approx(history[-1][1], rel=1e-6)
 
 
+def test_sizes_follow_the_number_of_maps_unless_given(codes_dir):
+    codes = load_codes(codes_dir)  # 200 maps: a small set
+    small, large = prior_sizes(len(codes)), prior_sizes(10**6)
+    assert small != large and small["dropout"] > large["dropout"]
+    assert set(small) == set(large) == set(SIZED_BY_MAPS)
+    config = prior_config_for(codes, "pixelsnail", False)
+    assert {name: getattr(config, name) for name in SIZED_BY_MAPS} == small
+    assert prior_config_for(codes, "pixelsnail", False, dropout=0.0, channels=8).dropout == 0.0
+    bounds = [bound for bound, _ in _SIZES_BY_MAPS]
+    assert bounds[-1] is None and bounds[:-1] == sorted(bounds[:-1])
+    assert prior_sizes(bounds[0]) == _SIZES_BY_MAPS[0][1] and prior_sizes(bounds[0] + 1) == _SIZES_BY_MAPS[1][1]
+
+
 def test_resume_gives_the_same_prior_as_training_straight(tmp_path, codes_dir):
     _train(tmp_path / "straight", codes_dir, steps=12)
     _train(tmp_path / "resumed", codes_dir, steps=6)
@@ -144,12 +166,19 @@ def test_sampling_helpers_are_seeded(tmp_path, codes_dir):
 def test_cli_train_prior_and_sample(tmp_path, codes_dir, capsys):
     prior_dir = tmp_path / "prior"
     assert main(["train-prior", str(codes_dir), "-o", str(prior_dir), "--steps", "3", "--channels", "8",
-                 "--layers", "1", "--conditional", "--no-tensorboard"]) == 0
-    assert "bits per code against 4.000 for the uniform prior" in capsys.readouterr().out
+                 "--layers", "1", "--conditional", "--no-tensorboard", "--eval-every", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "bits per code against 4.000 for the uniform prior" in out
+    # The one size not given is the one for this many maps, and the command says so.
+    dropout = prior_sizes(200)["dropout"]
+    assert f"dropout {dropout}: the sizes for a code set of 200 maps" in out
+    assert ckpt.read_config(prior_dir, kind="prior")["model"]["dropout"] == dropout
+    assert "best checkpoint: step" in out
 
     grid = tmp_path / "grid.png"
     assert main(["sample", str(prior_dir), "-n", "4", "--nrow", "2", "-o", str(grid)]) == 0
     single_width = Image.open(grid).size[0]
+    assert main(["sample", str(prior_dir), "-n", "4", "--nrow", "2", "--checkpoint", "latest", "-o", str(grid)]) == 0
     assert main(["sample", str(prior_dir), "-n", "4", "--nrow", "2", "--compare-uniform", "-o", str(grid)]) == 0
     assert Image.open(grid).size[0] == 2 * single_width + 8
     assert main(["sample", str(prior_dir), "-n", "2", "--class", "all", "-o", str(grid)]) == 0
@@ -184,3 +213,14 @@ def test_cli_eval_of_a_prior_run_reports_bits_with_the_prior(tmp_path, codes_dir
     assert report["bits_per_dim_with_prior"] == pytest.approx(
         stage1["nll_bits_per_dim"] + 49 * report["bits_per_code"] / 784)
     assert report["bits_per_dim_with_prior"] < stage1["bits_per_dim"]
+    # The best checkpoint by default, the latest on request; eval.json names the one measured.
+    older = sorted(p.name for p in (prior_dir / "checkpoints").iterdir())[0]
+    assert older != "step-00000040"
+    (prior_dir / "best").write_text(older + "\n")  # as if that step had scored best
+    assert main(["eval", str(prior_dir), "--limit", "50", "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)
+    assert best["checkpoint"] == older and ckpt.read_eval(prior_dir)["step"] == int(older[5:])
+    assert best["bits_per_code"] != report["bits_per_code"]
+    assert main(["eval", str(prior_dir), "--limit", "50", "--json", "--checkpoint", "latest"]) == 0
+    latest = json.loads(capsys.readouterr().out)
+    assert latest["checkpoint"] == "step-00000040" and latest["bits_per_code"] == report["bits_per_code"]

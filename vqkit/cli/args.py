@@ -136,17 +136,21 @@ def _help(text: str, default, kwargs: dict, names: Mapping[str, str]) -> str:
 def add_config_args(parser: argparse.ArgumentParser | argparse._ActionsContainer, cls: type, *,
                     exclude: Iterable[str] = (), positional: Iterable[str] = (),
                     flags: Mapping[str, str | Sequence[str]] | None = None,
-                    choices: Mapping[str, Sequence] | None = None) -> list[str]:
+                    choices: Mapping[str, Sequence] | None = None,
+                    unset: Mapping[str, str] | None = None) -> list[str]:
     """Add one option per field of the dataclass ``cls`` (less ``exclude``) to ``parser``: named
     ``--kebab-case`` of the field unless ``flags`` names it (``{"cond_codes": "--cond"}``, or a
     list of names), a positional argument for the fields in ``positional``; typed from the
     annotation (int, float, str, ``X | None``; bool as a ``--flag/--no-flag`` pair, or a plain
     switch where the default is False; ``list[str]`` as a repeatable option); the default the
-    field's own; the help its ``Args:`` entry. ``choices`` restricts a field's values. Returns
+    field's own; the help its ``Args:`` entry. ``choices`` restricts a field's values. The
+    options of the fields in ``unset`` default to None, for the caller to decide, and their help
+    gives ``unset[name]`` as the default (``{"dropout": "by the number of maps"}``). Returns
     the fields added; the dest of each is the field's name."""
     exclude, positional, flags, choices = set(exclude), set(positional), dict(flags or {}), dict(choices or {})
+    unset = dict(unset or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = (exclude | positional | set(flags) | set(choices)) - set(fields)
+    unknown = (exclude | positional | set(flags) | set(choices) | set(unset)) - set(fields)
     if unknown:
         raise TypeError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
     docs = field_help(cls)
@@ -170,7 +174,10 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ActionsContainer
         kwargs = _argparse_kwargs(cls, f, hints[name], default)
         if name in choices:
             kwargs["choices"] = choices[name]
-        kwargs["help"] = _help(docs[name], default, kwargs, {n: v for n, v in spelled.items() if n != name})
+        kwargs["help"] = _help(docs[name], default if name not in unset else unset[name], kwargs,
+                               {n: v for n, v in spelled.items() if n != name})
+        if name in unset:
+            default = None
         if name in positional:
             if default is not dataclasses.MISSING:
                 kwargs.update(nargs="?", default=default)

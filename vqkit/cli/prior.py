@@ -18,6 +18,7 @@ from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import load_codes
 from vqkit.runs.generate import LevelPrior, chain_codes, check_chain, decode_codes, uniform_chain_codes
 from vqkit.training.prior import (
+    SIZED_BY_MAPS,
     PriorTrainConfig,
     evaluate_prior,
     load_cond,
@@ -39,14 +40,21 @@ def cmd_train_prior(args) -> None:
     if args.resume and (Path(args.out) / "config.json").exists():
         prior_config = PriorConfig.from_dict(ckpt.read_config(args.out, kind="prior")["model"])
     else:
-        sizes = config_args(PriorConfig, args)
+        # The sizes left unset follow the number of maps (prior_sizes).
+        sizes = {k: v for k, v in config_args(PriorConfig, args).items() if v is not None}
         prior_config = prior_config_for(codes, sizes.pop("arch"), args.conditional, cond, **sizes)
+        chosen = [f"{name} {getattr(prior_config, name)}" for name in SIZED_BY_MAPS if name not in sizes]
+        if chosen and distributed.is_main():
+            print(f"{', '.join(chosen)}: the sizes for a code set of {len(codes)} maps (set them with "
+                  f"{', '.join('--' + name for name in SIZED_BY_MAPS)})")
     result = train_prior(args.out, prior_config, config, resume=args.resume,
                          tensorboard=not args.no_tensorboard)
     if not distributed.is_main():
         return
     prior, _ = ckpt.load_prior(args.out)
-    print(f"step {result.step} in {result.seconds:.0f} s; "
+    stop = " (stopped early: no better held-out NLL)" if result.stopped_early else ""
+    best = f"; best checkpoint: step {result.best_step}" if result.best_step is not None else ""
+    print(f"step {result.step} in {result.seconds:.0f} s{stop}{best}; "
           f"{evaluate_prior(prior, val, val_idx, cond=val_cond).summary()}")
 
 
@@ -92,7 +100,8 @@ def add_parsers(sub) -> None:
                     flags={"cond_codes": "--cond", "val_cond_codes": "--val-cond"},
                     choices={"precision": PRECISIONS})
     model = tp.add_argument_group("the prior's model (with --resume, the run's own)")
-    add_config_args(model, PriorConfig, exclude=_FROM_DATA, choices={"arch": ARCHS})
+    add_config_args(model, PriorConfig, exclude=_FROM_DATA, choices={"arch": ARCHS},
+                    unset=dict.fromkeys(SIZED_BY_MAPS, "by the number of training maps, printed when training starts"))
     model.add_argument("--conditional", action="store_true", help="class-conditional prior")
     tp.add_argument("--resume", action="store_true")
     tp.add_argument("--no-tensorboard", action="store_true")

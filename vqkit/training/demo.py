@@ -1,8 +1,10 @@
 """``vqkit demo``: both stages on Fashion-MNIST in a few minutes of CPU, from any machine.
 
 Stage 1 trains the ``demo`` preset and writes a reconstruction grid and the test metrics;
-stage 2 extracts the training set's codes, fits a class-conditional PixelSNAIL prior and draws
-one row of samples per class beside samples of the uniform prior that stage 1 assumes.
+stage 2 extracts the training set's codes (and those of the mirrored images: exact augmentation),
+fits a class-conditional PixelSNAIL prior sized for that many maps, keeps its best checkpoint
+by held-out NLL (stopping once that no longer improves) and draws one row of samples per class
+beside samples of the uniform prior that stage 1 assumes.
 """
 
 from __future__ import annotations
@@ -64,15 +66,19 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, steps: i
     source = {"run": str(out.resolve()), "step": result.step, "data": spec, "split": "train",
               "fingerprint": ckpt.latest_checkpoint(out).state.get("fingerprint")}
     codes_dir = out / "codes"
-    [codes] = extract_codes(model, load_dataset(spec, "train"), codes_dir, overwrite=True, source=source)
+    [codes] = extract_codes(model, load_dataset(spec, "train"), codes_dir, overwrite=True, flip=True,
+                            source=source)
     prior_dir = out / "prior"
-    prior_config = prior_config_for(codes, "pixelsnail", conditional=True, channels=64, layers=4)
+    prior_config = prior_config_for(codes, "pixelsnail", conditional=True)
     prior_train = PriorTrainConfig(codes=str(codes_dir), steps=prior_steps, batch_size=64,
-                                   lr=1e-3, time_budget=prior_time_budget, eval_every=500)
+                                   lr=1e-3, time_budget=prior_time_budget, eval_every=100, patience=5)
     prior_result = train_prior(prior_dir, prior_config, prior_train)
     prior, _ = ckpt.load_prior(prior_dir)
     _, val, val_idx = split_indices(codes, prior_train)
-    report(f"stage 2: prior trained {prior_result.step} steps in {prior_result.seconds:.0f} s; "
+    stop = ", stopped early" if prior_result.stopped_early else ""
+    report(f"stage 2: prior ({prior_config.channels} channels, {prior_config.layers} layers, dropout "
+           f"{prior_config.dropout:g}, for {len(codes)} maps) trained {prior_result.step} steps in "
+           f"{prior_result.seconds:.0f} s{stop}; best at step {prior_result.best_step}: "
            f"{evaluate_prior(prior, val, val_idx).summary()}")
     labels = torch.arange(codes.num_classes).repeat_interleave(8)
     sampled = decode_codes(model, [prior_codes(prior, len(labels), labels, seed=0)])

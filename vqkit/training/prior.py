@@ -218,17 +218,34 @@ def evaluate_prior(prior: Prior, codes: CodeSet, indices: torch.Tensor | None = 
                            uniform_bits_per_code=math.log2(codes.codebook_size))
 
 
+# The prior's sizes that follow the number of maps it is fitted to (mirrors included), smallest
+# set first: up to the first bound, the first sizes, and so on. Measured with
+# benchmarks/bench_prior_fit.py (README, "prior sizes by the number of maps").
+SIZED_BY_MAPS = ("channels", "layers", "dropout")
+_SIZES_BY_MAPS: tuple[tuple[int | None, dict], ...] = (
+    (10_000, {"channels": 64, "layers": 4, "dropout": 0.5}),
+    (None, {"channels": 64, "layers": 6, "dropout": 0.0}),
+)
+
+
+def prior_sizes(maps: int) -> dict:
+    """The sizes (``SIZED_BY_MAPS``) of a prior for a code set of ``maps`` maps."""
+    return next(dict(sizes) for bound, sizes in _SIZES_BY_MAPS if bound is None or maps <= bound)
+
+
 def prior_config_for(codes: CodeSet, arch: str, conditional: bool, cond: Sequence[CodeSet] = (),
                      **sizes) -> PriorConfig:
-    """A prior configuration that fits ``codes``: K, the map shape, the classes, and the
-    conditioning maps of the sets ``cond`` (top-first)."""
+    """A prior configuration that fits ``codes``: K, the map shape, the classes, the
+    conditioning maps of the sets ``cond`` (top-first), and the sizes that ``prior_sizes`` gives
+    for its number of maps unless ``sizes`` sets them."""
     if conditional and not codes.num_classes:
         raise TrainingError(f"{codes.path}: these codes carry no class labels; "
                             "a class-conditional prior needs a labelled dataset")
     h, w = codes.shape
     return PriorConfig(arch=arch, codebook_size=codes.codebook_size, height=h, width=w,
                        num_classes=codes.num_classes if conditional else None,
-                       cond_codes=[[c.codebook_size, *c.shape] for c in cond], **sizes)
+                       cond_codes=[[c.codebook_size, *c.shape] for c in cond],
+                       **{**prior_sizes(len(codes)), **sizes})
 
 
 def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTrainConfig,
