@@ -66,6 +66,23 @@ def test_extract_writes_one_aligned_code_set_per_level(stage2, capsys):
         load_codes(stage2 / "codes")
 
 
+def test_flipped_levels_stay_aligned_and_cannot_condition_unflipped_ones(stage2, tmp_path, capsys):
+    assert main(["extract", str(stage2 / "run"), "--limit", str(N), "--flip", "-o", str(tmp_path / "f")]) == 0
+    assert f"{N} images and their mirror images" in capsys.readouterr().out
+    model, _ = ckpt.load_model(stage2 / "run")
+    mirrored = model.encode(to_model(load_dataset(DATA, "train").images[:N].flip(-1)))
+    for name, maps in zip(["top", "bottom"], mirrored):
+        codes = load_codes(tmp_path / "f" / name)
+        assert (len(codes), codes.images) == (2 * N, N)
+        assert torch.equal(codes.batch(torch.arange(N, 2 * N))[0], maps)
+    assert main(["train-prior", str(tmp_path / "f" / "bottom"), "--cond", str(tmp_path / "f" / "top"), *PRIOR,
+                 "-o", str(tmp_path / "bottom")]) == 0
+    # The maps of a mirrored set are not those of a plain one: refused by name.
+    assert main(["train-prior", str(tmp_path / "f" / "bottom"), "--cond", str(stage2 / "codes" / "top"), *PRIOR,
+                 "-o", str(tmp_path / "mixed")]) == 2
+    assert f"holds {N} code maps of {N} images" in capsys.readouterr().err
+
+
 def test_a_crash_mid_extraction_leaves_no_level_behind(stage2, tmp_path, monkeypatch):
     model, _ = ckpt.load_model(stage2 / "run")
     data = load_dataset(DATA, "train")
