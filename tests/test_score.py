@@ -123,3 +123,27 @@ def test_score_command(runs, tmp_path, capsys):
     assert json.loads((out / "score.json").read_text())["settings"]["reject"] == 0.05
     assert main(["score", str(runs / "prior"), "--classifier", str(runs / "nowhere"), "-o", str(out)]) == 2
     assert "no such run folder" in capsys.readouterr().err
+
+
+def test_a_hierarchical_chain_is_scored_level_by_level(runs, tmp_path, capsys):
+    from conftest import DATA, TINY2
+
+    from vqkit.training.stage1 import TrainConfig, train
+
+    train(tmp_path / "run", TINY2, TrainConfig(data=DATA, steps=8, batch_size=8, lr=3e-3), progress=False,
+          tensorboard=False)
+    prior = ["--arch", "pixelcnn", "--steps", "4", "--batch-size", "8", "--channels", "8", "--layers", "1",
+             "--conditional", "--no-tensorboard"]
+    codes = tmp_path / "codes"
+    assert main(["extract", str(tmp_path / "run"), "--limit", "40", "-o", str(codes)]) == 0
+    assert main(["train-prior", str(codes / "top"), *prior, "-o", str(tmp_path / "top")]) == 0
+    assert main(["train-prior", str(codes / "bottom"), "--cond", str(codes / "top"), *prior,
+                 "-o", str(tmp_path / "bottom")]) == 0
+    capsys.readouterr()
+    rec = score_chain([tmp_path / "top", tmp_path / "bottom"], runs / "clf", tmp_path / "out",
+                      ScoreSettings(n=30, cas=False, reject=0.0))
+    rows = _rows(rec)
+    assert rows["prior, rejection 0"]["images"] == 30 and rows["prior"]["class_accuracy"] is not None
+    assert rec["priors"][1].endswith("bottom")
+    with pytest.raises(ckpt.CheckpointError, match="one prior per level"):
+        score_chain([tmp_path / "top"], runs / "clf", tmp_path / "out", ScoreSettings(n=30, cas=False))
