@@ -65,10 +65,10 @@ def test_resuming_gives_the_weights_of_an_uninterrupted_run(tmp_path):
 def test_cas_path_trains_on_images_in_memory(tmp_path, test_set):
     images, labels = test_set
     real = fit_classifier(tmp_path / "real", images[:300], labels[:300], TINY_CLASSIFIER,
-                          _config(data="300 test images", steps=60, batch_size=32))
+                          _config(data="300 test images", steps=100, batch_size=32))
     shuffled = labels[:300][torch.randperm(300, generator=torch.Generator().manual_seed(0))]
     noise = fit_classifier(tmp_path / "noise", images[:300], shuffled, TINY_CLASSIFIER,
-                           _config(data="shuffled labels", steps=60, batch_size=32))
+                           _config(data="shuffled labels", steps=100, batch_size=32))
     assert ckpt.read_config(tmp_path / "real", kind="classifier")["train"]["data"] == "300 test images"
     real_acc, noise_acc = accuracy(real, images[300:], labels[300:]), accuracy(noise, images[300:], labels[300:])
     assert noise_acc < 0.25 < real_acc
@@ -115,7 +115,7 @@ def test_a_classifier_that_does_not_fit_the_data_is_refused(tmp_path):
 def test_train_classifier_command_reports_and_keeps_the_test_accuracy(tmp_path, capsys):
     out = tmp_path / "clf"
     assert main(["train-classifier", "--data", DATA, "--steps", "8", "--batch-size", "16", "--widths", "4", "8",
-                 "--features", "8", "--no-tensorboard", "-o", str(out)]) == 0
+                 "--features", "8", "--shift", "2", "--no-tensorboard", "-o", str(out)]) == 0
     assert "test accuracy" in capsys.readouterr().out
     record = json.loads((out / "eval.json").read_text())
     assert record["step"] == 8 and record["images"] == 500 and 0 <= record["accuracy"] <= 1
