@@ -395,7 +395,7 @@ def table(record: dict) -> str:
 def score_figure(record: dict) -> Figure:
     """Precision against recall: one marker per row of the table and, after a sweep, one line per
     setting swept (rejection threshold, temperature, top-k), each point labelled with its value."""
-    fig = Figure(figsize=(6.4, 5.2))
+    fig = Figure(figsize=(8.4, 5.2))
     ax = fig.subplots()
     markers = "osD^v<>p*h"
     for i, row in enumerate(r for r in record["rows"] if r["precision"] is not None):
@@ -415,7 +415,8 @@ def score_figure(record: dict) -> Figure:
     ax.set_xlabel(f"recall (k={record['k']}, classifier features)")
     ax.set_ylabel("precision")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    ax.set_title(f"samples against {record['reference']} of {record['data']}", fontsize=9)
-    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.1, top=0.93)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    kind = str(record["data"]).split(":")[0]
+    ax.set_title(f"samples against {record['reference']} ({kind})", fontsize=9)
+    fig.subplots_adjust(left=0.09, right=0.72, bottom=0.1, top=0.93)
     return fig
