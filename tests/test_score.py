@@ -85,6 +85,7 @@ def test_unconditional_priors_skip_the_class_columns(runs, tmp_path):
     assert rows["prior, rejection 0.5"]["images"] == 0
     assert "class-conditional" in rows["prior, rejection 0.5"]["notes"][0]
     assert rows["real held-out"]["cas"] is None and rows["real held-out"]["class_accuracy"] is not None
+    assert not any("CAS" in note for row in rows.values() for note in row["notes"] if "no class" not in note)
 
 
 def test_sweep_plots_precision_against_recall(runs, tmp_path):

@@ -20,7 +20,10 @@ images alone (``cas_steps`` steps) and tested on the whole real test split, besi
 of the real row's score (the same training on ``n`` real training images); and, in the
 classifier's feature space (its penultimate layer), the **Fréchet distance** of the Gaussians
 fitted to the features and the k-NN **precision** and **recall** (Kynkäänniemi et al. 2019, k=3)
-against the reference images (``vqkit.inspect.metrics``).
+against the reference images (``vqkit.inspect.metrics``). The k-NN precision is generous to
+sets that collapse onto a few outlying real images: their large balls cover them (Fashion-MNIST,
+2,000 reference images: 73% of uniform-prior samples lie in the balls of 23 real images, the 1%
+of largest radii), so read it beside recall and the Fréchet distance.
 
 ``sweep`` adds precision and recall over rejection thresholds, temperatures and top-k, the trade
 between quality and diversity, to ``score.json`` and ``score.png``.
@@ -233,12 +236,13 @@ def score_chain(prior_runs: Sequence[str | Path], classifier_run: str | Path, ou
                        class_names)
         step = _progress(progress)
         step("real held-out images")
+        cas_note = lambda text: [text] if settings.cas else []
         rows.append(_row(ctx, "real held-out", held, held_labels, cas_images=train_images, cas_labels=train_labels,
-                         notes=["CAS: trained on n real training images"]))
+                         notes=cas_note("CAS: trained on n real training images")))
         step("reconstructions")
         rows.append(_row(ctx, "reconstructions", _reconstruct(model, held, settings.batch_size), held_labels,
                          cas_images=_reconstruct(model, train_images, settings.batch_size), cas_labels=train_labels,
-                         notes=["of the real held-out images; CAS: of the real training images"]))
+                         notes=["of the real held-out images", *cas_note("CAS: of the real training images")]))
         step("uniform prior")
         uniform = decode_codes(model, uniform_chain_codes(chain, n, settings.seed), settings.batch_size)
         rows.append(_row(ctx, "uniform prior", uniform, labels,
@@ -388,6 +392,7 @@ def table(record: dict) -> str:
         text += [f"  {p['family']} {p['value']:g}: {_fmt(p['precision'])} / {_fmt(p['recall'])} / "
                  f"{_fmt(p['frechet_distance'])} / {_fmt(p['class_accuracy'], True)}"
                  + (f", acceptance {_fmt(p['acceptance'], True)}" if p["acceptance"] is not None else "")
+                 + (f" ({p['images']} images: the cap on draws was reached)" if p["images"] != record["n"] else "")
                  for p in record["sweep"]]
     return "\n".join(text)
 
