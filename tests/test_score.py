@@ -148,3 +148,13 @@ def test_a_hierarchical_chain_is_scored_level_by_level(runs, tmp_path, capsys):
     assert rec["priors"][1].endswith("bottom")
     with pytest.raises(ckpt.CheckpointError, match="one prior per level"):
         score_chain([tmp_path / "top"], runs / "clf", tmp_path / "out", ScoreSettings(n=30, cas=False))
+
+
+def test_building_the_score_options_loads_no_matplotlib():
+    import subprocess
+    import sys
+
+    code = ("import sys; from vqkit.cli.main import build_parser; build_parser(); import vqkit.inspect.score; "
+            "print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"]

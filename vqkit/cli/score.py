@@ -9,6 +9,7 @@ from vqkit import distributed
 from vqkit.cli.args import add_config_args, config_args, config_from_args, field_help
 from vqkit.cli.common import DATA_HELP, distributed_args
 from vqkit.data.datasets import load_dataset
+from vqkit.inspect.score import ScoreSettings, score_chain, table
 from vqkit.nn.classifier import ClassifierConfig
 from vqkit.precision import PRECISIONS
 from vqkit.runs import checkpoint as ckpt
@@ -57,12 +58,8 @@ def _all(dataset):
 
 
 def cmd_score(args) -> None:
-    from vqkit.inspect.score import ScoreSettings, score_chain, table
-
-    settings = ScoreSettings(n=args.n, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, reject=args.reject, max_draws=args.max_draws,
-                             cas=not args.no_cas, cas_steps=args.cas_steps, sweep=args.sweep, k=args.k)
-    record = score_chain(args.runs, args.classifier, args.out, settings, progress=not args.json)
+    record = score_chain(args.runs, args.classifier, args.out, config_from_args(ScoreSettings, args),
+                         progress=not args.json)
     if args.json:
         print(json.dumps(record, indent=2))
     else:
@@ -91,21 +88,6 @@ def add_parsers(sub) -> None:
                     help="prior run folder(s), top-first as vqkit sample takes them")
     sc.add_argument("--classifier", required=True, type=Path, help="classifier run (vqkit train-classifier)")
     sc.add_argument("-o", "--out", required=True, type=Path, help="folder for score.json and score.png")
-    sc.add_argument("-n", type=int, default=2000, help="images per row (default: 2000)")
-    sc.add_argument("--seed", type=int, default=0)
-    sc.add_argument("--temperature", type=float, default=1.0)
-    sc.add_argument("--top-k", type=int)
-    sc.add_argument("--top-p", type=float)
-    sc.add_argument("--reject", type=float, metavar="P",
-                    help="add a row of samples kept only when the classifier gives their class "
-                         "probability >= P (class-conditional priors)")
-    sc.add_argument("--max-draws", type=int, help="rejection draws at most this many samples per row "
-                                                   "(default: 20 n)")
-    sc.add_argument("--cas-steps", type=int, default=500,
-                    help="training steps of each Classification Accuracy Score classifier (default: 500)")
-    sc.add_argument("--no-cas", action="store_true", help="leave out the Classification Accuracy Score")
-    sc.add_argument("-k", type=int, default=3, help="neighbours of the precision/recall manifolds (default: 3)")
-    sc.add_argument("--sweep", action="store_true",
-                    help="also plot precision against recall over rejection thresholds, temperatures and top-k")
+    add_config_args(sc, ScoreSettings, flags={"n": "-n", "k": "-k"})
     sc.add_argument("--json", action="store_true", help="print score.json instead of the table")
     sc.set_defaults(func=cmd_score)

@@ -27,6 +27,9 @@ of largest radii), so read it beside recall and the Fréchet distance.
 
 ``sweep`` adds precision and recall over rejection thresholds, temperatures and top-k, the trade
 between quality and diversity, to ``score.json`` and ``score.png``.
+
+Importing this module does not load matplotlib (the command line builds its options from
+``ScoreSettings``); drawing ``score.png`` does.
 """
 
 from __future__ import annotations
@@ -41,12 +44,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 
 from vqkit.data.datasets import ImageSet, from_model, load_dataset, to_model
 from vqkit.errors import UsageError
 from vqkit.fsutil import atomic_write_bytes, atomic_write_text
-from vqkit.inspect.figures import figure_png
 from vqkit.inspect.metrics import frechet_distance_of, precision_recall
 from vqkit.nn.classifier import Classifier
 from vqkit.nn.vqvae import VQVAE
@@ -77,16 +78,17 @@ class ScoreSettings:
     """What ``score_chain`` draws and measures.
 
     Args:
-        n: images per row (and reference images); at most half the test split.
+        n: images per row, and reference images (at most half the test split).
         seed: seeds the choice of real images and the samples.
         temperature: the priors' sampling temperature.
         top_k: sample from the k most probable codes only.
-        top_p: sample from the smallest set of codes of probability >= top_p only.
-        reject: add a row of samples kept at class probability >= reject.
+        top_p: sample from the smallest set of codes whose probability reaches this only.
+        reject: add a row of samples kept only when the classifier gives their class at least this
+            probability (rejection sampling; class-conditional priors).
         max_draws: rejection draws at most this many samples per row (default 20 n).
         cas: measure the Classification Accuracy Score (trains a classifier per row).
         cas_steps: training steps of each CAS classifier.
-        sweep: precision and recall over rejection thresholds, temperatures and top-k.
+        sweep: also plot precision against recall over rejection thresholds, temperatures and top-k.
         k: neighbours of the precision/recall manifolds.
         batch_size: images per batch when decoding, classifying and sampling.
     """
@@ -271,6 +273,8 @@ def score_chain(prior_runs: Sequence[str | Path], classifier_run: str | Path, ou
               "settings": asdict(settings), "notes": notes,
               "rows": [asdict(row) for row in rows], "sweep": sweep}
     atomic_write_text(out / SCORE_FILE, json.dumps(record, indent=2) + "\n")
+    from vqkit.inspect.figures import figure_png  # matplotlib, loaded only to draw
+
     atomic_write_bytes(out / PLOT_FILE, figure_png(score_figure(record)))
     return record
 
@@ -397,9 +401,12 @@ def table(record: dict) -> str:
     return "\n".join(text)
 
 
-def score_figure(record: dict) -> Figure:
-    """Precision against recall: one marker per row of the table and, after a sweep, one line per
-    setting swept (rejection threshold, temperature, top-k), each point labelled with its value."""
+def score_figure(record: dict):
+    """Precision against recall, a matplotlib ``Figure``: one marker per row of the table and,
+    after a sweep, one line per setting swept (rejection threshold, temperature, top-k), each
+    point labelled with its value."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(8.4, 5.2))
     ax = fig.subplots()
     markers = "osD^v<>p*h"
