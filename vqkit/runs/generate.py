@@ -227,8 +227,8 @@ class Rejection:
         return self.kept == self.wanted
 
     def summary(self, threshold: float) -> str:
-        return (f"kept {self.kept} of {self.drawn} samples drawn with class probability >= {threshold:g} "
-                f"(acceptance {100 * self.acceptance:.1f}%)")
+        return (f"kept {self.kept} of {self.drawn} samples drawn, those the classifier gives their class "
+                f"with probability >= {threshold:g} (acceptance {100 * self.acceptance:.1f}%)")
 
 
 @torch.no_grad()
