@@ -39,7 +39,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -336,8 +336,7 @@ def _sweep(ctx: _Context, chain, model, labels, settings: ScoreSettings, step) -
     """Precision, recall, Fréchet distance and class accuracy (no CAS) of the prior's samples
     as one setting at a time moves away from the row settings."""
     points = []
-    fast = ScoreSettings(**{**asdict(settings), "cas": False})
-    plain = _Context(**{**ctx.__dict__, "settings": fast})
+    plain = replace(ctx, settings=replace(settings, cas=False))
 
     def point(family: str, value, images, point_labels, acceptance=None) -> None:
         row = _row(plain, family, images, point_labels)
