@@ -122,6 +122,10 @@ def test_score_command(runs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "real held-out" in printed and "prior, rejection 0.05" in printed and "score.json" in printed
     assert json.loads((out / "score.json").read_text())["settings"]["reject"] == 0.05
+    assert main(["score", str(runs / "prior"), "--classifier", str(runs / "clf"), "-n", "20", "--no-cas",
+                 "--json", "-o", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["n"] == 20 and printed["settings"]["cas"] is False
     assert main(["score", str(runs / "prior"), "--classifier", str(runs / "nowhere"), "-o", str(out)]) == 2
     assert "no such run folder" in capsys.readouterr().err
 
