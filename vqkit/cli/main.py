@@ -1,6 +1,6 @@
 """The ``vqkit`` command: parses arguments and calls the library; no logic of its own.
 
-``build_parser`` assembles the command groups, one module each (``stage1``, ``prior``, ``codec``,
+``build_parser`` assembles the command groups, one module each (``stage1``, ``prior``, ``score``, ``codec``,
 ``inspect``, ``demo``, ``export``), every one with ``add_parsers(subparsers)``; ``main`` runs the chosen
 command and turns a VqkitError or OSError into one ``vqkit: error:`` line and exit status 2.
 """
@@ -15,7 +15,7 @@ import traceback
 import torch
 
 from vqkit import __version__, distributed
-from vqkit.cli import codec, demo, export, inspect, prior, stage1
+from vqkit.cli import codec, demo, export, inspect, prior, score, stage1
 from vqkit.errors import VqkitError
 
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_parsers(sub)
     demo.add_parsers(sub)
     export.add_parsers(sub)
+    score.add_parsers(sub)
     return p
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -16,7 +17,15 @@ from vqkit.prior import PriorConfig
 from vqkit.prior.config import ARCHS
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import load_codes
-from vqkit.runs.generate import LevelPrior, chain_codes, check_chain, decode_codes, uniform_chain_codes
+from vqkit.runs.generate import (
+    LevelPrior,
+    chain_codes,
+    check_chain,
+    decode_codes,
+    load_checked_classifier,
+    reject_codes,
+    uniform_chain_codes,
+)
 from vqkit.training.prior import (
     SIZED_BY_MAPS,
     PriorTrainConfig,
@@ -83,14 +92,33 @@ def cmd_sample(args) -> None:
     labelled = next((link.run_config for link in chain if link.prior.config.num_classes), chain[0].run_config)
     labels, nrow = _class_labels(args.class_, args.n, nrow, labelled)
     n = len(labels) if labels is not None else args.n
-    codes = chain_codes(chain, n, labels, args.temperature, args.top_k, args.top_p, args.seed)
+    if args.reject is not None:
+        codes = _rejection(args, chain, model, labels)
+    else:
+        codes = chain_codes(chain, n, labels, args.temperature, args.top_k, args.top_p, args.seed)
     grid = make_grid(decode_codes(model, codes), nrow=nrow)
     if args.compare_uniform:
         uniform = make_grid(decode_codes(model, uniform_chain_codes(chain, n, args.seed)), nrow=nrow)
         grid = side_by_side(uniform, grid)
     save_png(grid, args.out)
     what = "uniform prior (left) beside the fitted prior (right)" if args.compare_uniform else "samples"
-    print(f"wrote {args.out}: {n} {what}")
+    print(f"wrote {args.out}: {len(codes[0])} {what}")
+
+
+def _rejection(args, chain, model, labels) -> list[torch.Tensor]:
+    if args.classifier is None:
+        raise UsageError("--reject needs the classifier that judges the samples (--classifier RUN)")
+    if labels is None:
+        raise UsageError("--reject keeps samples the classifier assigns to their class; it needs a "
+                         "class-conditional prior (train-prior --conditional)")
+    classifier = load_checked_classifier(args.classifier, model, chain)
+    kept = reject_codes(chain, model, classifier, labels, args.reject, args.temperature, args.top_k, args.top_p,
+                        args.seed, max_draws=args.max_draws)
+    print(kept.summary(args.reject))
+    if not kept.complete:
+        print(f"vqkit: warning: only {kept.kept} of {kept.wanted} samples reached the threshold within "
+              f"{kept.drawn} draws; lower --reject or raise --max-draws", file=sys.stderr)
+    return kept.codes
 
 
 def add_parsers(sub) -> None:
@@ -126,4 +154,9 @@ def add_parsers(sub) -> None:
                     help="put samples of the uniform prior (every level uniform; left) beside the "
                          "fitted priors' (right)")
     checkpoint_arg(sm)
+    sm.add_argument("--reject", type=float, metavar="P",
+                    help="classifier-based rejection sampling: keep only samples that --classifier assigns "
+                         "to their class with probability >= P, drawing more until n are kept")
+    sm.add_argument("--classifier", type=Path, metavar="RUN", help="classifier run (vqkit train-classifier)")
+    sm.add_argument("--max-draws", type=int, help="with --reject, draw at most this many samples (default: 20 n)")
     sm.set_defaults(func=cmd_sample)

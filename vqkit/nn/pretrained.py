@@ -62,7 +62,7 @@ VERSION_KEY = "vqkit_version"
 # The modules that define the model classes of this layer, imported before dispatching on
 # model_type. Priors live in a higher layer, which this one never imports: their classes are
 # known once ``vqkit.prior`` has been imported (``Prior.from_pretrained`` always has).
-MODEL_MODULES = ("vqkit.nn.vqvae",)
+MODEL_MODULES = ("vqkit.nn.vqvae", "vqkit.nn.classifier")
 _ELSEWHERE = {"prior": "vqkit.prior"}
 # A Hugging Face Hub repo id, "owner/name".
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")

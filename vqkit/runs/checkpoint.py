@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from vqkit.errors import ConfigError, UsageError, VqkitError
 from vqkit.fsutil import atomic_write_text, fsync_dir, fsync_file
+from vqkit.nn.classifier import Classifier, ClassifierConfig
 from vqkit.nn.pretrained import fit_state_dict
 from vqkit.nn.vqvae import CONFIGS, VQVAE, StageOneConfig, build_model
 from vqkit.prior import Prior, PriorConfig, build_prior
@@ -318,6 +319,18 @@ def load_prior_checkpoint(run_dir: str | Path, which: str = BEST) -> tuple[Prior
     checkpoint = chosen_checkpoint(run_dir, which)
     load_weights_of(checkpoint, prior)
     return prior.eval(), config, checkpoint
+
+
+def load_classifier(run_dir: str | Path) -> tuple[Classifier, dict]:
+    """The latest classifier of a classifier run (vqkit train-classifier), in eval mode, and
+    its config.json."""
+    config = read_config(run_dir, kind="classifier")
+    try:
+        model = Classifier(ClassifierConfig.from_dict(config["model"]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(run_dir) / 'config.json'}: invalid classifier configuration ({e})") from None
+    load_latest_weights(run_dir, model)
+    return model.eval(), config
 
 
 def load_latest_weights(run_dir: Path, model: torch.nn.Module) -> Checkpoint:

@@ -4,17 +4,23 @@ For a VQ-VAE-2 (Razavi et al. 2019, Algorithm 2, sampling) the codes come from a
 per level, **top-first**: the top map is drawn from the top prior, then each lower level's map
 from its prior conditioned on the maps already drawn for the levels above, and the stage-1
 decoder turns all levels into images.
+
+Classifier-based rejection sampling (Razavi et al. 2019, section 3.3; ``reject_codes``) draws
+class-conditional samples and keeps those that an image classifier (``vqkit.nn.classifier``)
+assigns to their class with at least a given probability: fewer, more typical samples.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vqkit.data.datasets import from_model
+from vqkit.data.datasets import from_model, to_model
 from vqkit.errors import UsageError
+from vqkit.nn.classifier import Classifier
 from vqkit.nn.vqvae import VQVAE, level_names
 from vqkit.prior import Prior
 from vqkit.prior.sampling import sample
@@ -159,3 +165,139 @@ def prior_codes(prior: Prior, n: int, labels: torch.Tensor | None = None, temper
     g = torch.Generator().manual_seed(seed)
     return sample(prior, n, labels=labels, temperature=temperature, top_k=top_k, top_p=top_p,
                   generator=g)
+
+
+def image_shape(model: VQVAE, chain: list[LevelPrior]) -> tuple[int, int, int]:
+    """The shape (C, H, W) of the images the chain's code maps decode to."""
+    zeros = [torch.zeros(1, link.prior.config.height, link.prior.config.width, dtype=torch.int64)
+             for link in chain]
+    return tuple(decode_codes(model, zeros).shape[1:])
+
+
+def check_classifier(classifier: Classifier, run_config: dict, run: str | Path, shape: tuple[int, ...],
+                     class_names: list[str] | None = None, num_classes: int | None = None) -> None:
+    """Check that the classifier of run ``run`` (its config.json ``run_config``) was trained on
+    images of ``shape`` (C, H, W) and, where given, on ``num_classes`` classes named
+    ``class_names`` (those of the priors' data); raises CheckpointError naming the file."""
+    where = Path(run) / "config.json"
+    trained = tuple(run_config.get("data_shape") or ())
+    data = (run_config.get("train") or {}).get("data")
+    if trained != tuple(shape):
+        raise ckpt.CheckpointError(f"{where}: the classifier was trained on images of shape {list(trained)} "
+                                   f"({data}), but these images are {list(shape)}; train one on the "
+                                   "priors' data (vqkit train-classifier --data ...)")
+    if num_classes is not None and classifier.config.num_classes != num_classes:
+        raise ckpt.CheckpointError(f"{where}: the classifier tells {classifier.config.num_classes} classes "
+                                   f"apart ({data}), the priors {num_classes}; train one on the priors' data")
+    names = run_config.get("class_names")
+    if class_names and names and list(names) != list(class_names):
+        raise ckpt.CheckpointError(f"{where}: the classifier's classes ({', '.join(names[:4])}, ...; {data}) "
+                                   f"are not the priors' ({', '.join(class_names[:4])}, ...); train one on "
+                                   "the priors' data")
+
+
+@torch.no_grad()
+def label_probability(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor,
+                      batch_size: int = 500) -> torch.Tensor:
+    """The probability (N,) float32 that ``classifier`` gives each uint8 image (N, C, H, W) of
+    being of its label (N,)."""
+    classifier.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_model(images[start:start + batch_size]).to(classifier.device)
+        probs = classifier(x).float().softmax(1).cpu()
+        out.append(probs.gather(1, labels[start:start + batch_size, None].cpu())[:, 0])
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@dataclass
+class Rejection:
+    """What classifier-based rejection sampling kept: every level's codes (k, h_l, w_l),
+    top-first, their labels (k,) and the probabilities the classifier gave those labels (k,),
+    in the order of the labels asked for (those that were filled), out of ``drawn`` samples."""
+
+    codes: list[torch.Tensor]
+    labels: torch.Tensor
+    probs: torch.Tensor
+    drawn: int
+    wanted: int
+
+    @property
+    def kept(self) -> int:
+        return len(self.labels)
+
+    @property
+    def acceptance(self) -> float:
+        return self.kept / self.drawn if self.drawn else 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.kept == self.wanted
+
+    def summary(self, threshold: float) -> str:
+        return (f"kept {self.kept} of {self.drawn} samples drawn, those the classifier gives their class "
+                f"with probability >= {threshold:g} (acceptance {100 * self.acceptance:.1f}%)")
+
+
+@torch.no_grad()
+def reject_codes(chain: list[LevelPrior], model: VQVAE, classifier: Classifier, labels: torch.Tensor,
+                 threshold: float, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int = 0, batch_size: int = 256,
+                 max_draws: int | None = None) -> Rejection:
+    """Classifier-based rejection sampling (VQ-VAE-2, section 3.3): draw class-conditional samples
+    from a checked chain in batches of at most ``batch_size`` and keep those that ``classifier``
+    assigns to their class with probability >= ``threshold``, until every label of ``labels``
+    (n,) has a sample or ``max_draws`` samples (default 20 n) have been drawn (then ``complete``
+    is False: the caller warns). Raises UsageError for a chain without a class-conditional
+    prior, and when no sample at all was kept."""
+    if not any(link.prior.config.num_classes for link in chain):
+        raise UsageError("rejection sampling keeps samples that the classifier assigns to their class, "
+                         "so it needs a class-conditional prior (train-prior --conditional)")
+    if not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"the rejection threshold is a probability in [0, 1], got {threshold}")
+    labels = labels.to(torch.int64).cpu()
+    n = len(labels)
+    max_draws = 20 * n if max_draws is None else max_draws
+    if max_draws < 1:
+        raise UsageError(f"max_draws must be >= 1, got {max_draws}")
+    filled = torch.zeros(n, dtype=torch.bool)
+    kept_codes: list[torch.Tensor] | None = None
+    kept_probs = torch.zeros(n)
+    drawn = rounds = 0
+    while not filled.all() and drawn < max_draws:
+        open_slots = (~filled).nonzero()[:, 0]
+        rate = max(int(filled.sum()) / drawn if drawn else 1.0, 0.02)
+        m = min(batch_size, max_draws - drawn, max(1, math.ceil(len(open_slots) / rate)))
+        targets = open_slots.repeat(math.ceil(m / len(open_slots)))[:m]   # the slot each draw aims at
+        draw_labels = labels[targets]
+        codes = chain_codes(chain, m, draw_labels, temperature, top_k, top_p, seed=seed + 7919 * rounds)
+        if kept_codes is None:
+            kept_codes = [torch.zeros((n, *c.shape[1:]), dtype=c.dtype) for c in codes]
+        probs = label_probability(classifier, decode_codes(model, codes), draw_labels)
+        accepted = probs >= threshold
+        for label in draw_labels[accepted].unique().tolist():
+            draws = (accepted & (draw_labels == label)).nonzero()[:, 0]
+            slots = (~filled & (labels == label)).nonzero()[:, 0]
+            t = min(len(draws), len(slots))
+            for level, c in enumerate(codes):
+                kept_codes[level][slots[:t]] = c[draws[:t]].cpu()
+            kept_probs[slots[:t]] = probs[draws[:t]]
+            filled[slots[:t]] = True
+        drawn += m
+        rounds += 1
+    if not filled.any():
+        raise UsageError(f"none of the {drawn} samples drawn reached class probability {threshold:g}; "
+                         "lower the threshold (--reject) or draw more (--max-draws)")
+    return Rejection(codes=[c[filled] for c in kept_codes], labels=labels[filled], probs=kept_probs[filled],
+                     drawn=drawn, wanted=n)
+
+
+def load_checked_classifier(run: str | Path, model: VQVAE, chain: list[LevelPrior]) -> Classifier:
+    """The classifier of run ``run`` (vqkit train-classifier), checked against the images and
+    classes of a checked chain (``check_classifier``)."""
+    classifier, config = ckpt.load_classifier(run)
+    conditional = next((link for link in chain if link.prior.config.num_classes), None)
+    check_classifier(classifier, config, run, image_shape(model, chain),
+                     conditional.source.get("class_names") if conditional else None,
+                     conditional.prior.config.num_classes if conditional else None)
+    return classifier
