@@ -30,7 +30,7 @@ from vqkit.training.stage1 import TrainConfig, train
 
 
 def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, steps: int = 3000, lr: float = 1e-3,
-             time_budget: float | None = 180.0, resume: bool = False, prior_steps: int = 3000,
+             time_budget: float | None = 180.0, resume: bool = False, prior_steps: int = 6000,
              prior_time_budget: float = 180.0, report: Callable[[str], None] = print) -> None:
     """Train the demo into ``out`` and write ``reconstructions.png``, ``metrics.json`` and (unless
     ``prior_time_budget`` is 0) ``samples.png``. ``data`` is a Fashion-MNIST folder; by default
