@@ -73,8 +73,10 @@ class PriorTrainConfig(JsonConfig, RunConfig):
     eval_every: int = 250
     patience: int = 8
     steps: int = field(default=5000, kw_only=True)
-    batch_size: int = field(default=32, kw_only=True)
-    lr: float = field(default=3e-4, kw_only=True)
+    # Measured side by side on full Fashion-MNIST codes (7x7, K = 256), 300 s each: batch 64 at
+    # lr 1e-3 reached 3.966 held-out bits per code in 3,156 steps, batch 32 at 3e-4 4.249 in 5,344.
+    batch_size: int = field(default=64, kw_only=True)
+    lr: float = field(default=1e-3, kw_only=True)
 
     def __post_init__(self):
         super().__post_init__()
