@@ -273,6 +273,24 @@ def test_cli_compress_and_decompress(runs, tmp_path, capsys):
     assert ckpt.run_kind(runs / "one") == "vqvae"
 
 
+def test_a_file_is_tied_to_the_prior_checkpoint_it_was_coded_with(runs, tmp_path, capsys):
+    top = tmp_path / "top"
+    assert main(["train-prior", str(runs / "codes" / "top"), "--arch", "pixelcnn", *PRIOR, "--checkpoint-every", "1",
+                 "-o", str(top)]) == 0
+    (top / "best").write_text("step-00000005\n")  # as if step 5 had scored best
+    best = Codec.load(runs / "run", [top, runs / "bottom"])
+    latest = Codec.load(runs / "run", [top, runs / "bottom"], "latest")
+    assert best.fingerprints["prior"] != latest.fingerprints["prior"]
+    image = tmp_path / "in.png"
+    save_png(_image(28, 28, seed=3), image)
+    priors = ["--prior", str(top), "--prior", str(runs / "bottom")]
+    assert main(["compress", str(runs / "run"), str(image), *priors, "-o", str(tmp_path / "a.vq")]) == 0
+    assert main(["decompress", str(runs / "run"), str(tmp_path / "a.vq"), *priors, "--checkpoint", "latest",
+                 "-o", str(tmp_path / "a.png")]) == 2
+    assert "made with another model" in capsys.readouterr().err and not (tmp_path / "a.png").exists()
+    assert main(["decompress", str(runs / "run"), str(tmp_path / "a.vq"), *priors, "-o", str(tmp_path / "a.png")]) == 0
+
+
 def _sharp_codec() -> tuple[Codec, torch.Tensor]:
     """A fresh one-level model (K = 16, 7x7 prior maps: 28x28 tiles) and a flat 224x224 image
     with a dark square and a noisy patch, whose 56x56 code map is mostly one code; and a prior
