@@ -174,7 +174,7 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     def validate() -> None:
         nonlocal last_saved
         value, improved = tracker.record(step)
-        model.train()
+        model.train()  # whatever mode the measure left it in, training goes on in train mode
         postfix[f"val_{validation.name}"] = f"{value:.4g}"
         bar.set_postfix(postfix)
         board.scalars({f"val/{validation.name}": value}, step)
