@@ -57,7 +57,7 @@ class PriorTrainConfig(JsonConfig, RunConfig):
         val_cond_codes: the held-out code set of each cond_codes level, in the same order.
         val_fraction: the share of codes held out when no val_codes are given.
         eval_every: measure the held-out NLL every this many steps (the run keeps the best
-            checkpoint by it as ``best``, which eval, sample and compress use by default).
+            checkpoint by it as "best", which eval, sample and compress use by default).
         patience: stop after this many held-out measurements in a row without a new best
             (0: train on to the last step).
         batch_size: code maps per step (per process, when data-parallel).
