@@ -179,6 +179,7 @@ def test_cli_train_prior_and_sample(tmp_path, codes_dir, capsys):
     assert main(["sample", str(prior_dir), "-n", "4", "--nrow", "2", "-o", str(grid)]) == 0
     single_width = Image.open(grid).size[0]
     assert main(["sample", str(prior_dir), "-n", "4", "--nrow", "2", "--checkpoint", "latest", "-o", str(grid)]) == 0
+    assert "(latest checkpoint: prior at step 3)" in capsys.readouterr().out
     assert main(["sample", str(prior_dir), "-n", "4", "--nrow", "2", "--compare-uniform", "-o", str(grid)]) == 0
     assert Image.open(grid).size[0] == 2 * single_width + 8
     assert main(["sample", str(prior_dir), "-n", "2", "--class", "all", "-o", str(grid)]) == 0

@@ -102,7 +102,8 @@ def cmd_sample(args) -> None:
         grid = side_by_side(uniform, grid)
     save_png(grid, args.out)
     what = "uniform prior (left) beside the fitted prior (right)" if args.compare_uniform else "samples"
-    print(f"wrote {args.out}: {len(codes[0])} {what}")
+    steps = ", ".join(f"{link.run.name} at step {link.checkpoint.step}" for link in chain)
+    print(f"wrote {args.out}: {len(codes[0])} {what} ({args.checkpoint} checkpoint: {steps})")
 
 
 def _rejection(args, chain, model, labels) -> list[torch.Tensor]:
