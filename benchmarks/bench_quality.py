@@ -12,6 +12,7 @@ The run folder is kept (default under /tmp) for `vqkit reconstruct` and TensorBo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -20,8 +21,9 @@ from pathlib import Path
 import torch
 
 from vqkit.data.datasets import load_dataset
-from vqkit.nn.presets import PRESETS, preset
-from vqkit.runs.checkpoint import load_model
+from vqkit.nn.presets import preset
+from vqkit.nn.vqvae import VQVAE2Config
+from vqkit.runs.checkpoint import load_model, read_model_config
 from vqkit.training.evaluate import evaluate
 from vqkit.training.stage1 import TrainConfig, train
 
@@ -30,6 +32,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--preset", default="cifar10")
+    p.add_argument("--config", type=Path, help="model config JSON instead of a preset")
+    p.add_argument("--prefix-training", choices=VQVAE2Config.PREFIX_TRAINING,
+                   help="(hierarchies) override the model's prefix_training")
     p.add_argument("--budget", type=float, default=600.0, help="training seconds")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=64)
@@ -45,15 +50,18 @@ def main() -> None:
     config = TrainConfig(data=args.data, steps=10**9, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, time_budget=args.budget, checkpoint_every=10**9,
                        image_size=args.image_size)
-    model_config = preset(args.preset) if args.preset in PRESETS else preset(args.preset)
+    model_config = read_model_config(args.config) if args.config else preset(args.preset)
+    if args.prefix_training:
+        model_config = dataclasses.replace(model_config, prefix_training=args.prefix_training)
     result = train(out, model_config, config, progress=False)
     model, _ = load_model(out)
     metrics = evaluate(model, load_dataset(args.data, "test", image_size=args.image_size), progress=False)
-    print(json.dumps({"preset": args.preset, "data": args.data, "lr": args.lr,
+    print(json.dumps({"preset": str(args.config or args.preset), "model": model_config.to_dict(),
+                      "data": args.data, "lr": args.lr,
                       "batch_size": args.batch_size, "threads": args.threads,
                       "seconds": round(result.seconds, 1), "steps": result.step,
                       "run": str(out), **metrics.to_dict()}, indent=2))
-    print(f"{args.preset} after {result.step} steps / {result.seconds:.0f} s: {metrics.summary()}")
+    print(f"{args.config or args.preset} after {result.step} steps / {result.seconds:.0f} s: {metrics.summary()}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from vqkit.data.datasets import from_model, load_dataset, to_model
 from vqkit.data.images import load_image, make_grid, save_png
 from vqkit.errors import UsageError
 from vqkit.nn.presets import PRESETS, preset
-from vqkit.nn.vqvae import StageOneConfig, level_names
+from vqkit.nn.vqvae import StageOneConfig, VQVAE2Config, level_names
 from vqkit.precision import PRECISIONS
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes, read_maps, save_maps
@@ -35,10 +36,17 @@ from vqkit.training.stage1 import TrainConfig, train
 
 def _model_config(args) -> StageOneConfig:
     if args.config:
-        return ckpt.read_model_config(args.config)
-    if args.preset is None and args.resume and (Path(args.out) / "config.json").exists():
-        return ckpt.model_config_of(args.out)
-    return preset(args.preset or "cifar10")
+        config = ckpt.read_model_config(args.config)
+    elif args.preset is None and args.resume and (Path(args.out) / "config.json").exists():
+        config = ckpt.model_config_of(args.out)
+    else:
+        config = preset(args.preset or "cifar10")
+    if args.prefix_training is None:
+        return config
+    if not isinstance(config, VQVAE2Config):
+        raise UsageError("--prefix-training applies to a hierarchy (a VQ-VAE-2 preset or config); this model "
+                         "has one level")
+    return dataclasses.replace(config, prefix_training=args.prefix_training)
 
 
 def cmd_train(args) -> None:
@@ -161,6 +169,9 @@ def add_parsers(sub) -> None:
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="model preset (default cifar10; with --resume, the run's own model)")
     g.add_argument("--config", help="model config JSON (the 'model' part of a run's config.json)")
+    t.add_argument("--prefix-training", choices=VQVAE2Config.PREFIX_TRAINING,
+                   help="(hierarchies) override the model's prefix_training: 'loss', a reconstruction loss per "
+                        "prefix of levels; 'dropout', a random prefix per batch; 'off', every level every batch")
     t.add_argument("-o", "--out", required=True, type=Path, help="run folder")
     add_config_args(t, TrainConfig, choices={"precision": PRECISIONS})
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
