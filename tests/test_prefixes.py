@@ -171,3 +171,19 @@ def test_cli_train_takes_prefix_training_for_a_hierarchy_only(tmp_path, tiny2, t
     assert main(["train", "--config", str(tmp_path / "one.json"), "--prefix-training", "loss", *common,
                  "-o", str(tmp_path / "one")]) == 2
     assert "--prefix-training applies to a hierarchy" in capsys.readouterr().err
+
+
+def test_levels_view_is_figure_3_from_decode_levels():
+    from vqkit.data.datasets import from_model, to_model
+    from vqkit.inspect.levels import levels_image, levels_view
+    model = _model("loss").eval()
+    images = ((_images(5) + 1) * 127.5).round().to(torch.uint8)
+    view = levels_view(model, images, batch_size=2)
+    codes = model.encode(to_model(images))
+    for upto in (1, 2, 3):
+        expected = from_model(model.decode_levels(codes, upto))
+        assert torch.equal(view.views[upto - 1], expected)
+        mse = (expected.double() - images.double()).square().flatten(1).mean(1)
+        torch.testing.assert_close(view.psnr[upto - 1], 10 * torch.log10(255 ** 2 / mse))
+    assert view.column_titles() == ["top alone", "+ middle", "+ bottom", "original"]
+    assert levels_image(view, side=32).size == (4 + 4 * 36, 16 + 5 * (32 + 14 + 4) + 4)

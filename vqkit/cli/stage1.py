@@ -23,6 +23,7 @@ from vqkit.cli.common import (
 from vqkit.data.datasets import from_model, load_dataset, to_model
 from vqkit.data.images import load_image, make_grid, save_png
 from vqkit.errors import UsageError
+from vqkit.fsutil import atomic_write_bytes
 from vqkit.nn.presets import PRESETS, preset
 from vqkit.nn.vqvae import StageOneConfig, VQVAE2Config, level_names
 from vqkit.precision import PRECISIONS
@@ -111,16 +112,18 @@ def _images_from_args(args, run: Path) -> torch.Tensor:
 
 
 def cmd_levels(args) -> None:
+    from vqkit.inspect.figures import image_png
+    from vqkit.inspect.levels import levels_image, levels_view
     model, _ = ckpt.load_model(args.run)
     data = load_dataset(eval_data(args, args.run), args.split, image_size=image_size(args.run))
     images, _ = data.batch(torch.arange(min(args.n, len(data))))
-    x = to_model(images)
-    codes = model.encode(x)
-    columns = [from_model(model.decode_levels(codes, upto)) for upto in range(1, len(codes) + 1)] + [images]
-    save_png(make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=len(columns)), args.out)
-    names = level_names(len(codes))
+    view = levels_view(model, images)
+    atomic_write_bytes(args.out, image_png(levels_image(view, args.side)))
+    names = view.names
+    psnrs = [f"{float(p.mean()):.2f}" for p in view.psnr]
     print(f"wrote {args.out}: per image (row), decoded from the {names[0]} level alone, "
-          + "".join(f"then adding {name}, " for name in names[1:]) + "then the original")
+          + "".join(f"then adding {name}, " for name in names[1:]) + "then the original; mean PSNR "
+          + " / ".join(psnrs) + " dB")
 
 
 def cmd_encode(args) -> None:
@@ -203,6 +206,7 @@ def add_parsers(sub) -> None:
                                        "alone, then adding each lower level, then the original")
     run_and_data(lv)
     lv.add_argument("-n", type=int, default=8)
+    lv.add_argument("--side", type=int, default=128, help="width of each image in the figure, pixels")
     lv.add_argument("-o", "--out", required=True, type=Path)
     lv.set_defaults(func=cmd_levels)
 
