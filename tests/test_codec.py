@@ -427,3 +427,17 @@ def test_reading_a_preview_reads_only_its_levels(codec, tmp_path):
     path.write_bytes(compressed.data)
     assert read_vq(path, 1) == compressed.data[:compressed.prefix_bytes(1)]
     assert read_vq(path, 2) == read_vq(path) == compressed.data
+
+
+def test_rd_plots_every_prefix_as_a_point_of_the_same_file(codec, tmp_path):
+    from vqkit.codec.rd import measure, psnr
+    image = _image(30, 45, seed=7)
+    save_png(image, tmp_path / "a.png")
+    result = measure({"run": codec}, [tmp_path / "a.png"], qualities=[50], progress=False)
+    points = {(p.method, p.setting): p for p in result.points}
+    for mode in ("prior", "uniform"):
+        compressed = codec.compress(image, mode)
+        top = points[(f"run {mode}", f"{mode}:1/2")]
+        assert top.bpp == pytest.approx(8 * compressed.prefix_bytes(1) / (30 * 45))
+        assert top.psnr == pytest.approx(psnr(image, codec.decompress(compressed.data, levels=1)))
+        assert top.bpp < points[(f"run {mode}", mode)].bpp
