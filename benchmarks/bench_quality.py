@@ -16,6 +16,7 @@ import dataclasses
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from vqkit.data.datasets import load_dataset
 from vqkit.nn.presets import preset
 from vqkit.nn.vqvae import VQVAE2Config
 from vqkit.runs.checkpoint import load_model, read_model_config
+from vqkit.training import loop
 from vqkit.training.evaluate import evaluate
 from vqkit.training.stage1 import TrainConfig, train
 
@@ -40,6 +42,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="what --budget counts: wall seconds, or this process's CPU seconds (fairer between "
+                        "runs on a shared machine, where other jobs stretch the wall time of each step)")
     p.add_argument("--image-size", type=int, help="centre-crop and resize folder images")
     p.add_argument("--out", type=Path, help="run folder (default: a new folder under /tmp)")
     args = p.parse_args()
@@ -53,15 +58,21 @@ def main() -> None:
     model_config = read_model_config(args.config) if args.config else preset(args.preset)
     if args.prefix_training:
         model_config = dataclasses.replace(model_config, prefix_training=args.prefix_training)
+    if args.clock == "cpu":
+        loop.budget_clock = time.process_time
+    wall = time.monotonic()
     result = train(out, model_config, config, progress=False)
+    wall = time.monotonic() - wall
     model, _ = load_model(out)
     metrics = evaluate(model, load_dataset(args.data, "test", image_size=args.image_size), progress=False)
     print(json.dumps({"preset": str(args.config or args.preset), "model": model_config.to_dict(),
                       "data": args.data, "lr": args.lr,
                       "batch_size": args.batch_size, "threads": args.threads,
-                      "seconds": round(result.seconds, 1), "steps": result.step,
+                      "clock": args.clock, "seconds": round(result.seconds, 1), "wall_seconds": round(wall, 1),
+                      "steps": result.step,
                       "run": str(out), **metrics.to_dict()}, indent=2))
-    print(f"{args.config or args.preset} after {result.step} steps / {result.seconds:.0f} s: {metrics.summary()}")
+    print(f"{args.config or args.preset} after {result.step} steps / {result.seconds:.0f} s ({args.clock}; "
+          f"{wall:.0f} s wall): {metrics.summary()}")
 
 
 if __name__ == "__main__":
