@@ -173,8 +173,9 @@ def add_parsers(sub) -> None:
                    help="model preset (default cifar10; with --resume, the run's own model)")
     g.add_argument("--config", help="model config JSON (the 'model' part of a run's config.json)")
     t.add_argument("--prefix-training", choices=VQVAE2Config.PREFIX_TRAINING,
-                   help="(hierarchies) override the model's prefix_training: 'loss', a reconstruction loss per "
-                        "prefix of levels; 'dropout', a random prefix per batch; 'off', every level every batch")
+                   help="(hierarchies) override the model's prefix_training: 'loss' (the hierarchical presets' "
+                        "default), a reconstruction loss per prefix of levels, so that the top levels alone "
+                        "decode to an image; 'off', every level every batch, as before")
     t.add_argument("-o", "--out", required=True, type=Path, help="run folder")
     add_config_args(t, TrainConfig, choices={"precision": PRECISIONS})
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")

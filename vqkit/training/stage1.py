@@ -86,7 +86,7 @@ def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig
         with precision.autocast(placement):
             out = forward(precision.prepare_input(to_model(images), placement))
         stats = {"recon_loss": out.recon_loss, "commitment_loss": out.commitment_loss}
-        if per_prefix:  # level dropout's prefix changes from step to step: logged as recon_loss only
+        if per_prefix:
             stats.update({f"recon_loss_upto_{names[upto - 1]}": loss for upto, loss in out.prefix_losses.items()})
         for suffix, codes, ppl, usage, counter in zip(suffixes, out.codes, out.perplexity, out.usage,
                                                       epoch_usage):
