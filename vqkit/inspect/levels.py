@@ -59,11 +59,18 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(255.0 ** 2 / mse)
 
 
+def _font() -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=12)  # Pillow 10.1 and later, with FreeType
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
 def levels_image(view: LevelsView, side: int = 128) -> Image.Image:
     """The figure: one row per image, one column per prefix then the original, each cell
     ``side`` pixels wide (nearest-neighbour upscaled), its PSNR below it and the column titles
     above."""
-    font = ImageFont.load_default()
+    font = _font()
     pad, title_h, caption_h = 4, 16, 14
     columns = [*view.views, view.images]
     n = len(view.images)
