@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from vqkit.nn import quantize
 from vqkit.nn.quantize import VectorQuantizer, rotate_to
-from vqkit.nn.scalar import FSQ, LFQ, _BatchEntropy
+from vqkit.nn.scalar import FSQ, LFQ, batch_entropy
 
 
 def _vq(**kw) -> VectorQuantizer:
@@ -33,7 +33,8 @@ def _rotation_matrix(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return eye - 2 * torch.outer(r, r) + 2 * torch.outer(q_hat, e_hat)
 
 
-def test_rotation_trick_forward_equals_vq_and_gradient_matches_the_formula():
+def test_rotation_trick_forward_equals_vq_and_gradient_matches_the_formula(monkeypatch):
+    monkeypatch.setattr(quantize, "_CHUNK_ELEMENTS", 4 * 3 * 7)  # the backward in blocks of 7 rows
     ste, rot = _vq(), _vq(rotation=True)
     g = torch.Generator().manual_seed(1)
     z = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
@@ -163,10 +164,7 @@ def test_lfq_codes_are_the_sign_bits():
     assert torch.equal(q.encode(vectors.unsqueeze(-1)).flatten(), torch.arange(16))
 
 
-def test_lfq_entropy_penalty_matches_the_softmax_over_all_codes(monkeypatch):
-    monkeypatch.setattr(quantize, "_CHUNK_ELEMENTS", 3 * 8)  # blocks of 3 rows, a ragged last one
-    import vqkit.nn.scalar as scalar
-    monkeypatch.setattr(scalar, "_CHUNK_ELEMENTS", 3 * 8)
+def test_lfq_entropy_penalty_matches_the_softmax_over_all_codes():
     q = LFQ(3, 3, beta=0.25, entropy_weight=0.1, diversity=0.7, temperature=0.5).train()
     x = (torch.randn(10, 3, dtype=torch.float64) * 0.5).requires_grad_()
     out = q(x.unsqueeze(-1))
@@ -182,8 +180,13 @@ def test_lfq_entropy_penalty_matches_the_softmax_over_all_codes(monkeypatch):
     g_out, = torch.autograd.grad(out.loss, x)
     g_ref, = torch.autograd.grad(expected, x)
     torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-7)
-    x64 = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_BatchEntropy.apply, (x64,))
+    for d in (1, 4, 5):  # the halves: 0 + 1, 2 + 2 and 2 + 3 bits
+        a = torch.randn(7, d, dtype=torch.float64)
+        corners = torch.tensor(list(itertools.product([0.0, 1.0], repeat=d)), dtype=torch.float64)
+        log_p = (corners * F.logsigmoid(a).unsqueeze(1) + (1 - corners) * F.logsigmoid(-a).unsqueeze(1)).sum(2)
+        mean = log_p.exp().mean(0)
+        torch.testing.assert_close(batch_entropy(a), -(mean * mean.log()).sum())
+        assert torch.autograd.gradcheck(batch_entropy, (a.requires_grad_(),))
     # The penalty is a training signal only.
     assert q.eval()(x.unsqueeze(-1)).codebook_loss.item() == 0.0
 
@@ -279,3 +282,16 @@ def test_bad_arguments_get_clear_errors():
         VectorQuantizer(8, 4, factor_dim=0)
     with pytest.raises(ValueError, match="channels along"):
         FSQ([8, 5], 4)(torch.randn(2, 3, 4))
+
+
+def test_normalize_rows_matches_f_normalize_also_for_short_rows(monkeypatch):
+    monkeypatch.setattr(quantize, "_CHUNK_ELEMENTS", 4 * 3 * 2)  # the backward in blocks of 2 rows
+    x = torch.randn(5, 3, dtype=torch.float64)
+    x[1] = 0.0
+    x[3] *= 1e-14  # shorter than eps = 1e-12: divided by eps, as F.normalize does
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    upstream = torch.randn(5, 3, dtype=torch.float64)
+    (quantize.normalize_rows(a) * upstream).sum().backward()
+    (F.normalize(b, dim=1) * upstream).sum().backward()
+    torch.testing.assert_close(quantize.normalize_rows(x), F.normalize(x, dim=1))
+    torch.testing.assert_close(a.grad, b.grad)

@@ -163,22 +163,76 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(a, b) if a.numel() else (a - b).square().sum()
 
 
+class _NormalizeRows(torch.autograd.Function):
+    """``F.normalize(x, dim=1)`` (rows divided by ``max(||x||, eps)``) with a lean backward:
+    it saves the output and the norms only, and computes ``dx = (g - y (y.g)) / ||x||`` (``g /
+    eps`` for rows shorter than eps) in row blocks, where autograd's version keeps several
+    (N, d) temporaries of the division and the norm."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        norm = x.norm(dim=1, keepdim=True).clamp_(min=eps)  # (N, 1)
+        y = x / norm
+        ctx.save_for_backward(y, norm)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, norm = ctx.saved_tensors
+        out = torch.empty_like(grad)
+        rows = max(1, _CHUNK_ELEMENTS // (4 * max(y.shape[1], 1)))
+        for start in range(0, y.shape[0], rows):
+            block = slice(start, start + rows)
+            y_b, n_b, g = y[block], norm[block], grad[block]
+            radial = torch.where(n_b > ctx.eps, (y_b * g).sum(1, keepdim=True), 0)
+            out[block] = (g - y_b * radial) / n_b
+        return out, None
+
+
+def normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Rows of ``x`` (N, d) scaled to unit length (``F.normalize(x, dim=1, eps=eps)``)."""
+    return _NormalizeRows.apply(x, eps)
+
+
+class _RotationTrick(torch.autograd.Function):
+    """Forward ``q``; backward ``(||q|| / ||e||) R^T g`` to ``e`` and nothing to ``q``. Saves
+    only ``e`` and ``q``, which the losses keep alive anyway, and forms the rotation in the
+    backward pass: ``R^T g = g - 2 (g.w) w + 2 (g.q^) e^``."""
+
+    @staticmethod
+    def forward(ctx, e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(e, q)
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        e, q = ctx.saved_tensors
+        out = torch.empty_like(grad)
+        # In row blocks, so that the half-dozen (rows, d) temporaries stay small and in cache.
+        rows = max(1, _CHUNK_ELEMENTS // (4 * max(e.shape[1], 1)))
+        tiny = torch.finfo(e.dtype).tiny
+        for start in range(0, e.shape[0], rows):
+            block = slice(start, start + rows)
+            e_b, q_b, g = e[block], q[block], grad[block]
+            e_norm = e_b.norm(dim=1, keepdim=True)  # (rows, 1)
+            q_norm = q_b.norm(dim=1, keepdim=True)
+            e_hat = e_b / e_norm.clamp(min=tiny)
+            q_hat = q_b / q_norm.clamp(min=tiny)
+            w = F.normalize(e_hat + q_hat, dim=1)
+            scale = torch.where(e_norm > 0, q_norm / e_norm.clamp(min=tiny), 0)
+            out[block] = scale * (g - 2 * (g * w).sum(1, keepdim=True) * w
+                                  + 2 * (g * q_hat).sum(1, keepdim=True) * e_hat)
+        return out, None
+
+
 def rotate_to(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The rotation trick (Fifty et al. 2024, eq. 4.2): ``q``'s value with the gradient
+    """The rotation trick (Fifty et al. 2024, section 4.2): ``q``'s value with the gradient
     ``(||q|| / ||e||) R^T g`` w.r.t. ``e``, for rows ``e`` and ``q`` (N, d) of one dtype (see
-    the module docstring for R). ``R e`` is computed as ``e - 2 (e.w) w + 2 (e.e^) q^``
-    without forming R; a zero row (no direction) gets a zero gradient, and ``e`` opposite to
-    ``q`` (``w = 0``) the reflection ``R = I + 2 q^ e^T/||e||``, still a rotation of ``e`` onto
-    ``q``. The value is ``q`` up to rounding: the residual is added back without a gradient."""
-    tiny = torch.finfo(e.dtype).tiny
-    e_norm = e.detach().norm(dim=1, keepdim=True)  # (N, 1)
-    q_norm = q.detach().norm(dim=1, keepdim=True)
-    e_hat = e.detach() / e_norm.clamp(min=tiny)
-    q_hat = q.detach() / q_norm.clamp(min=tiny)
-    w = F.normalize(e_hat + q_hat, dim=1)
-    rotated = e - 2 * (e * w).sum(1, keepdim=True) * w + 2 * (e * e_hat).sum(1, keepdim=True) * q_hat
-    rotated = rotated * torch.where(e_norm > 0, q_norm / e_norm.clamp(min=tiny), 0)
-    return rotated + (q.detach() - rotated).detach()
+    the module docstring for R), R never formed. A zero row (no direction) gets a zero
+    gradient, and ``e`` opposite to ``q`` (``w = 0``) the reflection ``R = I + 2 q^ e^T/||e||``,
+    still a rotation of ``e``'s direction onto ``q``'s."""
+    return _RotationTrick.apply(e, q.detach())
 
 
 def _sync_setting(sync) -> tuple[bool, object]:
@@ -379,7 +433,7 @@ class VectorQuantizer(Quantizer):
     def _to_code_space(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows of z_e (N, D) -> the vectors that are searched (N, d): projected, normalised."""
         rows = _linear(rows, self.project_in)
-        return F.normalize(rows, dim=1) if self.cosine else rows
+        return normalize_rows(rows) if self.cosine else rows
 
     def _codes_to_vectors(self) -> torch.Tensor:
         """The codebook as the search sees it, (K, d) float32: normalised for cosine."""

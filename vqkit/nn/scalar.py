@@ -30,7 +30,8 @@ has no loss (``loss`` is 0).
 where ``p(c|x) = softmax_c(-||x - c||^2 / temperature)`` over the K corners ``c`` of {-1, 1}^d. It
 factorises over the bits, ``p(c_i = +1 | x_i) = sigmoid(4 x_i / temperature)``, so the per-sample
 entropy is the sum of d binary entropies; the batch entropy does not (a mean of products), and is
-computed exactly over the K codes in row blocks, forward and backward, in O(block x K) memory.
+computed exactly over the K codes as one matmul of the two halves' corner probabilities
+(``batch_entropy``), in O(N sqrt(K)) memory.
 The penalty is computed in training mode only (it is a training signal; ``codebook_loss`` holds
 it, 0 in evaluation); under data-parallel training each process's penalty uses its own batch.
 """
@@ -47,7 +48,6 @@ from torch import nn
 from vqkit import distributed
 from vqkit.errors import UsageError
 from vqkit.nn.quantize import (
-    _CHUNK_ELEMENTS,
     Quantizer,
     QuantizerOutput,
     _linear,
@@ -181,52 +181,27 @@ class FSQ(_ScalarQuantizer):
         return (digits * self._basis).sum(-1)
 
 
-class _BatchEntropy(torch.autograd.Function):
-    """``H(mean_n p(.|x_n))`` over the K = 2**d codes for per-bit logits ``a`` (N, d), with
-    ``log p(c|x_n) = sum_i log sigmoid(+-a_ni)`` (the sign of code c's bit i), in row blocks of
-    (rows x K) both ways. Backward: with ``g_c = dH/dP_c = -(log P_c + 1)``,
-    ``dH/da_ni = (1/N) sum_c p(c|x_n) g_c (bit_ci - sigmoid(a_ni))``."""
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor) -> torch.Tensor:
-        n, d = a.shape
-        bits = _code_bits(d, a.device, a.dtype)  # (K, d)
-        total = torch.zeros(bits.shape[0], dtype=a.dtype, device=a.device)
-        for block in _blocks(a, bits):
-            total += block.sum(0)
-        p = total / max(n, 1)
-        ctx.save_for_backward(a, p)
-        return -(p * torch.log(p.clamp(min=torch.finfo(p.dtype).tiny))).sum()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        a, p = ctx.saved_tensors
-        n, d = a.shape
-        bits = _code_bits(d, a.device, a.dtype)
-        g = -(torch.log(p.clamp(min=torch.finfo(p.dtype).tiny)) + 1) * grad / max(n, 1)  # (K,)
-        out = torch.empty_like(a)
-        start = 0
-        for block in _blocks(a, bits):
-            weighted = block * g  # (rows, K)
-            stop = start + block.shape[0]
-            out[start:stop] = weighted @ bits - torch.sigmoid(a[start:stop]) * weighted.sum(1, keepdim=True)
-            start = stop
-        return out
+def _corner_probs(a: torch.Tensor) -> torch.Tensor:
+    """``p(c|x_n)`` over the 2**k corners c of k bits with logits ``a`` (N, k): (N, 2**k), bit i
+    of c's index its bit i; ``log p = sum_i log sigmoid(-a_i) + a . bit`` (as
+    ``log sigmoid(a) - log sigmoid(-a) = a``)."""
+    k = a.shape[1]
+    corners = torch.arange(2 ** k, device=a.device)
+    bits = ((corners.unsqueeze(0) >> torch.arange(k, device=a.device).unsqueeze(1)) & 1).to(a.dtype)  # (k, 2**k)
+    return torch.exp(torch.addmm(F.logsigmoid(-a).sum(1, keepdim=True), a, bits))
 
 
-def _code_bits(d: int, device, dtype) -> torch.Tensor:
-    """(2**d, d): bit i of code c, as 0/1 of ``dtype``."""
-    codes = torch.arange(2 ** d, device=device)
-    return ((codes.unsqueeze(1) >> torch.arange(d, device=device)) & 1).to(dtype)
+def batch_entropy(a: torch.Tensor) -> torch.Tensor:
+    """``H(mean_n p(.|x_n))`` over all 2**d codes, exactly, for per-bit logits ``a`` (N, d).
 
-
-def _blocks(a: torch.Tensor, bits: torch.Tensor):
-    """``p(c|x_n)`` (rows, K) for successive row blocks of the logits ``a``."""
-    rows = max(1, _CHUNK_ELEMENTS // bits.shape[0])
-    for start in range(0, a.shape[0], rows):
-        chunk = a[start:start + rows]
-        # log p = log sigmoid(a) . bit + log sigmoid(-a) . (1 - bit)
-        yield torch.exp(F.logsigmoid(chunk) @ bits.t() + F.logsigmoid(-chunk) @ (1 - bits).t())
+    ``p(c|x_n)`` is a product over the bits, so with c split into its low and high bits,
+    ``P(hi, lo) = (1/N) sum_n p_hi(hi|x_n) p_lo(lo|x_n)`` is one (2**(d - d/2), N) @ (N, 2**(d/2))
+    matmul: O(N 2**(d/2)) memory and exponentials instead of the O(N 2**d) of the full softmax,
+    and autograd differentiates it as it is."""
+    n, d = a.shape
+    low = d // 2
+    p = _corner_probs(a[:, low:]).t() @ _corner_probs(a[:, :low]) / max(n, 1)  # (2**(d-low), 2**low)
+    return -(p * torch.log(p.clamp(min=torch.finfo(p.dtype).tiny))).sum()
 
 
 class LFQ(_ScalarQuantizer):
@@ -275,7 +250,7 @@ class LFQ(_ScalarQuantizer):
             p = torch.sigmoid(a)
             # H_b(p) = p softplus(-a) + (1 - p) softplus(a), summed over the independent bits.
             per_sample = (p * F.softplus(-a) + (1 - p) * F.softplus(a)).sum(1).mean()
-            entropy = entropy + self.entropy_weight * (per_sample - self.diversity * _BatchEntropy.apply(a))
+            entropy = entropy + self.entropy_weight * (per_sample - self.diversity * batch_entropy(a))
         return codes, grid, entropy, commitment
 
     def _grid(self, codes: torch.Tensor) -> torch.Tensor:

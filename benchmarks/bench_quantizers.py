@@ -1,0 +1,161 @@
+"""Every quantizer variant beside lucidrains' vector-quantize-pytorch doing the same maths: one
+training step (forward, backward, and the EMA update where there is one) at N=65536, D=64.
+
+Variants (vqkit / vector-quantize-pytorch):
+  vq          VectorQuantizer(ema=True)                  / VectorQuantize(rotation_trick=False)
+  vq-cosine   VectorQuantizer(ema=True, cosine=True)     / VectorQuantize(use_cosine_sim=True, ...)
+  vq-factor8  VectorQuantizer(ema=True, factor_dim=8)    / VectorQuantize(codebook_dim=8, ...)
+  vq-rotation VectorQuantizer(ema=True, rotation=True)   / VectorQuantize(rotation_trick=True)
+  fsq         FSQ(levels, 64)                            / FSQ(levels=levels, dim=64)
+  lfq         LFQ(bits, 64) with the entropy penalty     / LFQ(dim=64, codebook_size=2**bits,
+                                                             commitment_loss_weight=0.25)
+Both sides: EMA decay 0.99, commitment 0.25, no k-means, no dead-code restarts; LFQ's entropy
+weight 0.1, diversity 1, temperature 0.01 (vector-quantize-pytorch's inverse temperature 100).
+
+The step's loss is the quantizer's own plus ``<z_q, G>`` for a fixed random G, the gradient
+a decoder would send back. Each case runs in its own subprocess (so memory peaks do not mix): the time is the best of
+``--repeats`` steps after one warm-up, the memory the growth of the process's peak RSS over
+the steps, inputs and modules excluded. vector-quantize-pytorch is never a vqkit dependency:
+install it in an environment of its own and name that interpreter with ``--peer-python``
+(default: this one); where it cannot be imported its column says so and the rest still runs.
+
+    python -m venv /work/bench-venv && /work/bench-venv/bin/pip install torch==2.13.0 \\
+        && /work/bench-venv/bin/pip install vector-quantize-pytorch
+    OMP_NUM_THREADS=1 python benchmarks/bench_quantizers.py --threads 1 --peer-python /work/bench-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+N, D = 65536, 64
+ROOT = Path(__file__).resolve().parent.parent
+
+# name -> (vqkit keywords, vector-quantize-pytorch keywords, K values or levels/bits to run)
+VARIANTS = {
+    "vq": ({}, {}, [512, 2048]),
+    "vq-cosine": ({"cosine": True}, {"use_cosine_sim": True}, [512, 2048]),
+    "vq-factor8": ({"factor_dim": 8}, {"codebook_dim": 8}, [512, 2048]),
+    "vq-rotation": ({"rotation": True}, {"rotation_trick": True}, [512, 2048]),
+    "fsq": ({}, {}, [[8, 5, 5, 5], [8, 8, 8, 5, 5, 5]]),
+    "lfq": ({}, {}, [10, 12]),
+}
+
+
+def build(impl: str, variant: str, size):
+    """The module and its training step for one case."""
+    ours, theirs, _ = VARIANTS[variant]
+    if impl == "vqkit":
+        sys.path.insert(0, str(ROOT))
+        from vqkit.nn.quantize import VectorQuantizer
+        from vqkit.nn.scalar import FSQ, LFQ
+        if variant == "fsq":
+            q = FSQ(size, D, channel_dim=-1)
+        elif variant == "lfq":
+            q = LFQ(size, D, channel_dim=-1)
+        else:
+            q = VectorQuantizer(size, D, ema=True, decay=0.99, channel_dim=-1, **ours)
+
+        def step(z, upstream):
+            out = q(z)
+            torch.autograd.backward([out.loss, out.z_q], [None, upstream])
+    else:
+        import vector_quantize_pytorch as vqp
+        if variant == "fsq":
+            q = vqp.FSQ(levels=size, dim=D)
+
+            def step(z, upstream):
+                z_q, _ = q(z)
+                z_q.backward(upstream)
+            return q.train(), step
+        if variant == "lfq":
+            q = vqp.LFQ(dim=D, codebook_size=2 ** size, entropy_loss_weight=0.1, commitment_loss_weight=0.25,
+                        diversity_gamma=1.0)
+        else:
+            q = vqp.VectorQuantize(dim=D, codebook_size=size, decay=0.99, commitment_weight=0.25,
+                                   **{"rotation_trick": False, **theirs})
+
+        def step(z, upstream):
+            z_q, _, loss = q(z)
+            torch.autograd.backward([loss.sum(), z_q], [None, upstream])
+    return q.train(), step
+
+
+def run_case(impl: str, variant: str, size, repeats: int) -> dict:
+    torch.manual_seed(0)
+    q, step = build(impl, variant, size)
+    z = torch.randn(1, N, D, requires_grad=True)  # (B, N, D), channels last on both sides
+    upstream = torch.randn(1, N, D)  # the decoder's gradient w.r.t. z_q
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step(z, upstream)  # warm-up
+    times = []
+    for _ in range(repeats):
+        z.grad = None
+        t = time.perf_counter()
+        step(z, upstream)
+        times.append(time.perf_counter() - t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"ms": 1000 * min(times), "peak_mib": max(peak - base, 0) / 1024}
+
+
+def label(variant: str, size) -> str:
+    if variant == "fsq":
+        import math
+        return f"fsq {size} (K={math.prod(size)})"
+    if variant == "lfq":
+        return f"lfq {size} bits (K={2 ** size})"
+    return f"{variant} K={size}"
+
+
+def measure(python: str, impl: str, variant: str, size, args) -> dict | str:
+    """One case in a subprocess of ``python``: its figures, or why there are none."""
+    cmd = [python, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats), "--case",
+           json.dumps([impl, variant, size])]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        return "not importable" if "No module named 'vector_quantize_pytorch'" in done.stderr else last[:60]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--peer-python", default=sys.executable,
+                   help="the interpreter that has vector-quantize-pytorch (default: this one)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.case:
+        impl, variant, size = json.loads(args.case)
+        print(json.dumps(run_case(impl, variant, size, args.repeats)))
+        return
+    print(f"one training step (forward + backward + EMA), N={N}, D={D}, {args.threads} thread(s), "
+          f"best of {args.repeats}; torch {torch.__version__}")
+    print("| variant | vqkit | vector-quantize-pytorch | speed-up | memory ratio |")
+    print("| --- | --- | --- | --- | --- |")
+    for variant in args.variants:
+        for size in VARIANTS[variant][2]:
+            ours = measure(sys.executable, "vqkit", variant, size, args)
+            theirs = measure(args.peer_python, "lucidrains", variant, size, args)
+
+            def cell(r):
+                return r if isinstance(r, str) else f"{r['ms']:,.0f} ms, {r['peak_mib']:,.0f} MiB"
+            both = not isinstance(ours, str) and not isinstance(theirs, str)
+            speed = f"{theirs['ms'] / ours['ms']:.1f}x" if both else "-"
+            memory = f"1/{theirs['peak_mib'] / max(ours['peak_mib'], 1):.1f}" if both else "-"
+            print(f"| {label(variant, size)} | {cell(ours)} | {cell(theirs)} | {speed} | {memory} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
