@@ -14,10 +14,13 @@ weight 0.1, diversity 1, temperature 0.01 (vector-quantize-pytorch's inverse tem
 
 The step's loss is the quantizer's own plus ``<z_q, G>`` for a fixed random G, the gradient
 a decoder would send back. Each case runs in its own subprocess (so memory peaks do not mix): the time is the best of
-``--repeats`` steps after one warm-up, the memory the growth of the process's peak RSS over
-the steps, inputs and modules excluded. vector-quantize-pytorch is never a vqkit dependency:
-install it in an environment of its own and name that interpreter with ``--peer-python``
-(default: this one); where it cannot be imported its column says so and the rest still runs.
+``--repeats`` steps after one warm-up; the memory the peak of the tensors alive at once during
+one more step (torch's profiler: allocations and frees in time order, the inputs and the module
+excluded), which the ratio compares, and in brackets the growth of the process's peak RSS over
+all the steps (allocator and library buffers included, noisy at tens of MiB).
+vector-quantize-pytorch is never a vqkit dependency: install it in an environment of its own
+and name that interpreter with ``--peer-python`` (default: this one); where it cannot be
+imported its column says so and the rest still runs.
 
     python -m venv /work/bench-venv && /work/bench-venv/bin/pip install torch==2.13.0 \\
         && /work/bench-venv/bin/pip install vector-quantize-pytorch
@@ -103,7 +106,22 @@ def run_case(impl: str, variant: str, size, repeats: int) -> dict:
         step(z, upstream)
         times.append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"ms": 1000 * min(times), "peak_mib": max(peak - base, 0) / 1024}
+    z.grad = None
+    return {"ms": 1000 * min(times), "tensor_mib": peak_tensor_bytes(lambda: step(z, upstream)) / 2 ** 20,
+            "rss_mib": max(peak - base, 0) / 1024}
+
+
+def peak_tensor_bytes(fn) -> int:
+    """The most bytes of tensors alive at once while ``fn`` runs, those alive before excluded: the
+    running sum of the allocations and frees that torch's profiler records, in time order."""
+    from torch.profiler import profile
+    with profile(profile_memory=True) as prof:
+        fn()
+    total = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        total += event.self_cpu_memory_usage
+        peak = max(peak, total)
+    return peak
 
 
 def label(variant: str, size) -> str:
@@ -142,7 +160,7 @@ def main() -> None:
         return
     print(f"one training step (forward + backward + EMA), N={N}, D={D}, {args.threads} thread(s), "
           f"best of {args.repeats}; torch {torch.__version__}")
-    print("| variant | vqkit | vector-quantize-pytorch | speed-up | memory ratio |")
+    print("| variant | vqkit: time, peak tensors (RSS growth) | vector-quantize-pytorch | speed-up | memory |")
     print("| --- | --- | --- | --- | --- |")
     for variant in args.variants:
         for size in VARIANTS[variant][2]:
@@ -150,10 +168,11 @@ def main() -> None:
             theirs = measure(args.peer_python, "lucidrains", variant, size, args)
 
             def cell(r):
-                return r if isinstance(r, str) else f"{r['ms']:,.0f} ms, {r['peak_mib']:,.0f} MiB"
+                return r if isinstance(r, str) else \
+                    f"{r['ms']:,.0f} ms, {r['tensor_mib']:,.0f} MiB ({r['rss_mib']:,.0f} MiB RSS)"
             both = not isinstance(ours, str) and not isinstance(theirs, str)
             speed = f"{theirs['ms'] / ours['ms']:.1f}x" if both else "-"
-            memory = f"1/{theirs['peak_mib'] / max(ours['peak_mib'], 1):.1f}" if both else "-"
+            memory = f"1/{theirs['tensor_mib'] / ours['tensor_mib']:.1f}" if both else "-"
             print(f"| {label(variant, size)} | {cell(ours)} | {cell(theirs)} | {speed} | {memory} |", flush=True)
 
 

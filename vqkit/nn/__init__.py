@@ -4,6 +4,7 @@ decoder stacks, the likelihoods p(x | z_q), the VQ-VAE of any number of levels a
 from vqkit.nn.likelihood import GaussianLikelihood, LikelihoodOutput, LogisticMixtureLikelihood, bits_per_dim
 from vqkit.nn.presets import PRESET_IMAGE_SIZE, PRESETS, preset
 from vqkit.nn.quantize import CodebookUsage, Quantizer, QuantizerOutput, VectorQuantizer
+from vqkit.nn.residual import ResidualVQ
 from vqkit.nn.scalar import FSQ, LFQ
 from vqkit.nn.vqvae import (
     VQVAE,
@@ -16,7 +17,7 @@ from vqkit.nn.vqvae import (
     with_quantizer,
 )
 
-__all__ = ["FSQ", "LFQ", "Quantizer", "with_quantizer",
+__all__ = ["FSQ", "LFQ", "Quantizer", "ResidualVQ", "with_quantizer",
            "CodebookUsage", "GaussianLikelihood", "LikelihoodOutput", "LogisticMixtureLikelihood", "PRESETS",
            "PRESET_IMAGE_SIZE", "QuantizerOutput", "VQVAE", "VQVAE2", "VQVAE2Config", "VQVAEConfig", "VQVAEOutput",
            "VectorQuantizer", "bits_per_dim", "build_model", "level_names", "preset"]

@@ -64,9 +64,10 @@ Options (``VectorQuantizer`` arguments; all off by default, which is the quantiz
   its code, the forward value is still ``q``, and the gradient that reaches ``e`` is
   ``(||q|| / ||e||) R^T g`` for the upstream gradient ``g``, where
   ``R = I - 2 w w^T + 2 q^ e^T/||e||`` (``q^ = q / ||q||``, ``w = (e/||e|| + q^) / ||.||``,
-  both treated as constants) is the rotation taking ``e``'s direction to ``q``'s: the gradient
-  keeps the angle between ``g`` and ``q`` as the angle to ``e``, so codes pull their vectors
-  towards and away from them instead of translating every vector alike.
+  both treated as constants) is the rotation taking ``e``'s direction to ``q``'s. The gradient
+  keeps the angle that ``g`` makes with ``q`` as the angle it makes with ``e``, so the vectors
+  of one code get different gradients by where they lie around it, where the straight-through
+  estimator hands every one of them the same ``g``.
 
 Data-parallel training: a quantizer communicates only when asked, with ``sync=True`` (the
 default process group), ``sync=group`` (a ``torch.distributed`` ProcessGroup) or
@@ -251,10 +252,12 @@ def _sync_setting(sync) -> tuple[bool, object]:
 class QuantizerOutput:
     """What one quantizer pass returns.
 
-    ``z_q`` (``z_e``'s shape) carries the straight-through gradient; ``codes`` (``z_e``'s shape
-    without the channel axis); ``loss = codebook_loss + beta * commitment_loss`` (codebook
-    term zero with EMA; all three 0 for an empty batch); ``perplexity`` and ``usage``
-    (fraction of the K codes hit) describe this batch only (the global batch under sync).
+    ``z_q`` (``z_e``'s shape) carries the straight-through (or rotation-trick) gradient;
+    ``codes`` (``z_e``'s shape without the channel axis); ``loss = codebook_loss + beta *
+    commitment_loss`` (codebook term zero with EMA; LFQ's entropy penalty in its place, FSQ's
+    all zero; all three 0 for an empty batch); ``perplexity`` and ``usage`` (fraction of the K
+    codes hit) describe this batch only (the global batch under sync). ``ResidualVQ`` gives
+    one ``perplexity`` and ``usage`` per stage.
     """
 
     z_q: torch.Tensor

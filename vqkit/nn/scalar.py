@@ -244,7 +244,7 @@ class LFQ(_ScalarQuantizer):
             return codes, grid, None, None
         x = x.float()
         commitment = _mse(x, q.float())
-        entropy = (x.sum() * 0)
+        entropy = x.sum() * 0  # joined to the graph, as FSQ's zero
         if self.training and self.entropy_weight and x.shape[0]:
             a = 4 * x / self.temperature  # (N, d): logit of bit i being 1
             p = torch.sigmoid(a)
