@@ -3,7 +3,8 @@ evaluate on the whole test split (MSE on [0, 1], PSNR, bits/dim, codebook usage)
 
     python benchmarks/bench_quality.py --data cifar10:../shared/data/cifar10 --preset cifar10 --budget 600
     python benchmarks/bench_quality.py --data fashion-mnist:../shared/data/fashion-mnist --preset mnist --budget 300
-    python benchmarks/bench_quality.py --data folder:../shared/data/faces --image-size 128 --preset faces-3level --budget 600
+    python benchmarks/bench_quality.py --data folder:../shared/data/faces --image-size 128 \\
+        --preset faces-3level --budget 600
 
 The run folder is kept (default under /tmp) for `vqkit reconstruct` and TensorBoard.
 """
