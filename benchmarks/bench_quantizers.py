@@ -25,6 +25,7 @@ imported its column says so and the rest still runs.
     python -m venv /work/bench-venv && /work/bench-venv/bin/pip install torch==2.13.0 \\
         && /work/bench-venv/bin/pip install vector-quantize-pytorch
     OMP_NUM_THREADS=1 python benchmarks/bench_quantizers.py --threads 1 --peer-python /work/bench-venv/bin/python
+    ... --interleave --variants fsq --repeats 30     # both in one process, steps alternated
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -124,6 +126,25 @@ def peak_tensor_bytes(fn) -> int:
     return peak
 
 
+def run_interleaved(variant: str, size, repeats: int) -> dict:
+    """Both implementations in one process, their steps alternated (A B B A ...) on one input, so
+    that the drift of a shared machine falls on both alike: min and median milliseconds."""
+    torch.manual_seed(0)
+    steps = {impl: build(impl, variant, size)[1] for impl in ("vqkit", "lucidrains")}
+    z = torch.randn(1, N, D, requires_grad=True)
+    upstream = torch.randn(1, N, D)
+    for step in steps.values():
+        step(z, upstream)  # warm-up
+    times = {impl: [] for impl in steps}
+    for repeat in range(repeats):
+        for impl, step in sorted(steps.items(), reverse=repeat % 2 == 1):
+            z.grad = None
+            t = time.perf_counter()
+            step(z, upstream)
+            times[impl].append(1000 * (time.perf_counter() - t))
+    return {impl: {"min": min(t), "median": statistics.median(t)} for impl, t in times.items()}
+
+
 def label(variant: str, size) -> str:
     if variant == "fsq":
         import math
@@ -151,12 +172,38 @@ def main() -> None:
     p.add_argument("--peer-python", default=sys.executable,
                    help="the interpreter that has vector-quantize-pytorch (default: this one)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--interleave", action="store_true",
+                   help="time both implementations in one process of --peer-python, steps alternated "
+                        "(steadier ratios on a busy machine; no memory figures)")
     p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--ab-case", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.case:
         impl, variant, size = json.loads(args.case)
         print(json.dumps(run_case(impl, variant, size, args.repeats)))
+        return
+    if args.ab_case:
+        print(json.dumps(run_interleaved(*json.loads(args.ab_case), args.repeats)))
+        return
+    if args.interleave:
+        print(f"one training step, N={N}, D={D}, {args.threads} thread(s), {args.repeats} alternated "
+              f"repeats in one process; torch {torch.__version__}")
+        print("| variant | vqkit min / median | vector-quantize-pytorch min / median | speed-up (min, median) |")
+        print("| --- | --- | --- | --- |")
+        for variant in args.variants:
+            for size in VARIANTS[variant][2]:
+                cmd = [args.peer_python, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats),
+                       "--ab-case", json.dumps([variant, size])]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode:
+                    print(f"| {label(variant, size)} | {(done.stderr.strip().splitlines() or ['failed'])[-1][:60]} |")
+                    continue
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                ours, theirs = r["vqkit"], r["lucidrains"]
+                print(f"| {label(variant, size)} | {ours['min']:,.1f} / {ours['median']:,.1f} ms | "
+                      f"{theirs['min']:,.1f} / {theirs['median']:,.1f} ms | {theirs['min'] / ours['min']:.1f}x, "
+                      f"{theirs['median'] / ours['median']:.1f}x |", flush=True)
         return
     print(f"one training step (forward + backward + EMA), N={N}, D={D}, {args.threads} thread(s), "
           f"best of {args.repeats}; torch {torch.__version__}")

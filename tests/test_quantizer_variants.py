@@ -295,3 +295,12 @@ def test_normalize_rows_matches_f_normalize_also_for_short_rows(monkeypatch):
     (F.normalize(b, dim=1) * upstream).sum().backward()
     torch.testing.assert_close(quantize.normalize_rows(x), F.normalize(x, dim=1))
     torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("shape", [(6, 2), (2, 6)], ids=["wide-out", "wide-in"])
+def test_the_projections_are_f_linear(shape):
+    layer = torch.nn.Linear(*shape).double()
+    x = torch.randn(9, shape[0], dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(quantize._linear(x, layer), layer(x))
+    assert torch.autograd.gradcheck(quantize._SkinnyLinear.apply, (x, layer.weight, layer.bias))
+    assert quantize._linear(x, None) is x

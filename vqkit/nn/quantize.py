@@ -333,12 +333,40 @@ class Quantizer(nn.Module):
         return self._vectors(torch.arange(self.codebook_size, device=device))
 
 
+class _SkinnyLinear(torch.autograd.Function):
+    """``F.linear(x, w, b)`` for rows ``x`` (N, a) -> (N, c) where one of a, c is small (the
+    projections to and from a few code channels), with the backward's matmuls in the orders
+    that BLAS runs fast for such shapes: both long products contract over N or the wide side
+    with the long (N, *) operand untransposed, which autograd's ``g.t() @ x`` and ``g @ w`` do
+    not when ``c`` is the wide side (1.4x the whole FSQ step at N=65536, D=64, d=4)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return torch.addmm(b, x, w.t())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        wide_out = grad.shape[1] > x.shape[1]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (w.t() @ grad.t()).t() if wide_out else grad @ w  # (N, a)
+        if ctx.needs_input_grad[1]:
+            grad_w = (x.t() @ grad).t() if wide_out else grad.t() @ x  # (c, a)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_w, grad_b
+
+
 def _linear(x: torch.Tensor, layer: nn.Linear | None) -> torch.Tensor:
-    """``layer(x)`` computed in ``x``'s dtype (float32 or float64, also under autocast); ``x``
-    itself when there is no layer."""
+    """``layer(x)`` for ``x`` (*, a), computed in ``x``'s dtype (float32 or float64, also under
+    autocast); ``x`` itself when there is no layer."""
     if layer is None:
         return x
-    return F.linear(x, layer.weight.to(x.dtype), layer.bias.to(x.dtype))
+    rows = x.reshape(-1, x.shape[-1])  # (N, a)
+    out = _SkinnyLinear.apply(rows, layer.weight.to(x.dtype), layer.bias.to(x.dtype))
+    return out.reshape(*x.shape[:-1], out.shape[1])
 
 
 class VectorQuantizer(Quantizer):
