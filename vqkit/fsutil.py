@@ -1,7 +1,8 @@
 """Atomic file writes: a file either has its old content or its complete new content.
 
 Every file vqkit writes goes through here, so that killing the process at any instant never
-leaves a half-written checkpoint, image or code map behind.
+leaves a half-written checkpoint, image or code map behind. Arrays are read back through
+``read_npy``, which never unpickles.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -107,3 +110,22 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_npy(path: Path, mmap: bool = False, error: type[Exception] = ValueError) -> np.ndarray:
+    """A .npy array (memory-mapped read-only with ``mmap``), refusing anything else without
+    ever unpickling; a missing, foreign or torn file raises ``error`` naming the file."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except FileNotFoundError:
+        raise error(f"{path}: missing (no such file)") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+    if magic != b"\x93NUMPY":
+        # np.load would try other formats first and report "pickled data", which misleads.
+        raise error(f"{path}: not a .npy file (no NumPy .npy header)")
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as e:
+        raise error(f"{path}: not a readable .npy array ({e})") from None

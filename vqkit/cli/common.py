@@ -8,8 +8,8 @@ from pathlib import Path
 from vqkit import distributed
 from vqkit.runs import checkpoint as ckpt
 
-DATA_HELP = ("dataset as KIND:DIR with KIND one of mnist, fashion-mnist, cifar10, folder "
-             "(e.g. cifar10:../shared/data/cifar10)")
+DATA_HELP = ("dataset as KIND:DIR with KIND one of mnist, fashion-mnist, cifar10, folder, prepared "
+             "(a set made by vqkit prepare; e.g. cifar10:../shared/data/cifar10)")
 SPLITS = ["train", "test", "all"]
 
 

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from vqkit.data.datasets import ImageSet, to_model
 from vqkit.errors import UsageError, VqkitError
-from vqkit.fsutil import atomic_path, fsync_dir, fsync_file
+from vqkit.fsutil import atomic_path, fsync_dir, fsync_file, read_npy
 from vqkit.nn.vqvae import VQVAE, StageOneConfig, level_names
 
 FORMAT_VERSION = 1
@@ -261,7 +261,7 @@ def load_codes(path: str | os.PathLike, mmap: bool = True) -> CodeSet:
     k = manifest["codebook_size"]
 
     codes_path = path / "codes.npy"
-    codes = read_npy(codes_path, mmap)
+    codes = read_npy(codes_path, mmap, CodeStoreError)
     if codes.dtype != np.dtype(manifest["dtype"]) or codes.shape != (n, h, w):
         raise CodeStoreError(f"{codes_path}: holds {codes.dtype} {codes.shape}, but the manifest "
                              f"says {manifest['dtype']} {(n, h, w)}")
@@ -275,7 +275,7 @@ def load_codes(path: str | os.PathLike, mmap: bool = True) -> CodeSet:
                                  f"values in [{int(codes[bad].min())}, {int(codes[bad].max())}]")
 
     labels_path = path / "labels.npy"
-    labels = read_npy(labels_path, mmap)
+    labels = read_npy(labels_path, mmap, CodeStoreError)
     if labels.dtype != np.int64 or labels.shape != (n,):
         raise CodeStoreError(f"{labels_path}: holds {labels.dtype} {labels.shape}, but the manifest "
                              f"needs int64 ({n},), one label per code map")
@@ -329,24 +329,6 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def read_npy(path: Path, mmap: bool = False) -> np.ndarray:
-    """A .npy array, refusing anything else without ever unpickling."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
-    except FileNotFoundError:
-        raise CodeStoreError(f"{path}: missing (no such file)") from None
-    except OSError as e:
-        raise CodeStoreError(f"{path}: cannot read ({e.strerror})") from None
-    if magic != b"\x93NUMPY":
-        # np.load would try other formats first and report "pickled data", which misleads.
-        raise CodeStoreError(f"{path}: not a .npy file (no NumPy .npy header)")
-    try:
-        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-    except (ValueError, OSError, EOFError) as e:
-        raise CodeStoreError(f"{path}: not a readable .npy array ({e})") from None
-
-
 def save_maps(maps: list[torch.Tensor], path: str | os.PathLike, codebook_sizes: list[int]) -> None:
     """Code maps (one (N, h_l, w_l) tensor per level, top-first) as ``vqkit encode`` writes
     them: one level as one ``.npy`` file at ``path``; several as a folder of ``<level name>.npy``
@@ -378,7 +360,7 @@ def save_maps(maps: list[torch.Tensor], path: str | os.PathLike, codebook_sizes:
 def _read_map_file(path: Path, codebook_size: int) -> torch.Tensor:
     """Code maps (N, h, w) int64 from a .npy file (a single (h, w) map is accepted too),
     checked to lie in [0, codebook_size)."""
-    array = read_npy(path)
+    array = read_npy(path, error=CodeStoreError)
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3 or not np.issubdtype(array.dtype, np.integer):
