@@ -52,3 +52,10 @@ def checkpoint_arg(sp) -> None:
     sp.add_argument("--checkpoint", choices=ckpt.CHECKPOINT_CHOICES, default=ckpt.BEST,
                     help="(prior runs) the checkpoint to use: best, the lowest held-out NLL of training "
                          "(default; a run without one uses its latest), or latest")
+
+
+def workers_arg(sp) -> None:
+    """--workers: processes that decode a folder set ahead of the model."""
+    sp.add_argument("--workers", type=int,
+                    help="processes that decode image files ahead of the model (default: one per CPU less "
+                         "one, for folder sets; 0: in this process)")

@@ -305,7 +305,7 @@ def prepare(spec: str, out: str | os.PathLike, image_size: int | None = None, wo
                  "split_rows": {"train": 0, "test": 0}}
         _save_state(tmp, state)
     resumed = state["chunks"] * CHUNK_FILES if folder else 0
-    images = np.load(tmp / "images.npy", mmap_mode="r+")
+    images = _Rows(tmp / "images.npy", c * h * w)
     row_labels = np.asarray(labels, dtype=np.int64)
     kept = np.ones(n, dtype=bool)  # which of the n images were readable
     for entry in state["skipped"]:
@@ -314,26 +314,23 @@ def prepare(spec: str, out: str | os.PathLike, image_size: int | None = None, wo
     with tqdm(total=n, initial=min(resumed, n), desc="prepare", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
         if not folder:
-            images[:sizes["train"]] = sets["train"].images.numpy()
-            images[sizes["train"]:] = sets["test"].images.numpy()
+            images.write(0, sets["train"].images.numpy())
+            images.write(sizes["train"], sets["test"].images.numpy())
             state["rows"] = n
             bar.update(n)
         else:
             _decode_into(images, files, c, image_size, workers, skip_bad, tmp, state, kept, root, bar)
-    images.flush()
-    del images
 
-    # Unreadable files leave no row: compact the rows into an array of the right length.
+    # Unreadable files leave no row: copy the rows into an array of the right length.
     good = int(kept.sum())
     if good < n:
-        compact = open_memmap(tmp / "images.tmp.npy", mode="w+", dtype=np.uint8, shape=(good, c, h, w))
-        written = np.load(tmp / "images.npy", mmap_mode="r")
+        open_memmap(tmp / "images.tmp.npy", mode="w+", dtype=np.uint8, shape=(good, c, h, w)).flush()
+        compact = _Rows(tmp / "images.tmp.npy", c * h * w)
         for s in range(0, good, CHUNK_FILES):
-            compact[s:s + CHUNK_FILES] = written[s:min(s + CHUNK_FILES, good)]
-        compact.flush()
-        del written
-        del compact
+            compact.write(s, images.read(s, min(CHUNK_FILES, good - s)))
+        compact.close()
         os.replace(tmp / "images.tmp.npy", tmp / "images.npy")
+    images.close()
     n_train = int(kept[:sizes["train"]].sum())
     with open(tmp / "labels.npy", "wb") as f:
         np.save(f, row_labels[kept])
@@ -354,7 +351,7 @@ def prepare(spec: str, out: str | os.PathLike, image_size: int | None = None, wo
                          time.monotonic() - start)
 
 
-def _decode_into(images: np.ndarray, files: list[Path], channels: int, image_size: int | None,
+def _decode_into(images: _Rows, files: list[Path], channels: int, image_size: int | None,
                  workers: int | None, skip_bad: bool, tmp: Path, state: dict, kept: np.ndarray,
                  root: Path, bar: tqdm) -> None:
     """Decode ``files`` chunk by chunk from ``state["chunks"]`` on, writing the readable ones to
@@ -380,13 +377,12 @@ def _decode_into(images: np.ndarray, files: list[Path], channels: int, image_siz
                     state["skipped"].append({"index": base + k, "path": _relative(path, root), "error": error})
                     kept[base + k] = False
                 lines.append(json.dumps([_relative(path, root), size, digest]) + "\n")
-            rows = state["rows"]
-            images[rows:rows + len(pixels)] = pixels.numpy()
-            state["rows"] = rows + len(pixels)
+            images.write(state["rows"], pixels.numpy())
+            state["rows"] += len(pixels)
             state["chunks"] = c + 1
             bar.update(len(info))
             if time.monotonic() - last_save >= SAVE_EVERY or c + 1 == chunks:
-                images.flush()
+                images.sync()
                 listing.write("".join(lines).encode())
                 listing.flush()
                 os.fsync(listing.fileno())
@@ -394,6 +390,33 @@ def _decode_into(images: np.ndarray, files: list[Path], channels: int, image_siz
                 state["files_bytes"] = listing.tell()
                 _save_state(tmp, state)
                 last_save = time.monotonic()
+
+
+class _Rows:
+    """Rows of a uint8 .npy file written and read with pwrite/pread, so that a prepare holds no
+    more than a chunk of a set however large it is (a memory map would keep every written page)."""
+
+    def __init__(self, path: Path, row_bytes: int):
+        self.offset = np.load(path, mmap_mode="r").offset
+        self.row_bytes = row_bytes
+        self.fd = os.open(path, os.O_RDWR)
+
+    def write(self, row: int, pixels: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(pixels)).cast("B")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], self.offset + row * self.row_bytes + done)
+
+    def read(self, row: int, count: int) -> np.ndarray:
+        data = os.pread(self.fd, count * self.row_bytes, self.offset + row * self.row_bytes)
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
 
 
 def _relative(path: Path, root: Path) -> str:

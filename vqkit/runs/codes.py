@@ -43,6 +43,7 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from vqkit.data.datasets import ImageSet, to_model
+from vqkit.data.loader import iter_batches
 from vqkit.errors import UsageError, VqkitError
 from vqkit.fsutil import atomic_path, fsync_dir, fsync_file, read_npy
 from vqkit.nn.vqvae import VQVAE, StageOneConfig, level_names
@@ -119,7 +120,7 @@ def code_dtype(codebook_size: int) -> np.dtype:
 
 def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, batch_size: int = 256,
                   limit: int | None = None, progress: bool = True, overwrite: bool = False,
-                  flip: bool = False, source: dict) -> list[CodeSet]:
+                  flip: bool = False, source: dict, workers: int | None = None) -> list[CodeSet]:
     """VQ-VAE-2 Algorithm 2, lines 1-7: encode the first ``limit`` images of ``dataset`` (all by
     default) once and store every level's code maps. Returns the sets top-first.
 
@@ -134,6 +135,8 @@ def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, ba
     originals (rows ``n + i``; see the module docstring): exact augmentation for a prior, at
     twice the extraction time and space.
 
+    ``workers`` processes decode a folder set ahead of the encoder (``vqkit.data.loader``).
+
     ``source`` is the provenance written into the manifests (JSON-serialisable; the command
     line gives ``run``, ``step``, ``fingerprint``, ``data`` and ``split``). An existing
     ``out`` is refused unless ``overwrite``, and then only if it is a code set itself. The whole
@@ -143,13 +146,13 @@ def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, ba
     levels = model.config.num_levels
     names = level_names(levels) if levels > 1 else None
     _extract(model, dataset, Path(out), names, batch_size=batch_size, limit=limit, progress=progress,
-             overwrite=overwrite, flip=flip, source=source)
+             overwrite=overwrite, flip=flip, source=source, workers=workers)
     return [load_codes(Path(out) / name) for name in names] if names else [load_codes(out)]
 
 
 def _extract(model: VQVAE, dataset: ImageSet, out: Path, names: list[str] | None, *,
              batch_size: int, limit: int | None, progress: bool, overwrite: bool, flip: bool,
-             source: dict) -> None:
+             source: dict, workers: int | None) -> None:
     """Encode into one code set at ``out`` (``names`` None), or one per level in ``out/<name>/``."""
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
@@ -201,9 +204,8 @@ def _extract(model: VQVAE, dataset: ImageSet, out: Path, names: list[str] | None
         passes = [(0, False), (n, True)] if flip else [(0, False)]
         with tqdm(total=count, desc="extract", unit="img", disable=not progress,
                   dynamic_ncols=True) as bar:
-            for start in range(0, n, batch_size):
-                stop = min(start + batch_size, n)
-                images, y = dataset.batch(torch.arange(start, stop))
+            for start, images, y in iter_batches(dataset, batch_size, limit=n, workers=workers):
+                stop = start + len(images)
                 for offset, mirrored in passes:
                     x = to_model(images.flip(-1) if mirrored else images).to(device)
                     # One encoder pass gives every level's map of the same images.
