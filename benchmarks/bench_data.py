@@ -23,9 +23,7 @@ the set's size.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import resource
 import shutil
 import statistics
@@ -37,7 +35,7 @@ from pathlib import Path
 import torch
 
 from vqkit.data.datasets import in_memory, load_dataset
-from vqkit.data.loader import default_workers, read_ahead
+from vqkit.data.loader import default_workers, read_ahead, usable_cpus
 from vqkit.data.prepared import prepare
 from vqkit.nn.presets import preset
 from vqkit.nn.vqvae import VQVAE, VQVAEConfig
@@ -125,7 +123,7 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     folder = f"folder:{args.faces}"
-    cpus = len(os.sched_getaffinity(0))
+    cpus = usable_cpus()
     print(f"torch {torch.__version__}, {args.threads} threads, {cpus} CPUs, default workers {default_workers()}; "
           f"batches of {BATCH} in the seeded training order")
     for size in args.sizes:

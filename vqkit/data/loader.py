@@ -37,11 +37,18 @@ IndicesOf = Callable[[int], torch.Tensor]
 PREFETCH = 2
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the system tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def default_workers() -> int:
     """Worker processes for a decoding set: one per CPU this process may use, less one for the
     training step itself, at most 8 (beyond that JPEG decoding outruns any CPU training step
     and each worker holds a copy of the file list)."""
-    return max(0, min(8, len(os.sched_getaffinity(0)) - 1))
+    return max(0, min(8, usable_cpus() - 1))
 
 
 def workers_for(dataset, workers: int | None) -> int:

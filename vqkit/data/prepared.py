@@ -45,6 +45,7 @@ from tqdm import tqdm
 from vqkit.data.datasets import FolderImageSet, ImageSet, load_dataset
 from vqkit.data.files import DataError
 from vqkit.data.images import ImageError, decode_image
+from vqkit.data.loader import usable_cpus
 from vqkit.fsutil import atomic_write_text, fsync_dir, fsync_file, read_npy
 
 log = logging.getLogger(__name__)
@@ -357,7 +358,7 @@ def _decode_into(images: _Rows, files: list[Path], channels: int, image_size: in
     """Decode ``files`` chunk by chunk from ``state["chunks"]`` on, writing the readable ones to
     consecutive rows of ``images`` and saving ``state`` every ``SAVE_EVERY`` seconds."""
     chunks = -(-len(files) // CHUNK_FILES)
-    n_workers = min(len(os.sched_getaffinity(0)) if workers is None else workers, chunks - state["chunks"])
+    n_workers = min(usable_cpus() if workers is None else workers, chunks - state["chunks"])
     loader = torch.utils.data.DataLoader(
         _Decode(files, channels, image_size), batch_size=None, sampler=range(state["chunks"], chunks),
         num_workers=n_workers, prefetch_factor=2 if n_workers else None, generator=torch.Generator())
