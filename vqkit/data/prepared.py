@@ -58,6 +58,8 @@ SPLITS = ("train", "test", "all")
 CHUNK_FILES = 64
 # Seconds of work between two progress records of an unfinished prepare.
 SAVE_EVERY = 5.0
+# Buffers one preadv may fill (POSIX IOV_MAX on Linux).
+_IOV_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -131,30 +133,31 @@ class PreparedImageSet(ImageSet):
         idx = indices.to(torch.int64)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
             raise IndexError(f"indices outside [0, {len(self)}) for {self.spec}")
-        order = torch.argsort(idx)
-        rows = (idx[order] + self.start).tolist()
+        # Rows are read in file order, each run of neighbouring rows with one preadv that
+        # scatters it straight into the rows of ``out`` where the batch wants them.
+        order = torch.argsort(idx).tolist()
+        rows = (idx + self.start).tolist()
         out = torch.empty((len(rows), self.channels, self.height, self.width), dtype=torch.uint8)
-        flat = out.view(len(rows), self._row_bytes).numpy()  # (B, C*H*W), writes land in ``out``
+        flat = memoryview(out.view(-1).numpy())  # B * C*H*W bytes, row k at k * row_bytes
+        dest = [flat[k * self._row_bytes:(k + 1) * self._row_bytes] for k in range(len(rows))]
         fd = self._file()
         i = 0
-        while i < len(rows):
+        while i < len(order):
             j = i + 1
-            while j < len(rows) and rows[j] == rows[j - 1] + 1:
+            while j < len(order) and j - i < _IOV_MAX and rows[order[j]] == rows[order[j - 1]] + 1:
                 j += 1
-            self._read_rows(fd, rows[i], flat[i:j])
+            self._read_rows(fd, rows[order[i]], [dest[k] for k in order[i:j]])
             i = j
-        # Rows were read in sorted order; put them back in the order asked for.
-        images = torch.empty_like(out)
-        images[order] = out
-        return images, self.labels[idx]
+        return out, self.labels[idx]
 
-    def _read_rows(self, fd: int, first: int, into: np.ndarray) -> None:
-        want = into.size
+    def _read_rows(self, fd: int, first: int, into: list[memoryview]) -> None:
+        """Rows ``first, first + 1, ...`` into the buffers ``into``, one row each."""
         offset = self._array.offset + first * self._row_bytes
-        view = memoryview(into.reshape(-1))
-        got = 0
-        while got < want:
-            n = os.preadv(fd, [view[got:]], offset + got)
+        want = len(into) * self._row_bytes
+        got = os.preadv(fd, into, offset)
+        while got < want:  # a short read (a signal, a huge run): go on where it stopped
+            k, done = divmod(got, self._row_bytes)
+            n = os.preadv(fd, [into[k][done:], *into[k + 1:]], offset + got)
             if n == 0:
                 raise DataError(f"{self.root / 'images.npy'}: ends early (truncated while in use?)")
             got += n
