@@ -175,3 +175,30 @@ def test_prepare_refuses_to_replace_other_folders(made, tmp_path, folder):
         prepare(f"folder:{folder}", folder, image_size=8, overwrite=True)
     with pytest.raises(DataError, match="already a prepared set"):
         prepare(f"prepared:{made}", tmp_path / "again")
+
+
+def test_prepare_and_train_from_the_command_line(tmp_path, folder, capsys):
+    from vqkit.cli.main import main
+
+    out = tmp_path / "set"
+    assert main(["prepare", f"folder:{folder}", "-o", str(out), "--image-size", "8", "--workers", "0"]) == 0
+    said = capsys.readouterr().out
+    assert f"wrote {out}: 10 train and 4 test images" in said and f"--data prepared:{out}" in said
+    assert main(["prepare", f"folder:{folder}", "-o", str(out), "--image-size", "8"]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["prepare", f"folder:{tmp_path / 'nowhere'}", "-o", str(tmp_path / "x")]) == 2
+    assert "is not an existing directory" in capsys.readouterr().err
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", f"prepared:{out}", "--preset", "demo", "--steps", "2", "--batch-size", "4",
+                 "--no-tensorboard", "-o", str(run)]) == 2  # the demo preset is for 1-channel images
+    assert "images have 3 channels but the model expects 1" in capsys.readouterr().err
+    config = tmp_path / "model.json"
+    config.write_text(json.dumps({"in_channels": 3, "hidden": 8, "res_hidden": 4, "num_res_blocks": 1,
+                                  "code_dim": 4, "downsample": 2, "codebook_size": 16}))
+    assert main(["train", "--data", f"prepared:{out}", "--config", str(config), "--steps", "2",
+                 "--batch-size", "4", "--no-tensorboard", "-o", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["data"] == f"prepared:{out}" and record["split"] == "test"
