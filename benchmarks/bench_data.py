@@ -12,9 +12,9 @@ On the CelebA faces (2,000 JPEGs of 178x218), for each image size:
   memory (the same steps, alternated twice).
 
 Then (``--big``) the faces resized up to ``--big`` pixels into a prepared set larger than the
-free memory, and a small model trained from it and from a set of only its first 100 images,
-each in its own process: the peak resident memory of the two runs shows whether it depends on
-the set's size.
+free memory; then, for it and for a set of only its first 100 images, each in a process of its
+own, one epoch read in its seeded batches of 8 and a small model trained: the peak resident
+memory of the two shows whether it depends on the set's size.
 
     python benchmarks/bench_data.py --faces ../shared/data/faces --work /tmp/vqkit-bench-data \\
         [--sizes 128 256] [--big 2048] [--threads 2]
@@ -97,6 +97,26 @@ def child_train(spec: str, run: Path, steps: int) -> None:
                       "s_per_step": (time.perf_counter() - start) / steps}))
 
 
+def child_read(spec: str) -> None:
+    """In a process of its own: read one epoch of ``spec`` in its seeded batches of 8; print the
+    images/s and the peak resident memory."""
+    dataset = load_dataset(spec, "train")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    indices = step_indices(len(dataset), 8, seed=0)
+    start = time.perf_counter()
+    count = sum(len(x) for x, _ in read_ahead(dataset, indices, range(len(dataset) // 8), workers=0))
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"before_mib": before / 1024, "peak_mib": peak / 1024, "images_per_s": count / seconds,
+                      "gib_per_s": count * dataset.channels * dataset.height * dataset.width / seconds / 2**30}))
+
+
+def child(args: list[str]) -> dict:
+    """Run this script with ``args`` in a new process; its last line of output, as JSON."""
+    done = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def free_gib() -> float:
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: int(line.split()[1]) for line in f}
@@ -115,11 +135,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--keep", action="store_true", help="keep the prepared sets in --work")
     p.add_argument("--child-train", nargs=3, metavar=("SPEC", "RUN", "STEPS"), help=argparse.SUPPRESS)
+    p.add_argument("--child-read", metavar="SPEC", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.child_train:
         spec, run, steps = args.child_train
         return child_train(spec, Path(run), int(steps))
+    if args.child_read:
+        return child_read(args.child_read)
 
     args.work.mkdir(parents=True, exist_ok=True)
     folder = f"folder:{args.faces}"
@@ -170,12 +193,13 @@ def main() -> None:
         prepare(f"folder:{few}", small, image_size=args.big, overwrite=True)
         for name, spec in ((f"first 100 ({(small / 'images.npy').stat().st_size / 2**30:.1f} GiB)",
                             f"prepared:{small}"), (f"all {n} ({size_gib:.1f} GiB)", f"prepared:{out}")):
-            child = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child-train", spec,
-                                    str(args.work / "run-big"), str(args.big_steps)],
-                                   check=True, capture_output=True, text=True)
-            figures = json.loads(child.stdout.strip().splitlines()[-1])
-            print(f"train from {name}: peak resident memory {figures['peak_mib']:,.0f} MiB, "
-                  f"{figures['s_per_step']:.1f} s per step of 2 images")
+            read = child(["--threads", str(args.threads), "--child-read", spec])
+            print(f"read one epoch of {name} in batches of 8: {read['images_per_s']:.1f} images/s "
+                  f"({read['gib_per_s']:.2f} GiB/s), peak resident memory {read['peak_mib']:,.0f} MiB")
+            trained = child(["--threads", str(args.threads), "--child-train", spec, str(args.work / "run-big"),
+                             str(args.big_steps)])
+            print(f"train from {name}: peak resident memory {trained['peak_mib']:,.0f} MiB, "
+                  f"{trained['s_per_step']:.1f} s per step of 2 images")
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
 
