@@ -8,8 +8,8 @@ On the CelebA faces (2,000 JPEGs of 178x218), for each image size:
   decoding each file in the training process; ``DataLoader`` workers; the prepared set (pread);
   the set decoded into memory. The ratio is to decoding per item.
 * the ``faces-3level`` training step's images/s at that size (batch 16), and the steps/s of
-  ``vqkit train``'s loop (checkpoints included) reading from the prepared set against from
-  memory (the same steps, alternated twice).
+  ``vqkit train``'s loop (checkpoints included) reading from memory, from the prepared set,
+  and from the folder with and without workers (the same steps, each alternated twice).
 
 Then (``--big``) the faces resized up to ``--big`` pixels into a prepared set larger than the
 free memory; then, for it and for a set of only its first 100 images, each in a process of its
@@ -77,10 +77,12 @@ def step_rate(size: int, steps: int) -> float:
     return steps * 16 / (time.perf_counter() - start)
 
 
-def train_rate(run: Path, dataset, steps: int) -> float:
-    """Steps/s of ``vqkit train``'s loop (faces-3level, batch 16) on ``dataset``."""
+def train_rate(run: Path, dataset, steps: int, workers: int = 0) -> float:
+    """Steps/s of ``vqkit train``'s loop (faces-3level, batch 16) on ``dataset`` as it is (a
+    folder set is not decoded into memory first)."""
     shutil.rmtree(run, ignore_errors=True)
-    config = TrainConfig(data=dataset.spec, steps=steps, batch_size=16, checkpoint_every=10**6, workers=0)
+    config = TrainConfig(data=dataset.spec, steps=steps, batch_size=16, checkpoint_every=10**6, workers=workers,
+                         in_memory_gib=0)
     result = train(run, preset("faces-3level"), config, dataset=dataset, progress=False, tensorboard=False)
     return steps / result.seconds
 
@@ -169,13 +171,17 @@ def main() -> None:
         for name, rate in rates.items():
             print(f"| {name} | {rate:,.0f} | {rate / base:.1f} |")
         print(f"| training step consumes (faces-3level, batch 16) | {step_rate(size, args.steps):,.1f} | |")
-        runs = {"prepared": [], "memory": []}
+        ways = {"from memory": (memory, 0), "from the prepared set": (ready, 0),
+                "from the folder, decoding per item": (lazy, 0),
+                f"from the folder, {default_workers()} worker(s)": (lazy, default_workers())}
+        rates = {name: [] for name in ways}
         for _ in range(2):
-            runs["prepared"].append(train_rate(args.work / "run", ready, args.steps))
-            runs["memory"].append(train_rate(args.work / "run", memory, args.steps))
-        prepared_rate, memory_rate = statistics.mean(runs["prepared"]), statistics.mean(runs["memory"])
-        print(f"vqkit train steps/s: from the prepared set {prepared_rate:.3f}, from memory {memory_rate:.3f} "
-              f"(prepared / memory = {prepared_rate / memory_rate:.3f})")
+            for name, (dataset, workers) in ways.items():
+                rates[name].append(train_rate(args.work / "run", dataset, args.steps, workers))
+        base = statistics.mean(rates["from memory"])
+        print("| vqkit train (faces-3level, batch 16) | steps/s | x from memory |\n|---|---|---|")
+        for name, values in rates.items():
+            print(f"| {name} | {statistics.mean(values):.3f} | {statistics.mean(values) / base:.3f} |")
 
     if args.big:
         out = args.work / f"faces-{args.big}"
