@@ -149,8 +149,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     folder = f"folder:{args.faces}"
     cpus = usable_cpus()
-    print(f"torch {torch.__version__}, {args.threads} threads, {cpus} CPUs, default workers {default_workers()}; "
-          f"batches of {BATCH} in the seeded training order")
+    print(f"torch {torch.__version__}, {args.threads} threads, {cpus} CPUs ({default_workers()} workers by default "
+          f"for a model on a GPU, none on the CPU); batches of {BATCH} in the seeded training order")
     for size in args.sizes:
         out = args.work / f"faces-{size}"
         result = prepare(folder, out, image_size=size, overwrite=True)

@@ -72,9 +72,13 @@ def test_who_gets_workers(folder, tmp_path):
     prepare(f"folder:{folder}", tmp_path / "set", image_size=8)
     ready = load_dataset(f"prepared:{tmp_path / 'set'}")
     memory = load_dataset(f"fashion-mnist:{Path(__file__).parent.parent / 'vqkit/sample_data/fashion-mnist'}")
-    assert workers_for(lazy, None) == default_workers() and workers_for(lazy, 3) == 3
-    assert workers_for(ready, None) == 0 and workers_for(ready, 2) == 2
-    assert workers_for(memory, 4) == 0
+    gpu = torch.device("cuda")
+    # By default only a decoding set read for an accelerator gets workers: on the CPU the
+    # training step uses every core.
+    assert workers_for(lazy, None, gpu) == default_workers() and workers_for(lazy, None) == 0
+    assert workers_for(lazy, 3) == 3 and workers_for(lazy, 0, gpu) == 0
+    assert workers_for(ready, None, gpu) == 0 and workers_for(ready, 2) == 2
+    assert workers_for(memory, 4, gpu) == 0
     with pytest.raises(DataError, match="workers must be >= 0"):
         workers_for(lazy, -1)
     with pytest.raises(ConfigError, match="workers must be >= 0"):

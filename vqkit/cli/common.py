@@ -57,5 +57,5 @@ def checkpoint_arg(sp) -> None:
 def workers_arg(sp) -> None:
     """--workers: processes that decode a folder set ahead of the model."""
     sp.add_argument("--workers", type=int,
-                    help="processes that decode image files ahead of the model (default: one per CPU less "
-                         "one, for folder sets; 0: in this process)")
+                    help="processes that decode image files ahead of the model (default: for a folder set "
+                         "and a model on a GPU one per CPU less one; on the CPU none, as the model uses every core)")

@@ -26,7 +26,7 @@ from vqkit.data.cifar import cifar10_class_names, load_cifar10
 from vqkit.data.files import DataError
 from vqkit.data.idx import FASHION_MNIST_CLASSES, IDX_NAMES, MNIST_CLASSES, load_idx_pair
 from vqkit.data.images import IMAGE_SUFFIXES, ImageError, load_image, read_image_size
-from vqkit.data.loader import iter_batches
+from vqkit.data.loader import iter_batches, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,9 @@ class TensorImageSet(ImageSet):
 
 def in_memory(dataset: ImageSet, max_bytes: int, workers: int | None = None,
               progress: bool = False) -> ImageSet:
-    """``dataset`` decoded once into memory, by ``workers`` processes (``vqkit.data.loader``),
-    if it decodes files per item and its pixels fit in ``max_bytes``.
+    """``dataset`` decoded once into memory, by ``workers`` processes (``vqkit.data.loader``;
+    None: one per usable CPU, as nothing else runs meanwhile), if it decodes files per item and
+    its pixels fit in ``max_bytes``.
 
     Training reads every image many times; a folder set would decode (and resize) each file
     on every read. Other sets are returned unchanged: in-memory ones, those too large, and
@@ -156,7 +157,7 @@ def in_memory(dataset: ImageSet, max_bytes: int, workers: int | None = None,
     images = torch.empty(n, dataset.channels, dataset.height, dataset.width, dtype=torch.uint8)
     labels = torch.empty(n, dtype=torch.int64)
     with tqdm(total=n, desc="load", unit="img", disable=not progress, leave=False) as bar:
-        for start, x, y in iter_batches(dataset, _LOAD_BATCH, workers=workers):
+        for start, x, y in iter_batches(dataset, _LOAD_BATCH, workers=usable_cpus() if workers is None else workers):
             images[start:start + len(x)], labels[start:start + len(x)] = x, y
             bar.update(len(x))
     cached = TensorImageSet(dataset.spec, images, labels, dataset.class_names)

@@ -9,9 +9,12 @@ the stream at its step. Under ``torchrun`` each process's ``indices_of`` names i
 so each reads only that.
 
 Workers are used for sets that are not in memory: by default (``workers=None``) only for sets
-that decode files per item (``ImageSet.decodes``), ``default_workers()`` of them; an explicit
-number applies to any set not in memory (a prepared set on a slow disk, say). In-memory sets are
-read in the calling process: slicing a tensor is faster than sending it between processes.
+that decode files per item (``ImageSet.decodes``) read for a model on an accelerator,
+``default_workers()`` of them; an explicit number applies to any set not in memory (a prepared
+set on a slow disk, say). For a model on the CPU the default is none: its step already uses
+every core, so workers only compete with it (``benchmarks/bench_data.py``, faces at 128 and 256
+on 2 cores: 0.91x and 0.89x the steps/s of decoding in the training process). In-memory sets
+are read in the calling process: slicing a tensor is faster than sending it between processes.
 
 A worker's DataError (a corrupt file) reaches the caller as the same one-line DataError, not
 as the DataLoader's traceback text.
@@ -45,22 +48,24 @@ def usable_cpus() -> int:
 
 
 def default_workers() -> int:
-    """Worker processes for a decoding set: one per CPU this process may use, less one for the
-    training step itself, at most 8 (beyond that JPEG decoding outruns any CPU training step
-    and each worker holds a copy of the file list)."""
+    """Worker processes that decode for a model on an accelerator: one per CPU this process may
+    use, less one for the training process itself, at most 8 (beyond that JPEG decoding outruns
+    the step and each worker holds a copy of the file list)."""
     return max(0, min(8, usable_cpus() - 1))
 
 
-def workers_for(dataset, workers: int | None) -> int:
-    """The number of worker processes that read ``dataset`` for a ``workers`` setting (None:
-    ``default_workers()`` for a set that decodes files per item, else none). In-memory sets are
-    always read in the calling process."""
+def workers_for(dataset, workers: int | None, device: torch.device | None = None) -> int:
+    """The number of worker processes that read ``dataset`` for a model on ``device`` (None: the
+    CPU) under a ``workers`` setting. None: ``default_workers()`` for a set that decodes files
+    per item read for an accelerator, else none. In-memory sets are always read in the calling
+    process."""
     if workers is not None and workers < 0:
         raise DataError(f"the number of data workers must be >= 0, got {workers}")
     if not dataset.lazy:
         return 0
     if workers is None:
-        return default_workers() if dataset.decodes else 0
+        accelerated = device is not None and device.type != "cpu"
+        return default_workers() if dataset.decodes and accelerated else 0
     return workers
 
 
@@ -78,8 +83,9 @@ class ReadConfig:
     value gives the same batches.
 
     Args:
-        workers: processes that decode image files ahead of the training step (default: one per
-            CPU less one, for folder sets; 0 decodes in the training process).
+        workers: processes that decode image files ahead of the training step (default: for a
+            folder set and a model on a GPU, one per CPU less one; on the CPU none, as the step
+            uses every core).
         in_memory_gib: decode a folder set into memory once when its pixels take at most this many
             GiB (default: a quarter of this machine's memory); larger sets are decoded per read.
     """
@@ -123,7 +129,7 @@ class _BatchesOf(torch.utils.data.Dataset):
 
 
 def read_ahead(dataset, indices_of: IndicesOf, items: range, workers: int | None = None,
-               pin_memory: bool = False) -> Iterator[Batch]:
+               device: torch.device | None = None) -> Iterator[Batch]:
     """Yield ``dataset.batch(indices_of(s))`` for each ``s`` in ``items``, in that order.
 
     Args:
@@ -132,12 +138,13 @@ def read_ahead(dataset, indices_of: IndicesOf, items: range, workers: int | None
             (a module-level function or a ``functools.partial`` of one) for the workers.
         items: the batch indices, in the order wanted.
         workers: worker processes (see ``workers_for``); 0 reads in the calling process.
-        pin_memory: put each batch in page-locked memory (for copies to CUDA).
+        device: where the batches go (None: the CPU); for CUDA they come in page-locked memory.
 
     Yields:
         (uint8 (N, C, H, W), int64 (N,)) per item.
     """
-    n_workers = workers_for(dataset, workers)
+    n_workers = workers_for(dataset, workers, device)
+    pin_memory = device is not None and device.type == "cuda"
     if n_workers == 0:
         for s in items:
             images, labels = dataset.batch(indices_of(s))
@@ -160,14 +167,14 @@ def _slice(b: int, batch_size: int, n: int) -> torch.Tensor:
 
 
 def iter_batches(dataset, batch_size: int, limit: int | None = None, workers: int | None = None,
-                 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+                 device: torch.device | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """The first ``limit`` items of ``dataset`` (all by default) in order, in batches of
-    ``batch_size`` (the last one shorter): yields (index of the batch's first item, uint8
-    (N, C, H, W), int64 (N,))."""
+    ``batch_size`` (the last one shorter), read as ``read_ahead`` reads them: yields (index of
+    the batch's first item, uint8 (N, C, H, W), int64 (N,))."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
     count = -(-n // batch_size)
     indices_of = functools.partial(_slice, batch_size=batch_size, n=n)
-    for b, (images, labels) in enumerate(read_ahead(dataset, indices_of, range(count), workers)):
+    for b, (images, labels) in enumerate(read_ahead(dataset, indices_of, range(count), workers, device)):
         yield b * batch_size, images, labels
 
 
@@ -184,13 +191,13 @@ class StepBatches:
             picklable, e.g. ``functools.partial(batch_indices, n=..., ...)``.
         stop: the step after the last one that will be asked for (the run's ``steps``).
         workers: worker processes (``workers_for``).
-        pin_memory: page-locked batches, for a CUDA model.
+        device: the model's device (``read_ahead``).
     """
 
     def __init__(self, dataset, indices_of: IndicesOf, stop: int, workers: int | None = None,
-                 pin_memory: bool = False):
+                 device: torch.device | None = None):
         self.dataset, self.indices_of, self.stop = dataset, indices_of, stop
-        self.workers, self.pin_memory = workers, pin_memory
+        self.workers, self.device = workers, device
         self._stream: Iterator[Batch] | None = None
         self._next = None
 
@@ -198,7 +205,7 @@ class StepBatches:
         if self._stream is None or step != self._next:
             self.close()
             self._stream = read_ahead(self.dataset, self.indices_of, range(step, max(self.stop, step + 1)),
-                                      self.workers, self.pin_memory)
+                                      self.workers, self.device)
         self._next = step + 1
         return next(self._stream)
 

@@ -204,7 +204,7 @@ def _extract(model: VQVAE, dataset: ImageSet, out: Path, names: list[str] | None
         passes = [(0, False), (n, True)] if flip else [(0, False)]
         with tqdm(total=count, desc="extract", unit="img", disable=not progress,
                   dynamic_ncols=True) as bar:
-            for start, images, y in iter_batches(dataset, batch_size, limit=n, workers=workers):
+            for start, images, y in iter_batches(dataset, batch_size, limit=n, workers=workers, device=device):
                 stop = start + len(images)
                 for offset, mirrored in passes:
                     x = to_model(images.flip(-1) if mirrored else images).to(device)

@@ -136,7 +136,7 @@ def train_classifier(run_dir: str | Path, model_config: ClassifierConfig, config
                     tensorboard=tensorboard, extra=extra)
     model, forward, placement = run.model, run.forward, run.placement
     batches = StepBatches(dataset, step_indices(len(dataset), config.batch_size, config.seed), config.steps,
-                          config.workers, pin_memory=placement.device.type == "cuda")
+                          config.workers, placement.device)
 
     def step_fn(step: int) -> StepOutput:
         for group in run.optimizer.param_groups:

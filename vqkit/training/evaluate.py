@@ -99,7 +99,7 @@ def evaluate(model: VQVAE, dataset: ImageSet, batch_size: int = 256, limit: int 
     shapes: list[list[int]] = []
     subpixels = 0
     try:
-        stream = iter_batches(dataset, batch_size, limit=n, workers=workers)
+        stream = iter_batches(dataset, batch_size, limit=n, workers=workers, device=device)
         for _, images, _ in tqdm(stream, total=-(-n // batch_size), desc="eval", disable=not progress,
                                  leave=False):
             x = to_model(images).to(device)

@@ -83,7 +83,7 @@ def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig
     epoch_usage = [CodebookUsage(k) for k in model_config.codebook_sizes]
 
     batches = StepBatches(dataset, step_indices(len(dataset), config.batch_size, config.seed), config.steps,
-                          config.workers, pin_memory=placement.device.type == "cuda")
+                          config.workers, placement.device)
 
     def step_fn(step: int) -> StepOutput:
         images, _ = batches.get(step)
