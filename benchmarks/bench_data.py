@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -87,29 +86,31 @@ def train_rate(run: Path, dataset, steps: int, workers: int = 0) -> float:
     return steps / result.seconds
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM). Not ``ru_maxrss``: a child started by
+    fork/vfork and exec inherits its parent's high-water mark there."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def child_train(spec: str, run: Path, steps: int) -> None:
     """In a process of its own: train ``SMALL`` on ``spec`` and print the peak resident memory."""
     shutil.rmtree(run, ignore_errors=True)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     config = TrainConfig(data=spec, steps=steps, batch_size=2, checkpoint_every=10**6)
     train(run, SMALL, config, progress=False, tensorboard=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"before_mib": before / 1024, "peak_mib": peak / 1024,
-                      "s_per_step": (time.perf_counter() - start) / steps}))
+    print(json.dumps({"peak_mib": peak_rss_mib(), "s_per_step": (time.perf_counter() - start) / steps}))
 
 
 def child_read(spec: str) -> None:
     """In a process of its own: read one epoch of ``spec`` in its seeded batches of 8; print the
     images/s and the peak resident memory."""
     dataset = load_dataset(spec, "train")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     indices = step_indices(len(dataset), 8, seed=0)
     start = time.perf_counter()
     count = sum(len(x) for x, _ in read_ahead(dataset, indices, range(len(dataset) // 8), workers=0))
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"before_mib": before / 1024, "peak_mib": peak / 1024, "images_per_s": count / seconds,
+    print(json.dumps({"peak_mib": peak_rss_mib(), "images_per_s": count / seconds,
                       "gib_per_s": count * dataset.channels * dataset.height * dataset.width / seconds / 2**30}))
 
 
@@ -136,6 +137,8 @@ def main() -> None:
     p.add_argument("--big-steps", type=int, default=10, help="training steps on the large set")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--keep", action="store_true", help="keep the prepared sets in --work")
+    p.add_argument("--reuse-big", action="store_true",
+                   help="only the large part, on the set that an earlier --keep run left in --work")
     p.add_argument("--child-train", nargs=3, metavar=("SPEC", "RUN", "STEPS"), help=argparse.SUPPRESS)
     p.add_argument("--child-read", metavar="SPEC", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -151,7 +154,7 @@ def main() -> None:
     cpus = usable_cpus()
     print(f"torch {torch.__version__}, {args.threads} threads, {cpus} CPUs ({default_workers()} workers by default "
           f"for a model on a GPU, none on the CPU); batches of {BATCH} in the seeded training order")
-    for size in args.sizes:
+    for size in [] if args.reuse_big else args.sizes:
         out = args.work / f"faces-{size}"
         result = prepare(folder, out, image_size=size, overwrite=True)
         n = sum(result.counts.values())
@@ -186,10 +189,15 @@ def main() -> None:
     if args.big:
         out = args.work / f"faces-{args.big}"
         print(f"\n## {args.big}x{args.big}, free memory {free_gib():.1f} GiB")
-        result = prepare(folder, out, image_size=args.big, overwrite=True, progress=True)
-        n = sum(result.counts.values())
+        if args.reuse_big and (out / "manifest.json").exists():
+            n = len(load_dataset(f"prepared:{out}", "all", image_size=args.big))
+            print(f"(reusing the {n} images prepared in {out} by an earlier --keep run)")
+        else:
+            result = prepare(folder, out, image_size=args.big, overwrite=True, progress=True)
+            n = sum(result.counts.values())
+            print(f"prepare {n} images in {result.seconds:.0f} s ({n / result.seconds:.1f} images/s)")
         size_gib = (out / "images.npy").stat().st_size / 2**30
-        print(f"prepare {n} images in {result.seconds:.0f} s ({n / result.seconds:.1f} images/s): {size_gib:.1f} GiB")
+        print(f"the set: {size_gib:.1f} GiB")
         few = args.work / "faces-first100"
         shutil.rmtree(few, ignore_errors=True)
         few.mkdir()
