@@ -46,7 +46,14 @@ from vqkit.data.datasets import FolderImageSet, ImageSet, load_dataset
 from vqkit.data.files import DataError
 from vqkit.data.images import ImageError, decode_image
 from vqkit.data.loader import usable_cpus
-from vqkit.fsutil import atomic_write_text, fsync_dir, fsync_file, read_npy
+from vqkit.fsutil import (
+    atomic_write_text,
+    check_replaceable,
+    fsync_dir,
+    fsync_file,
+    move_folder_into_place,
+    read_npy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -349,8 +356,8 @@ def prepare(spec: str, out: str | os.PathLike, image_size: int | None = None, wo
     (tmp / "progress.json").unlink()
     atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
     fsync_dir(tmp)
-    _check_replaceable(out, overwrite)
-    _move_into_place(tmp, out)
+    _check_replaceable(out, overwrite)  # another process may have made it meanwhile
+    move_folder_into_place(tmp, out)
     return PrepareResult(out, {"train": n_train, "test": good - n_train}, len(state["skipped"]), resumed,
                          time.monotonic() - start)
 
@@ -452,27 +459,4 @@ def _resume_state(tmp: Path, plan_digest: str) -> dict | None:
 
 
 def _check_replaceable(out: Path, overwrite: bool) -> None:
-    if not out.exists() and not out.is_symlink():
-        return
-    if not overwrite:
-        raise DataError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
-    try:
-        kind = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
-        kind = None
-    # Only a prepared set is ever deleted: a mistyped -o must not remove an unrelated folder.
-    if not out.is_dir() or out.is_symlink() or kind != KIND:
-        raise DataError(f"{out}: exists and is not a vqkit prepared set; refusing to replace it")
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``; an old set is renamed aside first and deleted after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-    os.rename(tmp, out)
-    fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    check_replaceable(out, overwrite, (KIND,), "a vqkit prepared set", DataError)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -45,7 +44,14 @@ from tqdm import tqdm
 from vqkit.data.datasets import ImageSet, to_model
 from vqkit.data.loader import iter_batches
 from vqkit.errors import UsageError, VqkitError
-from vqkit.fsutil import atomic_path, fsync_dir, fsync_file, read_npy
+from vqkit.fsutil import (
+    atomic_path,
+    check_replaceable,
+    fsync_dir,
+    fsync_file,
+    move_folder_into_place,
+    read_npy,
+)
 from vqkit.nn.vqvae import VQVAE, StageOneConfig, level_names
 
 FORMAT_VERSION = 1
@@ -227,7 +233,7 @@ def _extract(model: VQVAE, dataset: ImageSet, out: Path, names: list[str] | None
             _write_synced(tmp / "manifest.json", levels_text)
         fsync_dir(tmp)
         _check_replaceable(out, overwrite)  # another process may have created it meanwhile
-        _move_into_place(tmp, out)
+        move_folder_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -354,7 +360,7 @@ def save_maps(maps: list[torch.Tensor], path: str | os.PathLike, codebook_sizes:
                 np.save(f, codes.cpu().numpy().astype(code_dtype(k)))
             fsync_file(tmp / name)
         fsync_dir(tmp)
-        _move_into_place(tmp, out)
+        move_folder_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -401,37 +407,4 @@ def read_maps(path: str | os.PathLike, config: StageOneConfig) -> list[torch.Ten
 
 
 def _check_replaceable(out: Path, overwrite: bool) -> None:
-    if not out.exists() and not out.is_symlink():
-        return
-    if not overwrite:
-        raise CodeStoreError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
-    # Only a code set (or a VQ-VAE-2's folder of them) is ever deleted: a mistyped -o must not
-    # remove an unrelated folder.
-    try:
-        kind = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
-        kind = None
-    if not out.is_dir() or out.is_symlink() or kind not in (KIND, LEVELS_KIND):
-        raise CodeStoreError(f"{out}: exists and is not a vqkit code set; refusing to replace it")
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``out``, replacing an existing code set.
-
-    Two folders cannot be swapped atomically, so the old set is first renamed aside (and back
-    if the second rename fails): a crash between the two renames leaves both complete sets
-    under their hidden names, never a partial one at ``out``.
-    """
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old)
+    check_replaceable(out, overwrite, (KIND, LEVELS_KIND), "a vqkit code set", CodeStoreError)
