@@ -18,6 +18,7 @@ from vqkit.cli.common import (
     image_size,
     run_and_data,
     save_eval_record,
+    workers_arg,
 )
 from vqkit.data.datasets import from_model, load_dataset, to_model
 from vqkit.data.images import load_image, make_grid, save_png
@@ -62,7 +63,8 @@ def cmd_eval(args) -> None:
         return _eval_prior(args)
     model, checkpoint = ckpt.load_model(args.run)
     data = load_dataset(eval_data(args, args.run), args.split, image_size=image_size(args.run))
-    result = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json)
+    result = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json,
+                      workers=args.workers)
     record = {"data": data.spec, "split": args.split, **result.to_dict()}
     save_eval_record(args.run, checkpoint, record)
     if args.json:
@@ -152,7 +154,7 @@ def cmd_extract(args) -> None:
               "fingerprint": checkpoint.state.get("fingerprint"), "data": data.spec,
               "split": args.split}
     sets = extract_codes(model, data, args.out, batch_size=args.batch_size, limit=args.limit,
-                         overwrite=args.overwrite, flip=args.flip, source=source)
+                         overwrite=args.overwrite, flip=args.flip, source=source, workers=args.workers)
     mirrored = " and their mirror images" if args.flip else ""
     print(f"wrote {args.out}: {sets[0].images} images{mirrored} from {data.spec} ({args.split}), one code set "
           "per level, top-first:")
@@ -189,6 +191,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--limit", type=int, help="evaluate only the first N images")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--json", action="store_true", help="print machine-readable results")
+    workers_arg(e)
     checkpoint_arg(e)
     e.set_defaults(func=cmd_eval)
 
@@ -236,4 +239,5 @@ def add_parsers(sub) -> None:
     x.add_argument("--flip", action="store_true",
                    help="also store the codes of every image mirrored left to right (after the "
                         "originals): exact augmentation for the prior, which holds out originals only")
+    workers_arg(x)
     x.set_defaults(func=cmd_extract)
