@@ -58,7 +58,7 @@ class ResidualVQ(nn.Module):
         self.quantize_dropout = quantize_dropout
         self.channel_dim = channel_dim
         # The stages see rows (N, D); the channel axis is handled here once.
-        make = lambda: VectorQuantizer(codebook_size, dim, channel_dim=-1, **options)  # noqa: E731
+        make = lambda: VectorQuantizer(codebook_size, dim, channel_dim=-1, **options)
         self.quantizers = nn.ModuleList([make()] if shared else [make() for _ in range(stages)])
 
     def stage(self, s: int) -> VectorQuantizer:
