@@ -3,7 +3,12 @@ evaluate on the whole test split (MSE on [0, 1], PSNR, bits/dim, codebook usage)
 
     python benchmarks/bench_quality.py --data cifar10:../shared/data/cifar10 --preset cifar10 --budget 600
     python benchmarks/bench_quality.py --data fashion-mnist:../shared/data/fashion-mnist --preset mnist --budget 300
-    python benchmarks/bench_quality.py --data folder:../shared/data/faces --image-size 128 --preset faces-3level --budget 600
+    python benchmarks/bench_quality.py --data folder:../shared/data/faces --image-size 128 \\
+        --preset faces-3level --budget 600
+
+`--quantizer SPEC` (as `vqkit train --quantizer`, repeatable per level) and `--codebook-size K`
+(VQ levels) compare quantizers at equal bits per position and equal CPU time, e.g. on CIFAR-10's
+16x16 maps at 10 bits: `--codebook-size 1024`, `--quantizer fsq:8,5,5,5`, `--quantizer lfq:10`.
 
 The run folder is kept (default under /tmp) for `vqkit reconstruct` and TensorBoard.
 """
@@ -19,7 +24,9 @@ from pathlib import Path
 import torch
 
 from vqkit.data.datasets import load_dataset
-from vqkit.nn.presets import PRESETS, preset
+from vqkit.nn.presets import preset
+from vqkit.nn.quantizers import parse_quantizer
+from vqkit.nn.vqvae import VQVAE2Config, with_quantizer
 from vqkit.runs.checkpoint import load_model
 from vqkit.training.evaluate import evaluate
 from vqkit.training.stage1 import TrainConfig, train
@@ -36,6 +43,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--image-size", type=int, help="centre-crop and resize folder images")
     p.add_argument("--out", type=Path, help="run folder (default: a new folder under /tmp)")
+    p.add_argument("--quantizer", action="append", help="the quantizer instead of the preset's (repeat per level)")
+    p.add_argument("--codebook-size", type=int, help="K of every VQ level instead of the preset's")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix=f"vqkit-{args.preset}-"))
@@ -44,11 +53,19 @@ def main() -> None:
     config = TrainConfig(data=args.data, steps=10**9, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, time_budget=args.budget, checkpoint_every=10**9,
                        image_size=args.image_size)
-    model_config = preset(args.preset) if args.preset in PRESETS else preset(args.preset)
+    model_config = preset(args.preset)
+    if args.codebook_size:
+        sizes = {"codebook_sizes": [args.codebook_size] * model_config.num_levels} \
+            if isinstance(model_config, VQVAE2Config) else {"codebook_size": args.codebook_size}
+        model_config = type(model_config).from_dict({**model_config.to_dict(), **sizes})
+    if args.quantizer:
+        specs = [parse_quantizer(text) for text in args.quantizer]
+        model_config = with_quantizer(model_config, specs[0] if len(specs) == 1 else specs)
     result = train(out, model_config, config, progress=False)
     model, _ = load_model(out)
     metrics = evaluate(model, load_dataset(args.data, "test", image_size=args.image_size), progress=False)
-    print(json.dumps({"preset": args.preset, "data": args.data, "lr": args.lr,
+    print(json.dumps({"preset": args.preset, "quantizer": model_config.quantizer,
+                      "codebook_sizes": model_config.codebook_sizes, "data": args.data, "lr": args.lr,
                       "batch_size": args.batch_size, "threads": args.threads,
                       "seconds": round(result.seconds, 1), "steps": result.step,
                       "run": str(out), **metrics.to_dict()}, indent=2))

@@ -268,7 +268,8 @@ def test_cli_compress_and_decompress(runs, tmp_path, capsys):
     assert main(["decompress", str(runs / "run"), str(tmp_path / "bad.vq"), "-o", str(tmp_path / "b.png")]) == 2
     assert "bad.vq: not a .vq file" in capsys.readouterr().err
     assert not (tmp_path / "b.png").exists()
-    assert main(["compress", str(runs / "one"), str(image), "--prior", str(runs / "top"), "-o", str(tmp_path / "c.vq")]) == 2
+    assert main(["compress", str(runs / "one"), str(image), "--prior", str(runs / "top"),
+                 "-o", str(tmp_path / "c.vq")]) == 2
     assert "another model" in capsys.readouterr().err
     assert ckpt.run_kind(runs / "one") == "vqvae"
 

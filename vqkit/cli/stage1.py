@@ -24,7 +24,8 @@ from vqkit.data.datasets import from_model, load_dataset, to_model
 from vqkit.data.images import load_image, make_grid, save_png
 from vqkit.errors import UsageError
 from vqkit.nn.presets import PRESETS, preset
-from vqkit.nn.vqvae import StageOneConfig, level_names
+from vqkit.nn.quantizers import parse_quantizer
+from vqkit.nn.vqvae import StageOneConfig, level_names, with_quantizer
 from vqkit.precision import PRECISIONS
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes, read_maps, save_maps
@@ -36,10 +37,15 @@ from vqkit.training.stage1 import TrainConfig, train
 
 def _model_config(args) -> StageOneConfig:
     if args.config:
-        return ckpt.read_model_config(args.config)
-    if args.preset is None and args.resume and (Path(args.out) / "config.json").exists():
-        return ckpt.model_config_of(args.out)
-    return preset(args.preset or "cifar10")
+        config = ckpt.read_model_config(args.config)
+    elif args.preset is None and args.resume and (Path(args.out) / "config.json").exists():
+        config = ckpt.model_config_of(args.out)
+    else:
+        config = preset(args.preset or "cifar10")
+    if args.quantizer:
+        specs = [parse_quantizer(text) for text in args.quantizer]
+        config = with_quantizer(config, specs[0] if len(specs) == 1 else specs)
+    return config
 
 
 def cmd_train(args) -> None:
@@ -163,6 +169,11 @@ def add_parsers(sub) -> None:
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="model preset (default cifar10; with --resume, the run's own model)")
     g.add_argument("--config", help="model config JSON (the 'model' part of a run's config.json)")
+    t.add_argument("--quantizer", action="append", metavar="SPEC",
+                   help="the model's quantizer instead of the preset's or config's: vq[:cosine,rotation,"
+                        "factor_dim=D], fsq:LEVELS (e.g. fsq:8,5,5,5, K = 1000), lfq:BITS[,entropy_weight=W] "
+                        "(K = 2**BITS), or a JSON object; FSQ and LFQ set the codebook size. Once for every "
+                        "level, or repeated for one per level, top-first")
     t.add_argument("-o", "--out", required=True, type=Path, help="run folder")
     add_config_args(t, TrainConfig, choices={"precision": PRECISIONS})
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
