@@ -48,8 +48,7 @@ def worker(args) -> None:
 def measure(args, processes: int, threads: int) -> dict:
     out = Path(args.tmp) / f"run-{processes}x{threads}"
     common = [__file__, "--worker", "--out", str(out), "--preset", args.preset, "--data", args.data,
-              "--batch", str(args.batch),
-              "--precision", args.precision,
+              "--batch", str(args.batch), "--precision", args.precision,
               "--steps", str(args.steps), "--threads", str(threads)]
     if processes == 1:
         command = [sys.executable, *common]

@@ -106,8 +106,8 @@ def train_child(args) -> dict:
         def loss_of(m, x):
             recon, latent_loss = m(x)
             return (recon.float() - x).pow(2).mean() + 0.25 * latent_loss.mean()
-        placement = Placement(torch.device("cpu"), bf16=args.impl == "peer-bf16",
-                              channels_last=args.impl == "peer-bf16")
+        bf16 = args.impl == "peer-bf16"
+        placement = Placement(torch.device("cpu"), bf16=bf16, channels_last=bf16)
     else:
         model = build_model(_like_the_peer())
         loss_of = lambda m, x: m(x).loss  # noqa: E731

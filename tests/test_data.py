@@ -404,11 +404,11 @@ def test_in_memory_copies_a_folder_set_once(tmp_path):
         for i in range(3):
             Image.fromarray(np.full((12, 10, 3), 40 * i + (cls == "b"), np.uint8)).save(tmp_path / cls / f"{i}.png")
     folder = load_dataset(f"folder:{tmp_path}", "all", image_size=8)
-    cached = in_memory(folder)
+    cached = in_memory(folder, 1 << 30)
     assert isinstance(cached, TensorImageSet) and len(cached) == len(folder) == 6
     idx = torch.arange(6)
     assert torch.equal(cached.batch(idx)[0], folder.batch(idx)[0])
     assert torch.equal(cached.batch(idx)[1], folder.batch(idx)[1])
     assert cached.class_names == folder.class_names
-    assert in_memory(cached) is cached
+    assert in_memory(cached, 1 << 30) is cached
     assert in_memory(folder, max_bytes=10) is folder

@@ -264,12 +264,16 @@ def _shards(rank: int) -> list[torch.Tensor]:
     return [batch[sum(sizes[:rank]):sum(sizes[:rank + 1])] for batch, sizes in zip(_global_batches(), SHARDS)]
 
 
+# VQ's options with state of their own: k-means, EMA and restarts in a projected, normalised space.
+OPTIONS = dict(cosine=True, factor_dim=2, rotation=True)
+
+
 def _train_quantizer(batches: list[torch.Tensor], ema: bool, draws: int, sync=False,
-                     group=None) -> dict[str, torch.Tensor]:
+                     group=None, **options) -> dict[str, torch.Tensor]:
     """The state after training on ``batches``: the same initial codebook everywhere, then the
     k-means seeds and restarts drawn from the global RNG seeded with ``draws``."""
     torch.manual_seed(0)
-    q = VectorQuantizer(**QUANTIZER, ema=ema, sync=sync)
+    q = VectorQuantizer(**QUANTIZER, ema=ema, sync=sync, **options)
     if group is not None:
         assert enable_sync(q, group) == 1
     torch.manual_seed(draws)
@@ -325,6 +329,7 @@ def _quantizer_worker(rank: int, root: str) -> None:
         with _collectives(groups.append):
             for ema in (False, True):
                 results[f"synced-{ema}"] = _train_quantizer(_shards(rank), ema, _draws(rank), sync=True)
+                results[f"options-{ema}"] = _train_quantizer(_shards(rank), ema, _draws(rank), sync=True, **OPTIONS)
         assert groups and all(g is None for g in groups)
         groups.clear()
         with _collectives(groups.append):
@@ -379,12 +384,14 @@ def test_synced_quantizers_follow_the_global_batch_over_uneven_shards(quantizer_
     # 0's draws: the same k-means seeds and restarted rows (chosen over the true total, zero-row
     # ranks included); only the order of float sums differs (per-rank sums all-reduced).
     single = _train_quantizer(_global_batches(), ema, _draws(0))
+    options = _train_quantizer(_global_batches(), ema, _draws(0), **OPTIONS)
     assert bool(single["initialized"]) and single["unused_steps"].eq(0).all()  # restarts ran
-    for case in ("synced", "pair"):  # pair: an explicit ProcessGroup via enable_sync
+    # pair: an explicit ProcessGroup via enable_sync; options: cosine, factorised, rotation.
+    for case, reference in (("synced", single), ("pair", single), ("options", options)):
         rank0, rank1 = (quantizer_ranks[r][f"{case}-{ema}"] for r in range(WORLD))
         _assert_identical(rank0, rank1)
         for key, value in rank0.items():
             if value.is_floating_point():
-                torch.testing.assert_close(value, single[key], rtol=1e-5, atol=1e-6, msg=key)
+                torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6, msg=key)
             else:
-                assert torch.equal(value, single[key]), key
+                assert torch.equal(value, reference[key]), key

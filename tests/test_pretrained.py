@@ -313,8 +313,8 @@ def test_a_prior_round_trips_and_comes_back_as_its_arch(tmp_path):
     codes, labels = torch.randint(8, (2, 4, 4), generator=g), torch.tensor([0, 2])
     above = [torch.randint(5, (2, 2, 2), generator=g)]
     assert torch.equal(prior.nll(codes, labels, cond_codes=above), loaded.nll(codes, labels, cond_codes=above))
-    with pytest.raises(PretrainedError, match=r"config\.json: holds a PixelSNAIL, not a GatedPixelCNN; "
-                                              r"load it with Prior\.from_pretrained"):
+    wrong_class = r"config\.json: holds a PixelSNAIL, not a GatedPixelCNN; load it with Prior\.from_pretrained"
+    with pytest.raises(PretrainedError, match=wrong_class):
         GatedPixelCNN.from_pretrained(tmp_path / "prior")
     _edit_config(tmp_path / "prior", arch="transformer")
     with pytest.raises(PretrainedError, match=r"config\.json: invalid prior config \(arch must be one of"):

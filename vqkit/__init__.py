@@ -27,9 +27,11 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it.
 _EXPORTS = {
     **dict.fromkeys(["VqkitError", "ConfigError", "UsageError", "CodecError"], "vqkit.errors"),
-    **dict.fromkeys(["VectorQuantizer", "QuantizerOutput", "CodebookUsage"], "vqkit.nn.quantize"),
+    **dict.fromkeys(["VectorQuantizer", "Quantizer", "QuantizerOutput", "CodebookUsage"], "vqkit.nn.quantize"),
+    **dict.fromkeys(["FSQ", "LFQ"], "vqkit.nn.scalar"),
+    **dict.fromkeys(["ResidualVQ"], "vqkit.nn.residual"),
     **dict.fromkeys(["VQVAE", "VQVAE2", "VQVAEConfig", "VQVAE2Config", "VQVAEOutput", "build_model",
-                     "level_names"], "vqkit.nn.vqvae"),
+                     "level_names", "with_quantizer"], "vqkit.nn.vqvae"),
     **dict.fromkeys(["PRESETS", "preset"], "vqkit.nn.presets"),
     **dict.fromkeys(["GaussianLikelihood", "LogisticMixtureLikelihood"], "vqkit.nn.likelihood"),
     **dict.fromkeys(["Classifier", "ClassifierConfig"], "vqkit.nn.classifier"),

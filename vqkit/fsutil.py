@@ -1,17 +1,22 @@
 """Atomic file writes: a file either has its old content or its complete new content.
 
 Every file vqkit writes goes through here, so that killing the process at any instant never
-leaves a half-written checkpoint, image or code map behind.
+leaves a half-written checkpoint, image or code map behind. Arrays are read back through
+``read_npy``, which never unpickles.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -107,3 +112,61 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_npy(path: Path, mmap: bool = False, error: type[Exception] = ValueError) -> np.ndarray:
+    """A .npy array (memory-mapped read-only with ``mmap``), refusing anything else without
+    ever unpickling; a missing, foreign or torn file raises ``error`` naming the file."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except FileNotFoundError:
+        raise error(f"{path}: missing (no such file)") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+    if magic != b"\x93NUMPY":
+        # np.load would try other formats first and report "pickled data", which misleads.
+        raise error(f"{path}: not a .npy file (no NumPy .npy header)")
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as e:
+        raise error(f"{path}: not a readable .npy array ({e})") from None
+
+
+def check_replaceable(out: Path, overwrite: bool, kinds: tuple[str, ...], what: str,
+                      error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` unless a folder may be written at ``out``: it is absent, or ``overwrite``
+    is set and ``out`` is a folder whose ``manifest.json`` names one of ``kinds`` (``what``
+    describes them in the message), so that a mistyped -o never removes an unrelated folder."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise error(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
+    try:
+        kind = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if not out.is_dir() or out.is_symlink() or kind not in kinds:
+        raise error(f"{out}: exists and is not {what}; refusing to replace it")
+
+
+def move_folder_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``out``, replacing an existing folder there.
+
+    Two folders cannot be swapped atomically, so the old one is first renamed aside (and back
+    if the second rename fails): a crash between the two renames leaves both complete folders
+    under their hidden names, never a partial one at ``out``.
+    """
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old)

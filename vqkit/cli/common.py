@@ -8,8 +8,8 @@ from pathlib import Path
 from vqkit import distributed
 from vqkit.runs import checkpoint as ckpt
 
-DATA_HELP = ("dataset as KIND:DIR with KIND one of mnist, fashion-mnist, cifar10, folder "
-             "(e.g. cifar10:../shared/data/cifar10)")
+DATA_HELP = ("dataset as KIND:DIR with KIND one of mnist, fashion-mnist, cifar10, folder, prepared "
+             "(a set made by vqkit prepare; e.g. cifar10:../shared/data/cifar10)")
 SPLITS = ["train", "test", "all"]
 
 
@@ -52,3 +52,10 @@ def checkpoint_arg(sp) -> None:
     sp.add_argument("--checkpoint", choices=ckpt.CHECKPOINT_CHOICES, default=ckpt.BEST,
                     help="(prior runs) the checkpoint to use: best, the lowest held-out NLL of training "
                          "(default; a run without one uses its latest), or latest")
+
+
+def workers_arg(sp) -> None:
+    """--workers: processes that decode a folder set ahead of the model."""
+    sp.add_argument("--workers", type=int,
+                    help="processes that decode image files ahead of the model (default: for a folder set "
+                         "and a model on a GPU one per CPU less one; on the CPU none, as the model uses every core)")

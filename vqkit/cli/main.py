@@ -1,6 +1,6 @@
 """The ``vqkit`` command: parses arguments and calls the library; no logic of its own.
 
-``build_parser`` assembles the command groups, one module each (``stage1``, ``prior``, ``score``, ``codec``,
+``build_parser`` assembles the command groups, one module each (``data``, ``stage1``, ``prior``, ``score``, ``codec``,
 ``inspect``, ``demo``, ``export``), every one with ``add_parsers(subparsers)``; ``main`` runs the chosen
 command and turns a VqkitError or OSError into one ``vqkit: error:`` line and exit status 2.
 """
@@ -15,7 +15,7 @@ import traceback
 import torch
 
 from vqkit import __version__, distributed
-from vqkit.cli import codec, demo, export, inspect, prior, score, stage1
+from vqkit.cli import codec, data, demo, export, inspect, prior, score, stage1
 from vqkit.errors import VqkitError
 
 
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
+    data.add_parsers(sub)
     stage1.add_parsers(sub)
     prior.add_parsers(sub)
     codec.add_parsers(sub)

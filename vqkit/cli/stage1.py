@@ -19,13 +19,15 @@ from vqkit.cli.common import (
     image_size,
     run_and_data,
     save_eval_record,
+    workers_arg,
 )
 from vqkit.data.datasets import from_model, load_dataset, to_model
 from vqkit.data.images import load_image, make_grid, save_png
 from vqkit.errors import UsageError
 from vqkit.fsutil import atomic_write_bytes
 from vqkit.nn.presets import PRESETS, preset
-from vqkit.nn.vqvae import StageOneConfig, VQVAE2Config, level_names
+from vqkit.nn.quantizers import parse_quantizer
+from vqkit.nn.vqvae import StageOneConfig, VQVAE2Config, level_names, with_quantizer
 from vqkit.precision import PRECISIONS
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes, read_maps, save_maps
@@ -42,6 +44,9 @@ def _model_config(args) -> StageOneConfig:
         config = ckpt.model_config_of(args.out)
     else:
         config = preset(args.preset or "cifar10")
+    if args.quantizer:
+        specs = [parse_quantizer(text) for text in args.quantizer]
+        config = with_quantizer(config, specs[0] if len(specs) == 1 else specs)
     if args.prefix_training is None:
         return config
     if not isinstance(config, VQVAE2Config):
@@ -65,7 +70,8 @@ def cmd_eval(args) -> None:
         return _eval_prior(args)
     model, checkpoint = ckpt.load_model(args.run)
     data = load_dataset(eval_data(args, args.run), args.split, image_size=image_size(args.run))
-    result = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json)
+    result = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json,
+                      workers=args.workers)
     record = {"data": data.spec, "split": args.split, **result.to_dict()}
     save_eval_record(args.run, checkpoint, record)
     if args.json:
@@ -157,7 +163,7 @@ def cmd_extract(args) -> None:
               "fingerprint": checkpoint.state.get("fingerprint"), "data": data.spec,
               "split": args.split}
     sets = extract_codes(model, data, args.out, batch_size=args.batch_size, limit=args.limit,
-                         overwrite=args.overwrite, flip=args.flip, source=source)
+                         overwrite=args.overwrite, flip=args.flip, source=source, workers=args.workers)
     mirrored = " and their mirror images" if args.flip else ""
     print(f"wrote {args.out}: {sets[0].images} images{mirrored} from {data.spec} ({args.split}), one code set "
           "per level, top-first:")
@@ -176,6 +182,11 @@ def add_parsers(sub) -> None:
                    help="(hierarchies) override the model's prefix_training: 'loss' (the hierarchical presets' "
                         "default), a reconstruction loss per prefix of levels, so that the top levels alone "
                         "decode to an image; 'off', every level every batch, as before")
+    t.add_argument("--quantizer", action="append", metavar="SPEC",
+                   help="the model's quantizer instead of the preset's or config's: vq[:cosine,rotation,"
+                        "factor_dim=D], fsq:LEVELS (e.g. fsq:8,5,5,5, K = 1000), lfq:BITS[,entropy_weight=W] "
+                        "(K = 2**BITS), or a JSON object; FSQ and LFQ set the codebook size. Once for every "
+                        "level, or repeated for one per level, top-first")
     t.add_argument("-o", "--out", required=True, type=Path, help="run folder")
     add_config_args(t, TrainConfig, choices={"precision": PRECISIONS})
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
@@ -193,6 +204,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--limit", type=int, help="evaluate only the first N images")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--json", action="store_true", help="print machine-readable results")
+    workers_arg(e)
     checkpoint_arg(e)
     e.set_defaults(func=cmd_eval)
 
@@ -241,4 +253,5 @@ def add_parsers(sub) -> None:
     x.add_argument("--flip", action="store_true",
                    help="also store the codes of every image mirrored left to right (after the "
                         "originals): exact augmentation for the prior, which holds out originals only")
+    workers_arg(x)
     x.set_defaults(func=cmd_extract)

@@ -7,8 +7,10 @@ All tensors here are uint8 in (C, H, W) layout (batches: (N, C, H, W)), C = 1 (g
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -62,16 +64,25 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def load_image(path: str | os.PathLike, size: int | None, channels: int = 3) -> torch.Tensor:
-    """Decode an image file to a uint8 tensor of shape (channels, H, W).
+    """Decode an image file to a uint8 tensor of shape (channels, H, W); see ``decode_image``."""
+    with _decode_errors(path):
+        data = Path(path).read_bytes()
+    return decode_image(data, size, channels, name=path)
+
+
+def decode_image(data: bytes, size: int | None, channels: int = 3,
+                 name: str | os.PathLike = "<bytes>") -> torch.Tensor:
+    """Decode the bytes of an image file to a uint8 tensor of shape (channels, H, W).
 
     With ``size`` given, the image is centre-cropped to a square of its shorter side and then
     resized (Lanczos) to (channels, size, size). ``channels`` is 1 (grey) or 3 (RGB); other
-    modes (palette, RGBA, CMYK, ...) are converted.
+    modes (palette, RGBA, CMYK, ...) are converted. ``name`` (the file the bytes came from)
+    is what an ImageError names.
     """
     if channels not in _MODES:
         raise UsageError(f"channels must be 1 or 3, got {channels}")
-    with _decode_errors(path):
-        with Image.open(path) as img:
+    with _decode_errors(name):
+        with Image.open(io.BytesIO(data)) as img:
             # Image.open only reads the header; load() decodes, so truncation shows up here.
             img.load()
             img = img.convert(_MODES[channels])

@@ -204,7 +204,7 @@ def inspect_model(model: VQVAE, dataset: ImageSet, *, batch_size: int = 256,
     finally:
         model.train(was_training)
     levels = [LevelInspection(name=name, stride=s, crop=c, counts=cnt, exemplars=bank.crops,
-                              exemplar_dist=bank.dist, codebook=q.codebook.detach().float().cpu().clone(),
+                              exemplar_dist=bank.dist, codebook=q.code_vectors().cpu(),
                               decoded=dec, maps=torch.cat(fm))
               for name, s, c, cnt, bank, q, dec, fm in zip(level_names(len(sizes)), strides, crops, counts,
                                                            banks, quantizers, decoded, first_maps)]

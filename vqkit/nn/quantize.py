@@ -50,6 +50,25 @@ and sums by the same factor, so the codebook shifts only through the smoothing) 
 counters advance, while k-means initialisation and restarts, which need vectors to draw
 from, wait for the next batch that has some.
 
+Options (``VectorQuantizer`` arguments; all off by default, which is the quantizer above):
+
+* ``cosine``: a cosine-similarity codebook. ``z_e`` and the codes are l2-normalised before the
+  search and the losses, so ``k = argmax_j cos(z_e, e_j)`` and ``z_q = e_k / ||e_k||``; the
+  straight-through gradient passes the normalisation's own gradient back to ``z_e``.
+* ``factor_dim = d``: factorised codes (ViT-VQGAN, Yu et al. 2022): a linear map ``W_in``
+  (D -> d) takes ``z_e`` to the small space of the codebook ``(K, d)``, where the search, the
+  losses and the EMA live, and ``W_out`` (d -> D) brings the chosen code back, so that
+  ``z_q = W_out(e_k) + b_out`` (cosine normalises in the small space, after ``W_in``).
+* ``rotation``: the rotation trick (Fifty et al. 2024, section 4.2) instead of the straight-
+  through estimator. With ``e`` the vector to quantize (``z_e``, or its projection) and ``q``
+  its code, the forward value is still ``q``, and the gradient that reaches ``e`` is
+  ``(||q|| / ||e||) R^T g`` for the upstream gradient ``g``, where
+  ``R = I - 2 w w^T + 2 q^ e^T/||e||`` (``q^ = q / ||q||``, ``w = (e/||e|| + q^) / ||.||``,
+  both treated as constants) is the rotation taking ``e``'s direction to ``q``'s. The gradient
+  keeps the angle that ``g`` makes with ``q`` as the angle it makes with ``e``, so the vectors
+  of one code get different gradients by where they lie around it, where the straight-through
+  estimator hands every one of them the same ``g``.
+
 Data-parallel training: a quantizer communicates only when asked, with ``sync=True`` (the
 default process group), ``sync=group`` (a ``torch.distributed`` ProcessGroup) or
 ``enable_sync(model)``, which vqkit's own training calls under ``torchrun``. A bare quantizer
@@ -145,6 +164,78 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(a, b) if a.numel() else (a - b).square().sum()
 
 
+class _NormalizeRows(torch.autograd.Function):
+    """``F.normalize(x, dim=1)`` (rows divided by ``max(||x||, eps)``) with a lean backward:
+    it saves the output and the norms only, and computes ``dx = (g - y (y.g)) / ||x||`` (``g /
+    eps`` for rows shorter than eps) in row blocks, where autograd's version keeps several
+    (N, d) temporaries of the division and the norm."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        norm = x.norm(dim=1, keepdim=True).clamp_(min=eps)  # (N, 1)
+        y = x / norm
+        ctx.save_for_backward(y, norm)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, norm = ctx.saved_tensors
+        out = torch.empty_like(grad)
+        rows = max(1, _CHUNK_ELEMENTS // (4 * max(y.shape[1], 1)))
+        for start in range(0, y.shape[0], rows):
+            block = slice(start, start + rows)
+            y_b, n_b, g = y[block], norm[block], grad[block]
+            radial = torch.where(n_b > ctx.eps, (y_b * g).sum(1, keepdim=True), 0)
+            out[block] = (g - y_b * radial) / n_b
+        return out, None
+
+
+def normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Rows of ``x`` (N, d) scaled to unit length (``F.normalize(x, dim=1, eps=eps)``)."""
+    return _NormalizeRows.apply(x, eps)
+
+
+class _RotationTrick(torch.autograd.Function):
+    """Forward ``q``; backward ``(||q|| / ||e||) R^T g`` to ``e`` and nothing to ``q``. Saves
+    only ``e`` and ``q``, which the losses keep alive anyway, and forms the rotation in the
+    backward pass: ``R^T g = g - 2 (g.w) w + 2 (g.q^) e^``."""
+
+    @staticmethod
+    def forward(ctx, e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(e, q)
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        e, q = ctx.saved_tensors
+        out = torch.empty_like(grad)
+        # In row blocks, so that the half-dozen (rows, d) temporaries stay small and in cache.
+        rows = max(1, _CHUNK_ELEMENTS // (4 * max(e.shape[1], 1)))
+        tiny = torch.finfo(e.dtype).tiny
+        for start in range(0, e.shape[0], rows):
+            block = slice(start, start + rows)
+            e_b, q_b, g = e[block], q[block], grad[block]
+            e_norm = e_b.norm(dim=1, keepdim=True)  # (rows, 1)
+            q_norm = q_b.norm(dim=1, keepdim=True)
+            e_hat = e_b / e_norm.clamp(min=tiny)
+            q_hat = q_b / q_norm.clamp(min=tiny)
+            w = F.normalize(e_hat + q_hat, dim=1)
+            scale = torch.where(e_norm > 0, q_norm / e_norm.clamp(min=tiny), 0)
+            out[block] = scale * (g - 2 * (g * w).sum(1, keepdim=True) * w
+                                  + 2 * (g * q_hat).sum(1, keepdim=True) * e_hat)
+        return out, None
+
+
+def rotate_to(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The rotation trick (Fifty et al. 2024, section 4.2): ``q``'s value with the gradient
+    ``(||q|| / ||e||) R^T g`` w.r.t. ``e``, for rows ``e`` and ``q`` (N, d) of one dtype (see
+    the module docstring for R), R never formed. A zero row (no direction) gets a zero
+    gradient, and ``e`` opposite to ``q`` (``w = 0``) the reflection ``R = I + 2 q^ e^T/||e||``,
+    still a rotation of ``e``'s direction onto ``q``'s."""
+    return _RotationTrick.apply(e, q.detach())
+
+
 def _sync_setting(sync) -> tuple[bool, object]:
     """``(sync, group)`` for a ``sync`` argument of ``VectorQuantizer``: a bool (the default
     group, None) or a ProcessGroup (sync over it)."""
@@ -161,10 +252,12 @@ def _sync_setting(sync) -> tuple[bool, object]:
 class QuantizerOutput:
     """What one quantizer pass returns.
 
-    ``z_q`` (``z_e``'s shape) carries the straight-through gradient; ``codes`` (``z_e``'s shape
-    without the channel axis); ``loss = codebook_loss + beta * commitment_loss`` (codebook
-    term zero with EMA; all three 0 for an empty batch); ``perplexity`` and ``usage``
-    (fraction of the K codes hit) describe this batch only (the global batch under sync).
+    ``z_q`` (``z_e``'s shape) carries the straight-through (or rotation-trick) gradient;
+    ``codes`` (``z_e``'s shape without the channel axis); ``loss = codebook_loss + beta *
+    commitment_loss`` (codebook term zero with EMA; LFQ's entropy penalty in its place, FSQ's
+    all zero; all three 0 for an empty batch); ``perplexity`` and ``usage`` (fraction of the K
+    codes hit) describe this batch only (the global batch under sync). ``ResidualVQ`` gives
+    one ``perplexity`` and ``usage`` per stage.
     """
 
     z_q: torch.Tensor
@@ -176,13 +269,115 @@ class QuantizerOutput:
     usage: torch.Tensor
 
 
-class VectorQuantizer(nn.Module):
+class Quantizer(nn.Module):
+    """What every quantizer of vqkit shares (``VectorQuantizer``, ``FSQ``, ``LFQ``): K =
+    ``codebook_size`` codes for inputs with D = ``dim`` channels along ``channel_dim``;
+    ``forward`` -> ``QuantizerOutput``; ``encode`` -> integer codes in [0, K); ``lookup`` ->
+    their vectors; ``sync`` as in the module docstring (``enable_sync`` switches it on)."""
+
+    codebook_size: int
+    dim: int
+    channel_dim: int
+    sync: bool
+    group: object
+
+    def _channel_axis(self, z_e: torch.Tensor) -> int:
+        """``channel_dim`` as a non-negative axis of ``z_e``, after checking the input."""
+        if not -z_e.dim() <= self.channel_dim < z_e.dim():
+            raise UsageError(f"z_e of shape {tuple(z_e.shape)} has no axis {self.channel_dim} "
+                             f"(channel_dim) to hold the {self.dim} channels")
+        axis = self.channel_dim % z_e.dim()
+        if z_e.shape[axis] != self.dim:
+            raise UsageError(f"z_e of shape {tuple(z_e.shape)} has {z_e.shape[axis]} channels along "
+                             f"axis {axis} but the quantizer has dimension {self.dim}")
+        if not z_e.is_floating_point():
+            raise UsageError(f"z_e must be a floating-point tensor, got {z_e.dtype}")
+        return axis
+
+    @staticmethod
+    def _codes_shape(z_e: torch.Tensor, axis: int) -> tuple[int, ...]:
+        return z_e.shape[:axis] + z_e.shape[axis + 1:]
+
+    def _lookup_axis(self, codes: torch.Tensor) -> int:
+        """The axis of ``lookup``'s output that takes the channels, after checking ``codes``."""
+        if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+            raise UsageError(f"codes must be integers, got {codes.dtype}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise UsageError(f"codes must lie in [0, {self.codebook_size}), got "
+                             f"[{int(codes.min())}, {int(codes.max())}]")
+        ndim = codes.dim() + 1
+        if not -ndim <= self.channel_dim < ndim:
+            raise UsageError(f"codes of shape {tuple(codes.shape)} have no axis {self.channel_dim} "
+                             f"to put the channels back at (channel_dim={self.channel_dim})")
+        return self.channel_dim % ndim
+
+    def _synced(self) -> bool:
+        """Whether this quantizer's updates are computed over a group of two or more."""
+        return self.sync and distributed.active(self.group)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """The code vectors of integer ``codes`` (any shape), float32, with the channel axis
+        inserted at ``channel_dim``: ``lookup(encode(z_e))`` has ``z_e``'s shape."""
+        axis = self._lookup_axis(codes)
+        with torch.autocast(device_type=codes.device.type, enabled=False):
+            return self._vectors(codes).movedim(-1, axis)
+
+    def _vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        """The vectors of valid ``codes``, channels last: (*codes.shape, D) float32."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def code_vectors(self) -> torch.Tensor:
+        """The vector of every code, (K, D) float32: row ``k`` is ``lookup``'s for code ``k``."""
+        device = next(iter((*self.parameters(), *self.buffers())), torch.zeros(())).device
+        return self._vectors(torch.arange(self.codebook_size, device=device))
+
+
+class _SkinnyLinear(torch.autograd.Function):
+    """``F.linear(x, w, b)`` for rows ``x`` (N, a) -> (N, c) where one of a, c is small (the
+    projections to and from a few code channels), with the backward's matmuls in the orders
+    that BLAS runs fast for such shapes: both long products contract over N or the wide side
+    with the long (N, *) operand untransposed, which autograd's ``g.t() @ x`` and ``g @ w`` do
+    not when ``c`` is the wide side (1.4x the whole FSQ step at N=65536, D=64, d=4)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return torch.addmm(b, x, w.t())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        wide_out = grad.shape[1] > x.shape[1]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (w.t() @ grad.t()).t() if wide_out else grad @ w  # (N, a)
+        if ctx.needs_input_grad[1]:
+            grad_w = (x.t() @ grad).t() if wide_out else grad.t() @ x  # (c, a)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def _linear(x: torch.Tensor, layer: nn.Linear | None) -> torch.Tensor:
+    """``layer(x)`` for ``x`` (*, a), computed in ``x``'s dtype (float32 or float64, also under
+    autocast); ``x`` itself when there is no layer."""
+    if layer is None:
+        return x
+    rows = x.reshape(-1, x.shape[-1])  # (N, a)
+    out = _SkinnyLinear.apply(rows, layer.weight.to(x.dtype), layer.bias.to(x.dtype))
+    return out.reshape(*x.shape[:-1], out.shape[1])
+
+
+class VectorQuantizer(Quantizer):
     """Nearest-neighbour quantizer with a learned (or EMA) codebook, for inputs of any shape
-    with a channel axis (see the module docstring for the shapes, dtypes and sync rules).
+    with a channel axis (see the module docstring for the shapes, dtypes, options and sync
+    rules).
 
     Args:
         codebook_size: K, the number of codes.
-        dim: D, the size of ``z_e``'s channel axis and of each code vector.
+        dim: D, the size of ``z_e``'s channel axis (and of each code vector, unless
+            ``factor_dim``).
         beta: commitment weight (0.25 in the paper).
         ema: update the codebook by moving averages instead of the codebook loss (the
             codebook is then a buffer, not a parameter).
@@ -202,6 +397,10 @@ class VectorQuantizer(nn.Module):
             that group. A no-op outside a group of two or more. A quantizer holding a
             ProcessGroup cannot be pickled or deep-copied (process groups cannot be); copy it
             before switching sync on (``enable_sync``).
+        cosine: a cosine-similarity codebook: vectors and codes l2-normalised.
+        factor_dim: d < D for factorised codes: the codebook is (K, d), reached through
+            learned projections D -> d -> D; None for none.
+        rotation: the rotation trick's gradient instead of the straight-through estimator.
     """
 
     def __init__(
@@ -217,12 +416,18 @@ class VectorQuantizer(nn.Module):
         restart_after: int = 0,
         channel_dim: int = 1,
         sync: bool | torch.distributed.ProcessGroup = False,
+        cosine: bool = False,
+        factor_dim: int | None = None,
+        rotation: bool = False,
     ):
         super().__init__()
         if codebook_size < 1 or dim < 1:
             raise UsageError(f"codebook_size and dim must be positive, got {codebook_size}, {dim}")
         if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
             raise UsageError(f"channel_dim must be an int, got {channel_dim!r}")
+        if factor_dim is not None and (isinstance(factor_dim, bool) or not isinstance(factor_dim, int)
+                                       or factor_dim < 1):
+            raise UsageError(f"factor_dim must be a positive int or None, got {factor_dim!r}")
         self.codebook_size = codebook_size
         self.dim = dim
         self.beta = beta
@@ -233,7 +438,14 @@ class VectorQuantizer(nn.Module):
         self.restart_after = restart_after
         self.channel_dim = channel_dim
         self.sync, self.group = _sync_setting(sync)
-        init = torch.empty(codebook_size, dim).uniform_(-1 / codebook_size, 1 / codebook_size)
+        self.cosine = cosine
+        self.rotation = rotation
+        self.factor_dim = factor_dim
+        # The space of the search: z_e's own, or the small one of factorised codes.
+        self.code_dim = dim if factor_dim is None else factor_dim
+        self.project_in = None if factor_dim is None else nn.Linear(dim, factor_dim)
+        self.project_out = None if factor_dim is None else nn.Linear(factor_dim, dim)
+        init = torch.empty(codebook_size, self.code_dim).uniform_(-1 / codebook_size, 1 / codebook_size)
         if ema:
             self.register_buffer("codebook", init)
             self.register_buffer("ema_count", torch.ones(codebook_size))
@@ -244,8 +456,20 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("unused_steps", torch.zeros(codebook_size, dtype=torch.long))
 
     def extra_repr(self) -> str:
+        options = "".join(f", {name}={getattr(self, name)}" for name in ("cosine", "factor_dim", "rotation")
+                          if getattr(self, name))
         return (f"{self.codebook_size}, {self.dim}, ema={self.ema}, channel_dim={self.channel_dim}, "
-                f"sync={self.sync}")
+                f"sync={self.sync}{options}")
+
+    def _to_code_space(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of z_e (N, D) -> the vectors that are searched (N, d): projected, normalised."""
+        rows = _linear(rows, self.project_in)
+        return normalize_rows(rows) if self.cosine else rows
+
+    def _codes_to_vectors(self) -> torch.Tensor:
+        """The codebook as the search sees it, (K, d) float32: normalised for cosine."""
+        codebook = self.codebook.float()
+        return F.normalize(codebook, dim=1) if self.cosine else codebook
 
     def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
         """Quantize ``z_e`` (D channels along ``channel_dim``, any other axes, any float dtype)
@@ -254,12 +478,16 @@ class VectorQuantizer(nn.Module):
         axis = self._channel_axis(z_e)
         out_dtype = torch.promote_types(z_e.dtype, torch.float32)
         with torch.autocast(device_type=z_e.device.type, enabled=False):
-            flat = z_e.float().movedim(axis, -1).reshape(-1, self.dim)
+            # rows in the output's dtype (no copy for float32), the codebook maths in float32.
+            rows = z_e.to(out_dtype).movedim(axis, -1).reshape(-1, self.dim)  # (N, D)
+            through = self._to_code_space(rows)  # (N, d)
+            flat = through.float()
             if self.training and not bool(self.initialized):
                 self._kmeans_init(flat.detach())
-            codes = nearest_codes(flat.detach(), self.codebook)
+            codebook = self._codes_to_vectors()
+            codes = nearest_codes(flat.detach(), codebook)
             counts = torch.bincount(codes, minlength=self.codebook_size)
-            z_q_flat = F.embedding(codes, self.codebook)
+            z_q_flat = F.embedding(codes, codebook)
             commitment = _mse(flat, z_q_flat.detach())
             if self.ema:
                 codebook_loss = torch.zeros((), device=z_e.device)
@@ -276,10 +504,12 @@ class VectorQuantizer(nn.Module):
                         counts = distributed.all_reduce_sum(counts, self.group)
                     if self.restart_after > 0:
                         self._restart_dead_codes(flat, counts)
-            # float32 inputs (the common case) pass straight through without a copy.
-            through = flat if out_dtype == torch.float32 else \
-                z_e.to(out_dtype).movedim(axis, -1).reshape(-1, self.dim)
-            z_q_flat = through + (z_q_flat.to(out_dtype) - through).detach()
+            target = z_q_flat.to(out_dtype)
+            if self.rotation:
+                z_q_flat = rotate_to(through, target)
+            else:
+                z_q_flat = through + (target - through).detach()
+            z_q_flat = _linear(z_q_flat, self.project_out)  # (N, D)
             z_q = z_q_flat.reshape(*self._codes_shape(z_e, axis), self.dim).movedim(-1, axis)
         return QuantizerOutput(
             z_q=z_q,
@@ -296,42 +526,15 @@ class VectorQuantizer(nn.Module):
         """Codes (``z_e``'s shape without the channel axis, int64) for ``z_e``, without
         touching any statistics or communicating."""
         axis = self._channel_axis(z_e)
-        flat = z_e.float().movedim(axis, -1).reshape(-1, self.dim)
-        return nearest_codes(flat, self.codebook).reshape(self._codes_shape(z_e, axis))
+        with torch.autocast(device_type=z_e.device.type, enabled=False):
+            rows = z_e.float().movedim(axis, -1).reshape(-1, self.dim)
+            codes = nearest_codes(self._to_code_space(rows), self._codes_to_vectors())
+        return codes.reshape(self._codes_shape(z_e, axis))
 
-    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        """The code vectors of integer ``codes`` (any shape), float32, with the channel axis
-        inserted at ``channel_dim``: ``lookup(encode(z_e))`` has ``z_e``'s shape and holds
-        codebook rows bit for bit."""
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise UsageError(f"codes must lie in [0, {self.codebook_size}), got "
-                             f"[{int(codes.min())}, {int(codes.max())}]")
-        ndim = codes.dim() + 1
-        if not -ndim <= self.channel_dim < ndim:
-            raise UsageError(f"codes of shape {tuple(codes.shape)} have no axis {self.channel_dim} "
-                             f"to put the channels back at (channel_dim={self.channel_dim})")
-        return F.embedding(codes, self.codebook.float()).movedim(-1, self.channel_dim % ndim)
-
-    def _channel_axis(self, z_e: torch.Tensor) -> int:
-        """``channel_dim`` as a non-negative axis of ``z_e``, after checking the input."""
-        if not -z_e.dim() <= self.channel_dim < z_e.dim():
-            raise UsageError(f"z_e of shape {tuple(z_e.shape)} has no axis {self.channel_dim} "
-                             f"(channel_dim) to hold the {self.dim} channels")
-        axis = self.channel_dim % z_e.dim()
-        if z_e.shape[axis] != self.dim:
-            raise UsageError(f"z_e of shape {tuple(z_e.shape)} has {z_e.shape[axis]} channels along "
-                             f"axis {axis} but the codebook has dimension {self.dim}")
-        if not z_e.is_floating_point():
-            raise UsageError(f"z_e must be a floating-point tensor, got {z_e.dtype}")
-        return axis
-
-    @staticmethod
-    def _codes_shape(z_e: torch.Tensor, axis: int) -> tuple[int, ...]:
-        return z_e.shape[:axis] + z_e.shape[axis + 1:]
-
-    def _synced(self) -> bool:
-        """Whether this quantizer's updates are computed over a group of two or more."""
-        return self.sync and distributed.active(self.group)
+    def _vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codebook rows (normalised for cosine; through ``W_out`` for factorised codes), so
+        that ``lookup(encode(z_e))`` holds them bit for bit."""
+        return _linear(F.embedding(codes, self._codes_to_vectors()), self.project_out)
 
     def _batch_sizes(self, flat: torch.Tensor) -> list[int]:
         """Rows of each process's batch: the global batch's layout under sync."""
@@ -412,11 +615,11 @@ class VectorQuantizer(nn.Module):
 
 
 def enable_sync(module: nn.Module, group=None) -> int:
-    """Switch every ``VectorQuantizer`` in ``module`` (itself included) to sync over ``group``
+    """Switch every quantizer (``Quantizer``: VQ, FSQ, LFQ) in ``module`` (itself included) to sync over ``group``
     (the default process group when None); returns how many it switched. For data-parallel
     training, where each process's codebook must follow the global batch."""
     sync, group = _sync_setting(True if group is None else group)
-    quantizers = [m for m in module.modules() if isinstance(m, VectorQuantizer)]
+    quantizers = [m for m in module.modules() if isinstance(m, Quantizer)]
     for quantizer in quantizers:
         quantizer.sync, quantizer.group = sync, group
     return len(quantizers)

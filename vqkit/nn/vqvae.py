@@ -42,10 +42,17 @@ time and lost on every prefix (README), so it is not offered.
 
 A model without prefix training (``"off"``, every run made before the field existed) decodes a
 prefix with zeros for the missing maps, as it always did.
+
+The config's ``quantizer`` chooses another quantizer (``vqkit.nn.quantizers``): one spec for
+every level, or a list of one per level, top-first, e.g. ``{"kind": "fsq", "levels": [8, 5, 5,
+5]}``; each level's quantizer takes and gives D channels, so the rest of the model is the same.
+Left out (None), it is the VQ above, and the config's dict has no ``quantizer`` entry, as before
+the field existed, so that older runs and the fingerprints of their codec files are unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -58,7 +65,8 @@ from vqkit.errors import ConfigError, UsageError
 from vqkit.nn.likelihood import LIKELIHOODS, GaussianLikelihood, LikelihoodOutput, make_likelihood
 from vqkit.nn.nets import Decoder, Encoder
 from vqkit.nn.pretrained import PretrainedMixin
-from vqkit.nn.quantize import QuantizerOutput, VectorQuantizer
+from vqkit.nn.quantize import QuantizerOutput
+from vqkit.nn.quantizers import DEFAULT, build_quantizer, canonical_spec, spec_codebook_size
 
 
 class _Levels:
@@ -109,6 +117,10 @@ class _Network(_Levels):
         restart_after: re-seed a code unused for this many training steps (0: never).
         likelihood: ``"gaussian"`` (trained by MSE) or ``"logistic_mixture"``.
         mixtures: logistic components per subpixel (``logistic_mixture`` only).
+        quantizer: the quantizer of every level (a spec such as ``{"kind": "fsq", "levels":
+            [8, 5, 5, 5]}``, see ``vqkit.nn.quantizers``) or a list of one per level,
+            top-first; None for VQ. ``ema``, ``decay``, ``kmeans_init`` and ``restart_after``
+            apply to VQ levels; an FSQ or LFQ level's codebook size must be its grid's K.
     """
 
     in_channels: int = 3
@@ -123,6 +135,34 @@ class _Network(_Levels):
     restart_after: int = 100
     likelihood: str = "gaussian"
     mixtures: int = 5
+    quantizer: dict | list | None = None
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        if data["quantizer"] is None:  # the default: the dict (and its fingerprint) as before the field
+            del data["quantizer"]
+        return data
+
+    def level_quantizers(self) -> list[dict]:
+        """The canonical quantizer spec of every level, top-first."""
+        return _level_specs(self.quantizer, self.num_levels)
+
+    def _check_quantizer(self) -> None:
+        """Makes ``quantizer`` canonical (None when every level is the default VQ, one spec when
+        the levels share it, else one per level) after checking each level's K against it."""
+        specs = self.level_quantizers()
+        for level, (spec, k) in enumerate(zip(specs, self.codebook_sizes)):
+            fixed = spec_codebook_size(spec)
+            if fixed is not None and fixed != k:
+                name = "codebook_size" if self.num_levels == 1 else f"codebook_sizes[{level}]"
+                raise ConfigError(f"the {spec['kind']} quantizer {spec} has {fixed} codes but {name} is {k}; "
+                                  f"set it to {fixed} (vqkit.nn.vqvae.with_quantizer does)")
+        if all(spec == DEFAULT for spec in specs):
+            self.quantizer = None
+        elif all(spec == specs[0] for spec in specs):
+            self.quantizer = specs[0]
+        else:
+            self.quantizer = specs
 
     def __post_init__(self):
         if self.likelihood not in LIKELIHOODS:
@@ -158,6 +198,7 @@ class VQVAEConfig(_Network, JsonConfig):
             raise ConfigError(f"codebook_size must be positive, got {self.codebook_size}")
         if self.downsample < 0:
             raise ConfigError(f"downsample must be >= 0, got {self.downsample}")
+        self._check_quantizer()
 
     @property
     def strides(self) -> list[int]:
@@ -222,9 +263,36 @@ class VQVAE2Config(_Network, JsonConfig):
         if self.prefix_training not in self.PREFIX_TRAINING:
             raise ConfigError(f"prefix_training must be one of {', '.join(map(repr, self.PREFIX_TRAINING))}, "
                               f"got {self.prefix_training!r}")
+        self._check_quantizer()
 
 
 StageOneConfig = VQVAEConfig | VQVAE2Config
+
+
+def _level_specs(quantizer, levels: int) -> list[dict]:
+    """Canonical specs, one per level, of a config's ``quantizer`` (None, a spec or a list)."""
+    if quantizer is None:
+        return [dict(DEFAULT) for _ in range(levels)]
+    if isinstance(quantizer, (list, tuple)):
+        if len(quantizer) != levels:
+            raise ConfigError(f"quantizer lists {len(quantizer)} quantizer(s) for a model of {levels} level(s): "
+                              "give one object for every level or a list of one per level, top-first")
+        return [canonical_spec(spec, f"quantizer[{level}]") for level, spec in enumerate(quantizer)]
+    spec = canonical_spec(quantizer)
+    return [dict(spec) for _ in range(levels)]
+
+
+def with_quantizer(config: StageOneConfig, quantizer) -> StageOneConfig:
+    """A copy of ``config`` with ``quantizer`` (a spec, a list of one per level, or None), and
+    the codebook size of every FSQ or LFQ level set to its grid's K."""
+    specs = _level_specs(quantizer, config.num_levels)
+    sizes = [spec_codebook_size(spec) or k for spec, k in zip(specs, config.codebook_sizes)]
+    data = {**config.to_dict(), "quantizer": quantizer}
+    if isinstance(config, VQVAE2Config):
+        data["codebook_sizes"] = sizes
+    else:
+        data["codebook_size"] = sizes[0]
+    return type(config).from_dict(data)
 
 
 @dataclass
@@ -299,8 +367,9 @@ class VQVAE(nn.Module, PretrainedMixin):
             [encoder(0, d)] + [encoder(level, c.hidden) for level in range(1, levels)])
         self.pre_quant = nn.ModuleList(nn.Conv2d(c.hidden + d, d, 1) for _ in range(1, levels))
         self.quantizers = nn.ModuleList(
-            VectorQuantizer(k, d, beta=c.beta, ema=c.ema, decay=c.decay, kmeans_init=c.kmeans_init,
-                            restart_after=c.restart_after) for k in c.codebook_sizes)
+            build_quantizer(spec, k, d, beta=c.beta, ema=c.ema, decay=c.decay, kmeans_init=c.kmeans_init,
+                            restart_after=c.restart_after)
+            for spec, k in zip(c.level_quantizers(), c.codebook_sizes))
         # C_0 sees z_q_0 only; C_l below it sees [z_q_l, c_{l-1}].
         self.conditioners = nn.ModuleList(
             Decoder(d if level == 0 else 2 * d, c.hidden, c.res_hidden, c.num_res_blocks,

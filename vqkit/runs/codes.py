@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -43,8 +42,16 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from vqkit.data.datasets import ImageSet, to_model
+from vqkit.data.loader import iter_batches
 from vqkit.errors import UsageError, VqkitError
-from vqkit.fsutil import atomic_path, fsync_dir, fsync_file
+from vqkit.fsutil import (
+    atomic_path,
+    check_replaceable,
+    fsync_dir,
+    fsync_file,
+    move_folder_into_place,
+    read_npy,
+)
 from vqkit.nn.vqvae import VQVAE, StageOneConfig, level_names
 
 FORMAT_VERSION = 1
@@ -119,7 +126,7 @@ def code_dtype(codebook_size: int) -> np.dtype:
 
 def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, batch_size: int = 256,
                   limit: int | None = None, progress: bool = True, overwrite: bool = False,
-                  flip: bool = False, source: dict) -> list[CodeSet]:
+                  flip: bool = False, source: dict, workers: int | None = None) -> list[CodeSet]:
     """VQ-VAE-2 Algorithm 2, lines 1-7: encode the first ``limit`` images of ``dataset`` (all by
     default) once and store every level's code maps. Returns the sets top-first.
 
@@ -134,6 +141,8 @@ def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, ba
     originals (rows ``n + i``; see the module docstring): exact augmentation for a prior, at
     twice the extraction time and space.
 
+    ``workers`` processes decode a folder set ahead of the encoder (``vqkit.data.loader``).
+
     ``source`` is the provenance written into the manifests (JSON-serialisable; the command
     line gives ``run``, ``step``, ``fingerprint``, ``data`` and ``split``). An existing
     ``out`` is refused unless ``overwrite``, and then only if it is a code set itself. The whole
@@ -143,13 +152,13 @@ def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, ba
     levels = model.config.num_levels
     names = level_names(levels) if levels > 1 else None
     _extract(model, dataset, Path(out), names, batch_size=batch_size, limit=limit, progress=progress,
-             overwrite=overwrite, flip=flip, source=source)
+             overwrite=overwrite, flip=flip, source=source, workers=workers)
     return [load_codes(Path(out) / name) for name in names] if names else [load_codes(out)]
 
 
 def _extract(model: VQVAE, dataset: ImageSet, out: Path, names: list[str] | None, *,
              batch_size: int, limit: int | None, progress: bool, overwrite: bool, flip: bool,
-             source: dict) -> None:
+             source: dict, workers: int | None) -> None:
     """Encode into one code set at ``out`` (``names`` None), or one per level in ``out/<name>/``."""
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
@@ -201,9 +210,8 @@ def _extract(model: VQVAE, dataset: ImageSet, out: Path, names: list[str] | None
         passes = [(0, False), (n, True)] if flip else [(0, False)]
         with tqdm(total=count, desc="extract", unit="img", disable=not progress,
                   dynamic_ncols=True) as bar:
-            for start in range(0, n, batch_size):
-                stop = min(start + batch_size, n)
-                images, y = dataset.batch(torch.arange(start, stop))
+            for start, images, y in iter_batches(dataset, batch_size, limit=n, workers=workers, device=device):
+                stop = start + len(images)
                 for offset, mirrored in passes:
                     x = to_model(images.flip(-1) if mirrored else images).to(device)
                     # One encoder pass gives every level's map of the same images.
@@ -225,7 +233,7 @@ def _extract(model: VQVAE, dataset: ImageSet, out: Path, names: list[str] | None
             _write_synced(tmp / "manifest.json", levels_text)
         fsync_dir(tmp)
         _check_replaceable(out, overwrite)  # another process may have created it meanwhile
-        _move_into_place(tmp, out)
+        move_folder_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -261,7 +269,7 @@ def load_codes(path: str | os.PathLike, mmap: bool = True) -> CodeSet:
     k = manifest["codebook_size"]
 
     codes_path = path / "codes.npy"
-    codes = read_npy(codes_path, mmap)
+    codes = read_npy(codes_path, mmap, CodeStoreError)
     if codes.dtype != np.dtype(manifest["dtype"]) or codes.shape != (n, h, w):
         raise CodeStoreError(f"{codes_path}: holds {codes.dtype} {codes.shape}, but the manifest "
                              f"says {manifest['dtype']} {(n, h, w)}")
@@ -275,7 +283,7 @@ def load_codes(path: str | os.PathLike, mmap: bool = True) -> CodeSet:
                                  f"values in [{int(codes[bad].min())}, {int(codes[bad].max())}]")
 
     labels_path = path / "labels.npy"
-    labels = read_npy(labels_path, mmap)
+    labels = read_npy(labels_path, mmap, CodeStoreError)
     if labels.dtype != np.int64 or labels.shape != (n,):
         raise CodeStoreError(f"{labels_path}: holds {labels.dtype} {labels.shape}, but the manifest "
                              f"needs int64 ({n},), one label per code map")
@@ -329,24 +337,6 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def read_npy(path: Path, mmap: bool = False) -> np.ndarray:
-    """A .npy array, refusing anything else without ever unpickling."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
-    except FileNotFoundError:
-        raise CodeStoreError(f"{path}: missing (no such file)") from None
-    except OSError as e:
-        raise CodeStoreError(f"{path}: cannot read ({e.strerror})") from None
-    if magic != b"\x93NUMPY":
-        # np.load would try other formats first and report "pickled data", which misleads.
-        raise CodeStoreError(f"{path}: not a .npy file (no NumPy .npy header)")
-    try:
-        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-    except (ValueError, OSError, EOFError) as e:
-        raise CodeStoreError(f"{path}: not a readable .npy array ({e})") from None
-
-
 def save_maps(maps: list[torch.Tensor], path: str | os.PathLike, codebook_sizes: list[int]) -> None:
     """Code maps (one (N, h_l, w_l) tensor per level, top-first) as ``vqkit encode`` writes
     them: one level as one ``.npy`` file at ``path``; several as a folder of ``<level name>.npy``
@@ -370,7 +360,7 @@ def save_maps(maps: list[torch.Tensor], path: str | os.PathLike, codebook_sizes:
                 np.save(f, codes.cpu().numpy().astype(code_dtype(k)))
             fsync_file(tmp / name)
         fsync_dir(tmp)
-        _move_into_place(tmp, out)
+        move_folder_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -378,7 +368,7 @@ def save_maps(maps: list[torch.Tensor], path: str | os.PathLike, codebook_sizes:
 def _read_map_file(path: Path, codebook_size: int) -> torch.Tensor:
     """Code maps (N, h, w) int64 from a .npy file (a single (h, w) map is accepted too),
     checked to lie in [0, codebook_size)."""
-    array = read_npy(path)
+    array = read_npy(path, error=CodeStoreError)
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3 or not np.issubdtype(array.dtype, np.integer):
@@ -417,37 +407,4 @@ def read_maps(path: str | os.PathLike, config: StageOneConfig) -> list[torch.Ten
 
 
 def _check_replaceable(out: Path, overwrite: bool) -> None:
-    if not out.exists() and not out.is_symlink():
-        return
-    if not overwrite:
-        raise CodeStoreError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
-    # Only a code set (or a VQ-VAE-2's folder of them) is ever deleted: a mistyped -o must not
-    # remove an unrelated folder.
-    try:
-        kind = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
-        kind = None
-    if not out.is_dir() or out.is_symlink() or kind not in (KIND, LEVELS_KIND):
-        raise CodeStoreError(f"{out}: exists and is not a vqkit code set; refusing to replace it")
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``out``, replacing an existing code set.
-
-    Two folders cannot be swapped atomically, so the old set is first renamed aside (and back
-    if the second rename fails): a crash between the two renames leaves both complete sets
-    under their hidden names, never a partial one at ``out``.
-    """
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old)
+    check_replaceable(out, overwrite, (KIND, LEVELS_KIND), "a vqkit code set", CodeStoreError)

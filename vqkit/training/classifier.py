@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from vqkit import distributed, precision
 from vqkit.config import JsonConfig
 from vqkit.data.datasets import ImageSet, TensorImageSet, in_memory, load_dataset, to_model
+from vqkit.data.loader import ReadConfig, StepBatches
 from vqkit.errors import ConfigError
 from vqkit.nn.classifier import Classifier, ClassifierConfig
 from vqkit.runs.checkpoint import load_classifier
-from vqkit.training.loop import StepOutput, TrainingError, TrainResult, batch_indices, run_loop
+from vqkit.training.loop import StepOutput, TrainingError, TrainResult, run_loop, step_indices
 from vqkit.training.setup import RunConfig, start_run
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
-class ClassifierTrainConfig(JsonConfig, RunConfig):
+class ClassifierTrainConfig(JsonConfig, ReadConfig, RunConfig):
     """How to train a classifier; saved in the classifier run's config.json.
 
     The schedule and placement fields are those of every run (``RunConfig``), with a
@@ -115,7 +116,8 @@ def train_classifier(run_dir: str | Path, model_config: ClassifierConfig, config
     distributed.setup()
     if dataset is None:
         dataset = load_dataset(config.data, "train", image_size=config.image_size)
-    dataset = in_memory(dataset, progress=progress and distributed.is_main())
+    dataset = in_memory(dataset, config.in_memory_bytes, config.workers,
+                        progress=progress and distributed.is_main())
     if len(dataset) < 1:
         raise TrainingError(f"{config.data}: the training set is empty")
     if dataset.channels != model_config.in_channels:
@@ -133,12 +135,13 @@ def train_classifier(run_dir: str | Path, model_config: ClassifierConfig, config
     run = start_run(run_dir, KIND, model_config, lambda: Classifier(model_config), config, resume=resume,
                     tensorboard=tensorboard, extra=extra)
     model, forward, placement = run.model, run.forward, run.placement
+    batches = StepBatches(dataset, step_indices(len(dataset), config.batch_size, config.seed), config.steps,
+                          config.workers, placement.device)
 
     def step_fn(step: int) -> StepOutput:
         for group in run.optimizer.param_groups:
             group["lr"] = config.lr_at(step)
-        images, labels = dataset.batch(batch_indices(step, len(dataset), config.batch_size, config.seed,
-                                                     distributed.rank(), distributed.world_size()))
+        images, labels = batches.get(step)
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 7919 + distributed.rank())
         x = precision.prepare_input(to_model(augment(images, config.shift, config.flip, g)), placement)
         labels = labels.to(placement.device)
@@ -148,9 +151,11 @@ def train_classifier(run_dir: str | Path, model_config: ClassifierConfig, config
         accuracy = (logits.argmax(1) == labels).float().mean()
         return StepOutput(loss, {"accuracy": accuracy})
 
-    return run_loop(run_dir, model, run.optimizer, run.step, steps=config.steps, time_budget=config.time_budget,
-                    checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-                    step_fn=step_fn, board=run.board, progress=progress, desc="train-classifier")
+    with batches:
+        return run_loop(run_dir, model, run.optimizer, run.step, steps=config.steps,
+                        time_budget=config.time_budget, checkpoint_every=config.checkpoint_every,
+                        log_every=config.log_every, step_fn=step_fn, board=run.board, progress=progress,
+                        desc="train-classifier")
 
 
 def fit_classifier(run_dir: str | Path, images: torch.Tensor, labels: torch.Tensor,

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from vqkit.data.datasets import ImageSet, to_model
 from vqkit.data.images import psnr_from_mse
+from vqkit.data.loader import iter_batches
 from vqkit.errors import UsageError
 from vqkit.nn.likelihood import bits_per_dim
 from vqkit.nn.quantize import CodebookUsage
@@ -121,7 +122,7 @@ def _psnr(sq_err: float, count: int) -> float:
 
 @torch.no_grad()
 def evaluate(model: VQVAE, dataset: ImageSet, batch_size: int = 256, limit: int | None = None,
-             progress: bool = False) -> EvalResult:
+             progress: bool = False, workers: int | None = None) -> EvalResult:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -142,8 +143,9 @@ def evaluate(model: VQVAE, dataset: ImageSet, batch_size: int = 256, limit: int 
     shapes: list[list[int]] = []
     subpixels = 0
     try:
-        for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
-            images, _ = dataset.batch(torch.arange(start, min(start + batch_size, n)))
+        stream = iter_batches(dataset, batch_size, limit=n, workers=workers, device=device)
+        for _, images, _ in tqdm(stream, total=-(-n // batch_size), desc="eval", disable=not progress,
+                                 leave=False):
             x = to_model(images).to(device)
             out = model(x)
             codes = out.codes

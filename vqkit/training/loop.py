@@ -12,6 +12,7 @@ and rank 0 alone shows progress and writes checkpoints.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -125,6 +126,13 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0,
     perm = torch.randperm(n, generator=g)
     start = offset * global_size + rank * batch_size
     return perm[start:start + batch_size]
+
+
+def step_indices(n: int, batch_size: int, seed: int) -> functools.partial:
+    """Step -> this process's ``batch_indices`` of that step's batch, as a picklable callable
+    for the data workers (``vqkit.data.loader.StepBatches``)."""
+    return functools.partial(batch_indices, n=n, batch_size=batch_size, seed=seed,
+                             rank=distributed.rank(), world_size=distributed.world_size())
 
 
 class TensorBoard:

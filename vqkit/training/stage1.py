@@ -23,19 +23,21 @@ from vqkit import distributed, precision
 from vqkit.config import JsonConfig
 from vqkit.data.datasets import ImageSet, from_model, in_memory, load_dataset, to_model
 from vqkit.data.images import make_grid
+from vqkit.data.loader import ReadConfig, StepBatches
 from vqkit.nn.quantize import CodebookUsage, enable_sync
 from vqkit.nn.vqvae import VQVAE, StageOneConfig, build_model, level_names
-from vqkit.training.loop import StepOutput, TrainingError, TrainResult, batch_indices, run_loop
+from vqkit.training.loop import StepOutput, TrainingError, TrainResult, run_loop, step_indices
 from vqkit.training.setup import RunConfig, start_run
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig(JsonConfig, RunConfig):
+class TrainConfig(JsonConfig, ReadConfig, RunConfig):
     """How to train a stage-1 model; saved in the run's config.json beside the model configuration.
 
-    The schedule and placement fields are those of every run (``RunConfig``).
+    The schedule and placement fields are those of every run (``RunConfig``), the reading
+    settings those of every command that reads images (``ReadConfig``).
 
     Args:
         data: the training images, as KIND:DIR (mnist, fashion-mnist, cifar10, folder).
@@ -61,7 +63,8 @@ def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig
     distributed.setup()
     if dataset is None:
         dataset = load_dataset(config.data, "train", image_size=config.image_size, skip_bad=config.skip_bad)
-    dataset = in_memory(dataset, progress=progress and distributed.is_main())
+    dataset = in_memory(dataset, config.in_memory_bytes, config.workers,
+                        progress=progress and distributed.is_main())
     if dataset.channels != model_config.in_channels:
         raise TrainingError(f"{config.data}: images have {dataset.channels} channels but the model "
                             f"expects {model_config.in_channels}")
@@ -80,9 +83,11 @@ def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig
     epoch_usage = [CodebookUsage(k) for k in model_config.codebook_sizes]
     per_prefix = getattr(model_config, "prefix_training", "off") == "loss"
 
+    batches = StepBatches(dataset, step_indices(len(dataset), config.batch_size, config.seed), config.steps,
+                          config.workers, placement.device)
+
     def step_fn(step: int) -> StepOutput:
-        images, _ = dataset.batch(batch_indices(step, len(dataset), config.batch_size, config.seed,
-                                                distributed.rank(), distributed.world_size()))
+        images, _ = batches.get(step)
         with precision.autocast(placement):
             out = forward(precision.prepare_input(to_model(images), placement))
         stats = {"recon_loss": out.recon_loss, "commitment_loss": out.commitment_loss}
@@ -105,9 +110,11 @@ def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig
         if step % config.image_every == 0 and board.enabled:
             board.image("reconstructions", _comparison_grid(model, fixed_images, placement), step)
 
-    return run_loop(run_dir, model, run.optimizer, run.step, steps=config.steps, time_budget=config.time_budget,
-                    checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-                    step_fn=step_fn, after_step=after_step, board=board, progress=progress)
+    with batches:
+        return run_loop(run_dir, model, run.optimizer, run.step, steps=config.steps,
+                        time_budget=config.time_budget, checkpoint_every=config.checkpoint_every,
+                        log_every=config.log_every, step_fn=step_fn, after_step=after_step, board=board,
+                        progress=progress)
 
 
 def _build(model_config: StageOneConfig) -> VQVAE:
