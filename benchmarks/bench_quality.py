@@ -16,9 +16,11 @@ The run folder is kept (default under /tmp) for `vqkit reconstruct` and TensorBo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -27,7 +29,8 @@ from vqkit.data.datasets import load_dataset
 from vqkit.nn.presets import preset
 from vqkit.nn.quantizers import parse_quantizer
 from vqkit.nn.vqvae import VQVAE2Config, with_quantizer
-from vqkit.runs.checkpoint import load_model
+from vqkit.runs.checkpoint import load_model, read_model_config
+from vqkit.training import loop
 from vqkit.training.evaluate import evaluate
 from vqkit.training.stage1 import TrainConfig, train
 
@@ -36,11 +39,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--preset", default="cifar10")
+    p.add_argument("--config", type=Path, help="model config JSON instead of a preset")
+    p.add_argument("--prefix-training", choices=VQVAE2Config.PREFIX_TRAINING,
+                   help="(hierarchies) override the model's prefix_training")
     p.add_argument("--budget", type=float, default=600.0, help="training seconds")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="what --budget counts: wall seconds, or this process's CPU seconds (fairer between "
+                        "runs on a shared machine, where other jobs stretch the wall time of each step)")
     p.add_argument("--image-size", type=int, help="centre-crop and resize folder images")
     p.add_argument("--out", type=Path, help="run folder (default: a new folder under /tmp)")
     p.add_argument("--quantizer", action="append", help="the quantizer instead of the preset's (repeat per level)")
@@ -53,7 +62,9 @@ def main() -> None:
     config = TrainConfig(data=args.data, steps=10**9, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, time_budget=args.budget, checkpoint_every=10**9,
                        image_size=args.image_size)
-    model_config = preset(args.preset)
+    model_config = read_model_config(args.config) if args.config else preset(args.preset)
+    if args.prefix_training:
+        model_config = dataclasses.replace(model_config, prefix_training=args.prefix_training)
     if args.codebook_size:
         sizes = {"codebook_sizes": [args.codebook_size] * model_config.num_levels} \
             if isinstance(model_config, VQVAE2Config) else {"codebook_size": args.codebook_size}
@@ -61,15 +72,21 @@ def main() -> None:
     if args.quantizer:
         specs = [parse_quantizer(text) for text in args.quantizer]
         model_config = with_quantizer(model_config, specs[0] if len(specs) == 1 else specs)
+    if args.clock == "cpu":
+        loop.budget_clock = time.process_time
+    wall = time.monotonic()
     result = train(out, model_config, config, progress=False)
+    wall = time.monotonic() - wall
     model, _ = load_model(out)
     metrics = evaluate(model, load_dataset(args.data, "test", image_size=args.image_size), progress=False)
-    print(json.dumps({"preset": args.preset, "quantizer": model_config.quantizer,
-                      "codebook_sizes": model_config.codebook_sizes, "data": args.data, "lr": args.lr,
+    print(json.dumps({"preset": str(args.config or args.preset), "model": model_config.to_dict(),
+                      "data": args.data, "lr": args.lr,
                       "batch_size": args.batch_size, "threads": args.threads,
-                      "seconds": round(result.seconds, 1), "steps": result.step,
+                      "clock": args.clock, "seconds": round(result.seconds, 1), "wall_seconds": round(wall, 1),
+                      "steps": result.step,
                       "run": str(out), **metrics.to_dict()}, indent=2))
-    print(f"{args.preset} after {result.step} steps / {result.seconds:.0f} s: {metrics.summary()}")
+    print(f"{args.config or args.preset} after {result.step} steps / {result.seconds:.0f} s ({args.clock}; "
+          f"{wall:.0f} s wall): {metrics.summary()}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The .vq codec: round trips, code length against the priors' NLL, exact uniform sizes,
-decoding in another process, and a clear CodecError for every damaged or foreign file."""
+decoding in another process, progressive files (previews from the top levels, truncated
+downloads), and a clear CodecError for every damaged or foreign file."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from conftest import DATA, TINY2
 
 from vqkit.cli.main import main
 from vqkit.codec.codec import Codec, CodecError, _from_tiles, _to_tiles
-from vqkit.codec.format import MAGIC, header_size
+from vqkit.codec.format import MAGIC, header_size, read_vq
 from vqkit.codec.packing import pack_uniform, uniform_payload_bytes, unpack_uniform
 from vqkit.data.datasets import to_model
 from vqkit.data.images import load_image, save_png
+from vqkit.errors import UsageError
 from vqkit.nn.vqvae import VQVAE, VQVAEConfig
 from vqkit.prior import PriorConfig, build_prior
 from vqkit.runs import checkpoint as ckpt
@@ -89,9 +91,10 @@ def test_size_is_the_priors_ideal_code_length(codec):
         nll = (top.nll(t).sum() * 49 + bottom.nll(b, cond_codes=[t]).sum() * 196) / math.log(2)
     assert compressed.ideal_bits == pytest.approx(float(nll), rel=1e-4)
     payload_bits = 8 * compressed.header.payload_length
-    # The range coder's fixed-point probabilities cost a little, and its last 32-bit words a few bytes.
-    assert compressed.ideal_bits - 8 <= payload_bits <= compressed.ideal_bits * 1.001 + 64
-    assert len(compressed.data) == header_size(2) + compressed.header.payload_length + 4
+    # The range coder's fixed-point probabilities cost a little, and the last 32-bit words of
+    # each level's stream a few bytes.
+    assert compressed.ideal_bits - 8 <= payload_bits <= compressed.ideal_bits * 1.001 + 2 * 64
+    assert len(compressed.data) == header_size(2) + compressed.header.payload_length
 
 
 def test_uniform_mode_costs_exactly_log2_k_per_code(codec, runs):
@@ -99,9 +102,9 @@ def test_uniform_mode_costs_exactly_log2_k_per_code(codec, runs):
     compressed = codec.compress(image, "uniform")
     top, bottom = compressed.header.levels
     assert (top, bottom) == ((8, 12, 8), (16, 24, 16))  # padded to the stride 4, not to the tiles
-    payload = math.ceil((8 * 12 * 3 + 16 * 24 * 4) / 8)
-    assert compressed.header.payload_length == payload
-    assert len(compressed.data) == header_size(2) + payload + 4
+    # Each level a number of its own (a progressive file): ceil(n_l log2 K_l / 8) bytes per level.
+    assert [s.length for s in compressed.header.segments] == [math.ceil(8 * 12 * 3 / 8), 16 * 24 * 4 // 8]
+    assert len(compressed.data) == header_size(2) + 36 + 192
     assert torch.equal(codec.decompress(compressed.data), codec.reconstruct(image, "uniform"))
     one = Codec.load(runs / "one")
     compressed = one.compress(_image(37, 50), "uniform")
@@ -158,8 +161,7 @@ def test_another_process_and_thread_count_decode_the_same_codes(codec, runs, tmp
 
 def _rewrite_header(data: bytes, offset: int, fmt: str, value) -> bytes:
     """Change one header field and recompute the header checksum, so the field checks run."""
-    levels = data[10]
-    size = header_size(levels)
+    size = header_size(data[10])
     out = bytearray(data)
     struct.pack_into(fmt, out, offset, value)
     struct.pack_into("<I", out, size - 4, zlib.crc32(bytes(out[:size - 4])))
@@ -211,19 +213,31 @@ def _mutate(data: bytes, rng: random.Random) -> bytes:
     if kind == 2:
         i = rng.randrange(len(out))
         return bytes(out[:i] + bytes(rng.randrange(256) for _ in range(rng.randint(1, 8))) + out[i:])
-    offset = rng.choice([9, 10, 11, *range(44, 68, 4), *range(68, 92, 4), 92, 96])
-    fmt = "<B" if offset < 12 else ("<Q" if offset == 96 else "<I")
+    offset = rng.choice([9, 10, 11, *range(44, 68, 4), *range(68, 68 + 24 * data[10], 4)])
+    fmt = "<B" if offset < 12 else "<I"
     value = rng.choice([0, 1, 2, 3, 7, 28, 255, 2 ** 16, 2 ** 31, rng.randrange(2 ** 32)])
     return _rewrite_header(bytes(out), offset, fmt, value % (256 if fmt == "<B" else 2 ** 32))
 
 
-def _payload_flipped(data: bytes, rng: random.Random) -> bytes:
-    """One payload bit flipped and the payload checksum fixed: only the decoder can notice."""
+def _flip_payload_bit(data: bytes, at: int, bit: int = 0) -> bytes:
+    """Payload byte ``at`` (from the end of the header) with one bit flipped, and the checksums
+    of its level's segment and of the header fixed: only the decoder can notice."""
     out = bytearray(data)
-    size = header_size(out[10])
-    out[size + rng.randrange(len(out) - size - 4)] ^= 1 << rng.randrange(8)
-    struct.pack_into("<I", out, len(out) - 4, zlib.crc32(bytes(out[size:-4])))
+    levels, size = out[10], header_size(out[10])
+    out[size + at] ^= 1 << bit
+    start = size
+    for level in range(levels):
+        entry = 68 + 24 * level
+        length = struct.unpack_from("<I", out, entry + 12)[0]
+        if start <= size + at < start + length:
+            struct.pack_into("<I", out, entry + 16, zlib.crc32(bytes(out[start:start + length])))
+        start += length
+    struct.pack_into("<I", out, size - 4, zlib.crc32(bytes(out[:size - 4])))
     return bytes(out)
+
+
+def _payload_flipped(data: bytes, rng: random.Random) -> bytes:
+    return _flip_payload_bit(data, rng.randrange(len(data) - header_size(data[10])), rng.randrange(8))
 
 
 def test_fuzzed_files_give_codec_errors_only(codec):
@@ -260,6 +274,15 @@ def test_cli_compress_and_decompress(runs, tmp_path, capsys):
     assert main(["decompress", str(runs / "run"), str(tmp_path / "a.vq"), *priors,
                  "-o", str(tmp_path / "a.png")]) == 0
     assert torch.equal(load_image(tmp_path / "a.png", None, 1), codec.reconstruct(load_image(image, None, 1)))
+    capsys.readouterr()
+    assert main(["decompress", str(runs / "run"), str(tmp_path / "a.vq"), *priors, "--levels", "1",
+                 "-o", str(tmp_path / "top.png")]) == 0
+    assert "a preview from the top 1 of its 2 levels" in capsys.readouterr().out
+    assert torch.equal(load_image(tmp_path / "top.png", None, 1),
+                       codec.decompress((tmp_path / "a.vq").read_bytes(), levels=1))
+    assert main(["decompress", str(runs / "run"), str(tmp_path / "a.vq"), *priors, "--levels", "3",
+                 "-o", str(tmp_path / "top.png")]) == 2
+    assert "levels must be in 1..2" in capsys.readouterr().err
     assert main(["compress", str(runs / "run"), str(image), str(image), "--uniform", "-o", str(tmp_path / "u")]) == 0
     assert (tmp_path / "u" / "in.vq").exists()
     assert main(["compress", str(runs / "run"), str(image), "-o", str(tmp_path / "b.vq")]) == 2
@@ -342,12 +365,79 @@ def test_payload_that_decodes_to_other_codes_fails_the_codes_checksum():
     """A payload changed behind valid header and payload checksums still unpacks (uniform mode
     takes any bits), but to other codes: only the codes checksum in the header can notice."""
     codec, image = _sharp_codec()
-    data = bytearray(codec.compress(image, "uniform").data)
+    good = codec.compress(image, "uniform").data
+    data = _flip_payload_bit(good, 0)  # the lowest bit of the first code
     size = header_size(1)
-    data[size] ^= 0x01  # the lowest bit of the first code
-    struct.pack_into("<I", data, len(data) - 4, zlib.crc32(bytes(data[size:-4])))
-    original = unpack_uniform(codec.compress(image, "uniform").data[size:-4], [56 * 56], [16])[0]
-    changed = unpack_uniform(bytes(data[size:-4]), [56 * 56], [16])[0]
+    original = unpack_uniform(good[size:], [56 * 56], [16])[0]
+    changed = unpack_uniform(data[size:], [56 * 56], [16])[0]
     assert (changed != original).sum() == 1
     with pytest.raises(CodecError, match="x.vq: the decoded codes do not match the file's checksum"):
-        codec.decompress_codes(bytes(data), "x.vq")
+        codec.decompress_codes(data, "x.vq")
+
+
+@pytest.mark.parametrize("mode", ["prior", "uniform"])
+def test_the_top_levels_bytes_alone_decode_a_preview(codec, mode):
+    """A progressive file: its levels' segments follow the header top-first; the header and the
+    top segment alone decode the top level's preview (``decode_levels``), every level decodes
+    exactly the whole reconstruction."""
+    image = _image(30, 45, seed=2)
+    compressed = codec.compress(image, mode)
+    data, h = compressed.data, compressed.header
+    top_bytes = compressed.prefix_bytes(1)
+    assert top_bytes == header_size(2) + h.segments[0].length < len(data) == compressed.prefix_bytes(2)
+    if mode == "uniform":  # the preview costs the top level's bits only: ceil(n_top log2 K_top / 8)
+        assert h.segments[0].length == math.ceil(8 * 12 * 3 / 8)
+    codes = codec.encode(image, mode)
+    with torch.no_grad():
+        preview = codec.model.decode_levels([codes[0][None]], 1)
+    expected = ((preview[0, :, :30, :45] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    for got in (codec.decompress(data, levels=1), codec.decompress(data[:top_bytes], levels=1),
+                codec.decompress(data[:top_bytes])):  # a download cut at the end of the top level
+        assert torch.equal(got, expected)
+    header, top = codec.decompress_codes(data[:top_bytes])
+    assert len(top) == 1 and torch.equal(top[0], codes[0])
+    assert torch.equal(codec.decompress(data, levels=2), codec.reconstruct(image, mode))
+    assert torch.equal(codec.decompress(data), codec.reconstruct(image, mode))
+    assert not torch.equal(expected, codec.reconstruct(image, mode))
+
+
+def test_a_torn_level_is_refused_and_the_complete_ones_above_it_decode(codec):
+    data = codec.compress(_image(30, 45, seed=4)).data
+    top_bytes = header_size(2) + struct.unpack_from("<I", data, 68 + 12)[0]
+    with pytest.raises(CodecError, match=r"x.vq: truncated inside level 1 \(bottom\): the file holds 5 of its "
+                                         r"\d+ bytes; its first 1 level\(s\) are complete: decode those alone"):
+        codec.decompress(data[:top_bytes + 5], "x.vq")
+    assert torch.equal(codec.decompress(data[:top_bytes + 5], levels=1), codec.decompress(data, levels=1))
+    with pytest.raises(CodecError, match=r"x.vq: truncated inside level 0 \(top\).*no level is complete"):
+        codec.decompress(data[:top_bytes - 1], "x.vq", levels=1)
+    with pytest.raises(CodecError, match="x.vq: truncated: the file ends after its header"):
+        codec.decompress(data[:header_size(2)], "x.vq")
+    damaged = bytearray(data)
+    damaged[-1] ^= 1
+    with pytest.raises(CodecError, match=r"x.vq: corrupt payload: level 1 \(bottom\) fails its checksum"):
+        codec.decompress(bytes(damaged), "x.vq")
+    assert torch.equal(codec.decompress(bytes(damaged), levels=1), codec.decompress(data, levels=1))
+    with pytest.raises(UsageError, match="x.vq: levels must be in 1..2"):
+        codec.decompress(data, "x.vq", levels=3)
+
+
+def test_reading_a_preview_reads_only_its_levels(codec, tmp_path):
+    compressed = codec.compress(_image(30, 45, seed=6))
+    path = tmp_path / "x.vq"
+    path.write_bytes(compressed.data)
+    assert read_vq(path, 1) == compressed.data[:compressed.prefix_bytes(1)]
+    assert read_vq(path, 2) == read_vq(path) == compressed.data
+
+
+def test_rd_plots_every_prefix_as_a_point_of_the_same_file(codec, tmp_path):
+    from vqkit.codec.rd import measure, psnr
+    image = _image(30, 45, seed=7)
+    save_png(image, tmp_path / "a.png")
+    result = measure({"run": codec}, [tmp_path / "a.png"], qualities=[50], progress=False)
+    points = {(p.method, p.setting): p for p in result.points}
+    for mode in ("prior", "uniform"):
+        compressed = codec.compress(image, mode)
+        top = points[(f"run {mode}", f"{mode}:1/2")]
+        assert top.bpp == pytest.approx(8 * compressed.prefix_bytes(1) / (30 * 45))
+        assert top.psnr == pytest.approx(psnr(image, codec.decompress(compressed.data, levels=1)))
+        assert top.bpp < points[(f"run {mode}", mode)].bpp

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, TINY2
 
 from vqkit.data.datasets import TensorImageSet, to_model
-from vqkit.nn.vqvae import VQVAE, VQVAEConfig
-from vqkit.training.evaluate import evaluate
+from vqkit.nn.vqvae import VQVAE, VQVAE2, VQVAEConfig
+from vqkit.training.evaluate import evaluate, ms_ssim_per_image, ms_ssim_window
 
 
 def _dataset(n: int = 20, channels: int = 1, size: int = 16, seed: int = 0) -> TensorImageSet:
@@ -154,3 +154,48 @@ def test_mse_and_psnr_clamp_reconstructions_to_the_pixel_range():
     assert result.mse == pytest.approx(clamped, rel=1e-5), f"evaluate's MSE {result.mse}, clamped {clamped}, raw {raw}"
     assert result.psnr == pytest.approx(10 * math.log10(1 / clamped), rel=1e-5)
     assert result.levels[0].psnr_upto == pytest.approx(10 * math.log10(1 / clamped), rel=1e-5)
+
+
+def test_each_prefix_gets_its_psnr_gain_share_and_ms_ssim():
+    """Per prefix of a hierarchy: PSNR of decode_levels, the gain over the prefix above (the
+    top's over the test set's mean colour), shares that sum to 1, and MS-SSIM by hand."""
+    data = _dataset(12, size=48)
+    torch.manual_seed(0)
+    model = VQVAE2(dataclasses.replace(TINY2, prefix_training="loss"))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(5):
+        out = model(to_model(data.images))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    result = evaluate(model, data, batch_size=5)
+    model.eval()
+    x01 = data.images.double() / 255
+    mean_colour = float((x01 - x01.mean(dim=(0, 2, 3), keepdim=True)).square().mean())
+    assert result.psnr_mean_colour == pytest.approx(10 * math.log10(1 / mean_colour), rel=1e-6)
+    codes = model.encode(to_model(data.images))
+    previous = result.psnr_mean_colour
+    assert result.ms_ssim_window == 3  # 48 pixels a side: room for a 3-pixel window after four halvings
+    for upto, level in enumerate(result.levels, 1):
+        rec01 = (model.decode_levels(codes, upto).double() + 1) / 2
+        assert level.psnr_upto == pytest.approx(10 * math.log10(1 / float((rec01 - x01).square().mean())), rel=1e-5)
+        assert level.psnr_gain == pytest.approx(level.psnr_upto - previous, abs=1e-9)
+        assert level.ms_ssim_upto == pytest.approx(float(ms_ssim_per_image(rec01, x01, 3).mean()), rel=1e-5)
+        previous = level.psnr_upto
+    assert sum(lv.gain_share for lv in result.levels) == pytest.approx(1.0)
+    assert result.levels[-1].gain_share == pytest.approx(
+        (result.psnr - result.levels[0].psnr_upto) / (result.psnr - result.psnr_mean_colour))
+    assert result.ms_ssim == result.levels[-1].ms_ssim_upto
+    assert "of the gain over the mean colour" in result.summary()
+
+
+def test_ms_ssim_window_and_known_values():
+    assert [ms_ssim_window(s, s) for s in (32, 33, 48, 128, 160, 161, 512)] == [None, 3, 3, 7, 9, 11, 11]
+    from vqkit.codec.rd import ms_ssim
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(3, 170, 180, generator=g) * 255).round().to(torch.uint8)
+    y = (x.double() + 40 * torch.randn(3, 170, 180, generator=g)).clamp(0, 255).round().to(torch.uint8)
+    value = float(ms_ssim_per_image(x[None].double() / 255, y[None].double() / 255, 11)[0])
+    assert value == pytest.approx(ms_ssim(x, y), rel=1e-9)  # the paper's settings, as `vqkit rd` measures
+    assert 0 < value < 0.99
+    assert float(ms_ssim_per_image(x[None].double() / 255, x[None].double() / 255, 11)[0]) == pytest.approx(1.0)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vqkit.cli.main import main
+from vqkit.codec.codec import Codec
 from vqkit.data.images import load_image
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
@@ -45,7 +46,19 @@ def test_code_sets_and_priors_load(tmp_path):
     from vqkit.runs.codes import load_codes
     top = load_codes(LEGACY / "codes" / "top")
     assert len(top) == 16 and tuple(top.shape) == (7, 7) and top.codebook_size == 8
-    # Priors trained by the earlier vqkit code a file exactly as they did.
-    assert main(["compress", str(LEGACY / "two"), str(LEGACY / "odd.png"), "--prior", str(LEGACY / "top"),
-                 "--prior", str(LEGACY / "bottom"), "-o", str(tmp_path / "again.vq")]) == 0
-    assert (tmp_path / "again.vq").read_bytes() == (LEGACY / "two.vq").read_bytes()
+    # Priors trained by the earlier vqkit code a file as they did: today's progressive
+    # (version 2) file holds the same codes and decodes to the same pixels as the version-1 file.
+    priors = ["--prior", str(LEGACY / "top"), "--prior", str(LEGACY / "bottom")]
+    assert main(["compress", str(LEGACY / "two"), str(LEGACY / "odd.png"), *priors,
+                 "-o", str(tmp_path / "again.vq")]) == 0
+    assert (tmp_path / "again.vq").read_bytes()[8] == 2 and (LEGACY / "two.vq").read_bytes()[8] == 1
+    codec = Codec.load(LEGACY / "two", [LEGACY / "top", LEGACY / "bottom"])
+    _, old = codec.decompress_codes((LEGACY / "two.vq").read_bytes())
+    _, new = codec.decompress_codes((tmp_path / "again.vq").read_bytes())
+    assert all(torch.equal(a, b) for a, b in zip(old, new))
+    assert main(["decompress", str(LEGACY / "two"), str(tmp_path / "again.vq"), *priors,
+                 "-o", str(tmp_path / "again.png")]) == 0
+    assert torch.equal(_pixels(tmp_path / "again.png"), _pixels(LEGACY / "two.vq.png"))
+    # A version-1 file is not progressive, but decoded whole it still gives a preview of its top level.
+    assert torch.equal(codec.decompress((LEGACY / "two.vq").read_bytes(), levels=1),
+                       codec.decompress((tmp_path / "again.vq").read_bytes(), levels=1))

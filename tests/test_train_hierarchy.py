@@ -53,10 +53,12 @@ def test_cli_levels_and_eval(tmp_path, capsys):
     run = tmp_path / "run"
     _train(run, 3)
     out = tmp_path / "levels.png"
-    assert main(["levels", str(run), "-n", "3", "-o", str(out)]) == 0
+    assert main(["levels", str(run), "-n", "3", "--side", "56", "-o", str(out)]) == 0
     width, height = Image.open(out).size
-    assert (width, height) == (3 * 30 + 2, 3 * 30 + 2)  # top, top+bottom, original; three images
-    assert "decoded from the top level alone, then adding bottom, then the original" in capsys.readouterr().out
+    # top alone, top + bottom, original; three images of 56 pixels, 4 apart, titles and captions
+    assert (width, height) == (4 + 3 * 60, 16 + 3 * (56 + 14 + 4) + 4)
+    printed = capsys.readouterr().out
+    assert "decoded from the top level alone, then adding bottom, then the original; mean PSNR" in printed
     assert main(["eval", str(run), "--limit", "16", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [lv["name"] for lv in report["levels"]] == ["top", "bottom"]

@@ -10,6 +10,7 @@ from vqkit.cli.common import checkpoint_arg
 from vqkit.codec.codec import Codec
 from vqkit.errors import UsageError
 from vqkit.fsutil import atomic_write_text
+from vqkit.nn.vqvae import level_names
 
 
 def _qualities(text: str) -> list[int]:
@@ -41,6 +42,11 @@ def cmd_compress(args) -> None:
         print(f"wrote {target}: {len(result.data)} bytes, {8 * len(result.data) / (h.height * h.width):.4f} "
               f"bits per pixel ({mode} coding of {h.num_codes} codes; ideal {result.ideal_bits / 8:.0f} "
               f"payload bytes, header {result.header_bytes})")
+        if len(h.levels) > 1:
+            print("  progressive: " + ", ".join(
+                f"{name} {s.length} bytes (preview from the levels down to it: {result.prefix_bytes(i + 1)} "
+                f"bytes, {8 * result.prefix_bytes(i + 1) / (h.height * h.width):.4f} bpp)"
+                for i, (name, s) in enumerate(zip(level_names(len(h.levels)), h.segments))))
 
 
 def cmd_decompress(args) -> None:
@@ -49,8 +55,10 @@ def cmd_decompress(args) -> None:
     single = len(args.files) == 1 and out.suffix.lower() == ".png"
     for path in args.files:
         target = out if single else out / (Path(path).stem + ".png")
-        image = codec.decompress_file(path, target)
-        print(f"wrote {target}: {image.shape[2]}x{image.shape[1]}")
+        image, levels = codec.decompress_file(path, target, args.levels)
+        total = codec.model.num_levels
+        preview = "" if levels == total else f", a preview from the top {levels} of its {total} levels"
+        print(f"wrote {target}: {image.shape[2]}x{image.shape[1]}{preview}")
 
 
 def cmd_rd(args) -> None:
@@ -82,6 +90,10 @@ def add_parsers(sub) -> None:
     dp.add_argument("files", nargs="+", help=".vq files")
     dp.add_argument("--prior", type=Path, action="append", default=[],
                     help="the prior runs the files were made with, top-first (repeat)")
+    dp.add_argument("--levels", type=int, metavar="N",
+                    help="read only the top N levels' bytes of a progressive (hierarchy's) file and decode "
+                         "a preview from them; default: every level (or those a file cut at the end of a "
+                         "level holds)")
     dp.add_argument("-o", "--out", required=True, help="a .png file for one file, else a folder")
     checkpoint_arg(dp)
     dp.set_defaults(func=cmd_decompress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -23,9 +24,10 @@ from vqkit.cli.common import (
 from vqkit.data.datasets import from_model, load_dataset, to_model
 from vqkit.data.images import load_image, make_grid, save_png
 from vqkit.errors import UsageError
+from vqkit.fsutil import atomic_write_bytes
 from vqkit.nn.presets import PRESETS, preset
 from vqkit.nn.quantizers import parse_quantizer
-from vqkit.nn.vqvae import StageOneConfig, level_names, with_quantizer
+from vqkit.nn.vqvae import StageOneConfig, VQVAE2Config, level_names, with_quantizer
 from vqkit.precision import PRECISIONS
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes, read_maps, save_maps
@@ -45,7 +47,12 @@ def _model_config(args) -> StageOneConfig:
     if args.quantizer:
         specs = [parse_quantizer(text) for text in args.quantizer]
         config = with_quantizer(config, specs[0] if len(specs) == 1 else specs)
-    return config
+    if args.prefix_training is None:
+        return config
+    if not isinstance(config, VQVAE2Config):
+        raise UsageError("--prefix-training applies to a hierarchy (a VQ-VAE-2 preset or config); this model "
+                         "has one level")
+    return dataclasses.replace(config, prefix_training=args.prefix_training)
 
 
 def cmd_train(args) -> None:
@@ -111,16 +118,18 @@ def _images_from_args(args, run: Path) -> torch.Tensor:
 
 
 def cmd_levels(args) -> None:
+    from vqkit.inspect.figures import image_png
+    from vqkit.inspect.levels import levels_image, levels_view
     model, _ = ckpt.load_model(args.run)
     data = load_dataset(eval_data(args, args.run), args.split, image_size=image_size(args.run))
     images, _ = data.batch(torch.arange(min(args.n, len(data))))
-    x = to_model(images)
-    codes = model.encode(x)
-    columns = [from_model(model.decode_levels(codes, upto)) for upto in range(1, len(codes) + 1)] + [images]
-    save_png(make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=len(columns)), args.out)
-    names = level_names(len(codes))
+    view = levels_view(model, images)
+    atomic_write_bytes(args.out, image_png(levels_image(view, args.side)))
+    names = view.names
+    psnrs = [f"{float(p.mean()):.2f}" for p in view.psnr]
     print(f"wrote {args.out}: per image (row), decoded from the {names[0]} level alone, "
-          + "".join(f"then adding {name}, " for name in names[1:]) + "then the original")
+          + "".join(f"then adding {name}, " for name in names[1:]) + "then the original; mean PSNR "
+          + " / ".join(psnrs) + " dB")
 
 
 def cmd_encode(args) -> None:
@@ -169,6 +178,10 @@ def add_parsers(sub) -> None:
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="model preset (default cifar10; with --resume, the run's own model)")
     g.add_argument("--config", help="model config JSON (the 'model' part of a run's config.json)")
+    t.add_argument("--prefix-training", choices=VQVAE2Config.PREFIX_TRAINING,
+                   help="(hierarchies) override the model's prefix_training: 'loss' (the hierarchical presets' "
+                        "default), a reconstruction loss per prefix of levels, so that the top levels alone "
+                        "decode to an image; 'off', every level every batch, as before")
     t.add_argument("--quantizer", action="append", metavar="SPEC",
                    help="the model's quantizer instead of the preset's or config's: vq[:cosine,rotation,"
                         "factor_dim=D], fsq:LEVELS (e.g. fsq:8,5,5,5, K = 1000), lfq:BITS[,entropy_weight=W] "
@@ -206,6 +219,7 @@ def add_parsers(sub) -> None:
                                        "alone, then adding each lower level, then the original")
     run_and_data(lv)
     lv.add_argument("-n", type=int, default=8)
+    lv.add_argument("--side", type=int, default=128, help="width of each image in the figure, pixels")
     lv.add_argument("-o", "--out", required=True, type=Path)
     lv.set_defaults(func=cmd_levels)
 

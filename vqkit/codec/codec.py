@@ -26,6 +26,12 @@ differently between threads), then ``softmax`` in float64; ``constriction``'s
 fixed-point arithmetic (every symbol keeps a nonzero frequency). A CRC of the codes in the
 header turns any disagreement (say, another CPU's float arithmetic) into an error.
 
+Progressive files. Each level is coded on its own, top-first (prior mode: one range-coder
+stream per level, each level's conditionals given the maps above it; uniform mode: one mixed-radix
+number per level), into its own segment of the file, so the top ``N`` levels' bytes decode
+without the rest: ``decompress(data, levels=N)`` is a preview decoded from those levels alone
+(``VQVAE.decode_levels``), and all levels give exactly the reconstruction of a whole decode.
+
 The container (header, checksums, limits) is ``vqkit.codec.format``; uniform mode's packing is
 ``vqkit.codec.packing``.
 """
@@ -46,9 +52,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vqkit.codec.format import CRC, MAX_PIXELS, MODES, Header, parse, read_vq
+from vqkit.codec.format import MAX_PIXELS, MODES, Header, Segment, parse, read_vq
 from vqkit.codec.packing import pack_uniform, unpack_uniform
-from vqkit.data.datasets import to_model
+from vqkit.data.datasets import from_model, to_model
 from vqkit.data.images import load_image, save_png
 from vqkit.errors import CodecError, UsageError
 from vqkit.fsutil import atomic_write_bytes
@@ -100,7 +106,12 @@ class Compressed:
 
     @property
     def header_bytes(self) -> int:
-        return len(self.data) - self.header.payload_length - CRC.size
+        return self.header.size
+
+    def prefix_bytes(self, levels: int) -> int:
+        """Bytes of the file up to the end of its top ``levels`` levels: what a preview of
+        them reads."""
+        return self.header.size + sum(s.length for s in self.header.segments[:levels])
 
 
 class Codec:
@@ -196,8 +207,13 @@ class Codec:
 
     @torch.no_grad()
     def decode(self, codes: Sequence[torch.Tensor], height: int, width: int) -> torch.Tensor:
-        """Code maps -> the uint8 image (C, height, width), cropped from the padded decoding."""
-        return decode_codes(self.model, [m[None] for m in codes])[0, :, :height, :width]
+        """Code maps of every level, or of the top levels only (a preview, ``decode_levels``),
+        -> the uint8 image (C, height, width), cropped from the padded decoding."""
+        if len(codes) == self.model.num_levels:
+            return decode_codes(self.model, [m[None] for m in codes])[0, :, :height, :width]
+        device = self.model.device
+        preview = self.model.decode_levels([m[None].to(device) for m in codes], len(codes))
+        return from_model(preview.cpu())[0, :, :height, :width]
 
     def reconstruct(self, image: torch.Tensor, mode: str = "prior") -> torch.Tensor:
         """The model's own reconstruction of ``image``, which ``decompress(compress(image))`` returns."""
@@ -208,35 +224,43 @@ class Codec:
         codes = self.encode(image, mode)
         ph, pw, th, tw = self._padded(image.shape[1], image.shape[2], mode)
         if mode == "prior":
-            payload, bits = self._prior_encode(codes, ph // th * (pw // tw))
+            payloads, bits = self._prior_encode(codes, ph // th * (pw // tw))
         else:
-            payload = pack_uniform([m.flatten().numpy() for m in codes], self.radices)
+            payloads = [pack_uniform([m.flatten().numpy()], [k]) for m, k in zip(codes, self.radices)]
             bits = sum(m.numel() * math.log2(k) for m, k in zip(codes, self.radices))
         header = Header(mode, image.shape[0], self.fingerprints[mode], image.shape[1], image.shape[2], ph, pw,
                         th, tw, [(m.shape[0], m.shape[1], k) for m, k in zip(codes, self.radices)],
-                        _crc_codes(codes), len(payload))
-        data = header.to_bytes() + payload + CRC.pack(zlib.crc32(payload))
-        return Compressed(data, header, codes, bits)
+                        [Segment(len(p), zlib.crc32(p), _crc_codes([m])) for p, m in zip(payloads, codes)])
+        return Compressed(header.to_bytes() + b"".join(payloads), header, codes, bits)
 
-    def decompress_codes(self, data: bytes, name: str = "<bytes>") -> tuple[Header, list[torch.Tensor]]:
-        """A ``.vq`` file -> its header and code maps, checked against this codec."""
-        header, payload = parse(data, name)
+    def decompress_codes(self, data: bytes, name: str = "<bytes>",
+                         levels: int | None = None) -> tuple[Header, list[torch.Tensor]]:
+        """A ``.vq`` file -> its header and the code maps of its top ``levels`` levels (None:
+        every level, or those a file cut at the end of a level holds), checked against this
+        codec. A version-1 file decodes whole and gives its top ``levels`` maps."""
+        header, segments = parse(data, name, levels)
         self._check_header(header, name)
-        counts = [h * w for h, w, _ in header.levels]
-        if header.mode == "prior":
-            tiles = header.padded_height // header.tile_height * (header.padded_width // header.tile_width)
-            codes = self._prior_decode(payload, tiles, [(h, w) for h, w, _ in header.levels], name)
-        else:
-            flat = unpack_uniform(payload, counts, self.radices)
-            codes = [torch.from_numpy(c).reshape(h, w) for c, (h, w, _) in zip(flat, header.levels)]
-        if _crc_codes(codes) != header.codes_crc:
-            raise CodecError(f"{name}: the decoded codes do not match the file's checksum: the decoder's "
-                             "probabilities differ from the encoder's (another platform or torch build?)")
-        return header, codes
+        n = header.padded_height // header.tile_height * (header.padded_width // header.tile_width)
+        codes: list[torch.Tensor] = []
+        for segment, payload, span in zip(header.segments, segments, header.segment_levels()):
+            shapes = [header.levels[level][:2] for level in span]
+            if header.mode == "prior":
+                maps = self._prior_decode(payload, n, codes, span, shapes, name)
+            else:
+                flat = unpack_uniform(payload, [h * w for h, w in shapes], [self.radices[i] for i in span])
+                maps = [torch.from_numpy(c).reshape(h, w) for c, (h, w) in zip(flat, shapes)]
+            if _crc_codes(maps) != segment.codes_crc:
+                which = "" if len(span) > 1 or len(header.levels) == 1 else f" of level {span[0]}"
+                raise CodecError(f"{name}: the decoded codes{which} do not match the file's checksum: the "
+                                 "decoder's probabilities differ from the encoder's (another platform or torch "
+                                 "build?)")
+            codes += maps
+        return header, codes[:levels]
 
-    def decompress(self, data: bytes, name: str = "<bytes>") -> torch.Tensor:
-        """A ``.vq`` file -> the uint8 image (C, H, W)."""
-        header, codes = self.decompress_codes(data, name)
+    def decompress(self, data: bytes, name: str = "<bytes>", levels: int | None = None) -> torch.Tensor:
+        """A ``.vq`` file -> the uint8 image (C, H, W); with ``levels`` (or from a file cut at the
+        end of a level), the preview decoded from the top levels alone."""
+        header, codes = self.decompress_codes(data, name, levels)
         return self.decode(codes, header.height, header.width)
 
     def _check_header(self, h: Header, name: str) -> None:
@@ -265,13 +289,16 @@ class Codec:
         return [(link.prior.config.height, link.prior.config.width) for link in self.chain]
 
     @torch.no_grad()
-    def _prior_encode(self, codes: list[torch.Tensor], n: int) -> tuple[bytes, float]:
-        encoder = constriction.stream.queue.RangeEncoder()
+    def _prior_encode(self, codes: list[torch.Tensor], n: int) -> tuple[list[bytes], float]:
+        """Each level's codes range-coded in a stream of its own: (one payload per level, the
+        ideal code length in bits)."""
         family = constriction.stream.model.Categorical(perfect=False)
         tiles = [_to_tiles(m, th, tw) for m, (th, tw) in zip(codes, self._tile_shapes())]
         bits = 0.0
+        payloads = []
         with _one_thread():
             for level, t in enumerate(tiles):
+                encoder = constriction.stream.queue.RangeEncoder()
                 state = self._states(tiles, level, n)
                 for i in range(t.shape[1]):
                     for j in range(t.shape[2]):
@@ -280,17 +307,23 @@ class Codec:
                         encoder.encode(symbols.numpy().astype(np.int32), family, probs)
                         bits -= float(np.log2(probs[np.arange(n), symbols.numpy()]).sum())
                         state.write(i, j, symbols)
-        return encoder.get_compressed().astype("<u4").tobytes(), bits
+                payloads.append(encoder.get_compressed().astype("<u4").tobytes())
+        return payloads, bits
 
     @torch.no_grad()
-    def _prior_decode(self, payload: bytes, n: int, shapes: list[tuple[int, int]], name: str) -> list[torch.Tensor]:
+    def _prior_decode(self, payload: bytes, n: int, above: list[torch.Tensor], span: range,
+                      shapes: list[tuple[int, int]], name: str) -> list[torch.Tensor]:
+        """The maps of the levels ``span`` from one range-coder stream, given the decoded maps
+        ``above`` of every level above them (top-first)."""
         words = np.frombuffer(payload, "<u4").astype(np.uint32)
         family = constriction.stream.model.Categorical(perfect=False)
-        tiles: list[torch.Tensor] = []
+        tile_shapes = self._tile_shapes()
+        tiles = [_to_tiles(m, *tile_shapes[level]) for level, m in enumerate(above)]
         try:
             decoder = constriction.stream.queue.RangeDecoder(words)
             with _one_thread():
-                for level, (th, tw) in enumerate(self._tile_shapes()):
+                for level in span:
+                    th, tw = tile_shapes[level]
                     t = torch.zeros(n, th, tw, dtype=torch.long)
                     state = self._states(tiles, level, n)
                     for i in range(th):
@@ -301,7 +334,7 @@ class Codec:
                     tiles.append(t)
         except (ValueError, RuntimeError, AssertionError) as e:
             raise CodecError(f"{name}: the payload does not decode ({e})") from None
-        return [_from_tiles(t, h, w) for t, (h, w) in zip(tiles, shapes)]
+        return [_from_tiles(t, h, w) for t, (h, w) in zip(tiles[len(above):], shapes)]
 
     # -- files --
 
@@ -310,10 +343,13 @@ class Codec:
         atomic_write_bytes(out, result.data)
         return result
 
-    def decompress_file(self, path: str | Path, out: str | Path) -> torch.Tensor:
-        image = self.decompress(read_vq(path), str(path))
+    def decompress_file(self, path: str | Path, out: str | Path, levels: int | None = None) -> tuple[torch.Tensor, int]:
+        """Decode the file at ``path`` (with ``levels``, reading only its top levels' bytes) to
+        the PNG ``out``: (the image, the number of levels it was decoded from)."""
+        header, codes = self.decompress_codes(read_vq(path, levels), str(path), levels)
+        image = self.decode(codes, header.height, header.width)
         save_png(image, out)
-        return image
+        return image, len(codes)
 
 
 def _hash(obj: dict) -> bytes:

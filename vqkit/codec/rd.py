@@ -10,6 +10,10 @@ memory. The optimised tables matter at low rates: with libjpeg's default tables 
 file of the benchmark's held-out photos is twice as large (0.162 against 0.082 bits per pixel,
 the same pixels), which would flatter any codec compared with it.
 
+A hierarchy's ``.vq`` file is progressive: the header and its top ``p`` levels' bytes decode a
+preview, so each prefix is an operating point of the same file too (setting ``MODE:p/L``: the
+bits per pixel of those first bytes, the PSNR of their preview).
+
 ``matched`` puts each ``.vq`` operating point beside JPEG and WebP *at the same rate*: their
 PSNR and MS-SSIM curves (mean rate against mean distortion over the qualities) are linearly
 interpolated at the ``.vq`` point's bits per pixel; a rate outside a curve's range gives None.
@@ -246,6 +250,11 @@ def measure(codecs: dict[str, Codec], files: Sequence[Path], qualities: Sequence
                 add(f"{codec_name} {mode}", mode, image, len(compressed.data), decoded,
                     encode=encoded - start, decode=finished - encoded, payload=h.payload_length,
                     uniform_payload=same_codes)
+                levels = len(h.levels)
+                for upto in range(1, levels):  # the same file's previews: its first bytes alone
+                    size = compressed.prefix_bytes(upto)
+                    add(f"{codec_name} {mode}", f"{mode}:{upto}/{levels}", image, size,
+                        codec.decompress(compressed.data[:size], name))
 
     result = RDResult([name for name, _ in images], pixels)
     for (method, setting), values in rows.items():
@@ -271,7 +280,8 @@ def plot(result: RDResult, path: str | Path) -> None:
     for ax, what, label in zip(axes, ("psnr", "ms_ssim"), ("PSNR (dB)", "MS-SSIM")):
         for method in methods:
             curve = result.curve(method)
-            style = "o-" if method in ("jpeg", "webp") else "*"
+            # A hierarchy's previews and its whole file: points of one progressive file, joined.
+            style = "o-" if method in ("jpeg", "webp") else ("*-" if len(curve) > 1 else "*")
             ax.plot([p.bpp for p in curve], [getattr(p, what) for p in curve], style,
                     label=method.upper() if method in ("jpeg", "webp") else method,
                     markersize=6 if method in ("jpeg", "webp") else 12)

@@ -81,6 +81,7 @@ def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig
     names = level_names(model_config.num_levels)
     suffixes = [""] if len(names) == 1 else [f"_{name}" for name in names]
     epoch_usage = [CodebookUsage(k) for k in model_config.codebook_sizes]
+    per_prefix = getattr(model_config, "prefix_training", "off") == "loss"
 
     batches = StepBatches(dataset, step_indices(len(dataset), config.batch_size, config.seed), config.steps,
                           config.workers, placement.device)
@@ -90,6 +91,8 @@ def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig
         with precision.autocast(placement):
             out = forward(precision.prepare_input(to_model(images), placement))
         stats = {"recon_loss": out.recon_loss, "commitment_loss": out.commitment_loss}
+        if per_prefix:
+            stats.update({f"recon_loss_upto_{names[upto - 1]}": loss for upto, loss in out.prefix_losses.items()})
         for suffix, codes, ppl, usage, counter in zip(suffixes, out.codes, out.perplexity, out.usage,
                                                       epoch_usage):
             counter.update(codes)

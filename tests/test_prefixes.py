@@ -1,0 +1,168 @@
+"""Prefix training (VQVAE2Config.prefix_training): every prefix of the levels decodes to an
+image. Exact per-prefix losses through the shared decoder with learned absent inputs, the
+running variance left to the full model, decode_levels using the absent inputs, and configs
+and weights of runs made before the field existed loading unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DATA
+
+from vqkit.nn.presets import preset
+from vqkit.nn.vqvae import VQVAE2, VQVAE2Config
+from vqkit.runs import checkpoint as ckpt
+from vqkit.training.evaluate import evaluate
+from vqkit.training.stage1 import TrainConfig, train
+
+
+def _model(mode: str, levels: int = 3, **fields) -> VQVAE2:
+    torch.manual_seed(0)
+    fixed = dict(ema=False, kmeans_init=False, restart_after=0)  # a forward pass leaves the codebooks as they are
+    return VQVAE2(VQVAE2Config(in_channels=3, hidden=8, res_hidden=4, num_res_blocks=1, code_dim=4,
+                               strides=[1] * levels, codebook_sizes=[8] * levels, prefix_training=mode,
+                               **{**fixed, **fields}))
+
+
+def _images(n: int = 4, side: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return F.interpolate(torch.rand(n, 3, 4, 4, generator=g) * 2 - 1, size=side, mode="bilinear",
+                         align_corners=False)
+
+
+def test_config_field_is_left_out_of_the_dict_at_its_old_default():
+    old = dataclasses.replace(preset("cifar10-2level"), prefix_training="off").to_dict()
+    assert "prefix_training" not in old  # config.json and codec fingerprints of earlier runs are unchanged
+    assert VQVAE2Config.from_dict(old).prefix_training == "off"
+    on = preset("cifar10-2level")  # the hierarchical presets train every prefix
+    assert on.to_dict()["prefix_training"] == "loss" and VQVAE2Config.from_dict(on.to_dict()) == on
+    with pytest.raises(ValueError, match="prefix_training must be one of 'off', 'loss'"):
+        VQVAE2Config(prefix_training="sometimes")
+
+
+def test_a_model_without_prefix_training_keeps_its_weights_and_zero_views():
+    model = _model("off").eval()
+    assert not any(k.startswith("absent") for k in model.state_dict())
+    x = _images()
+    codes = model.encode(x)
+    with torch.no_grad():  # the view of earlier vqkit: zeros for the missing maps, through the upsamplers
+        z_top = model.quantizers[0].lookup(codes[0])
+        maps = [model.upsamplers[0](z_top), model.upsamplers[1](torch.zeros(4, 4, 4, 4)), torch.zeros(4, 4, 8, 8)]
+        expected = model.likelihood.mean(model.decoder(torch.cat(maps, 1))).clamp(-1, 1)
+    torch.testing.assert_close(model.decode_levels(codes, 1), expected)
+
+
+def test_per_prefix_loss_is_each_prefixs_mse_with_learned_absent_inputs():
+    model = _model("loss")
+    assert [tuple(a.shape) for a in model.absent] == [(1, 4, 1, 1)] * 2
+    with torch.no_grad():
+        for i, a in enumerate(model.absent):
+            a.fill_(0.3 * (i + 1))
+    x = _images()
+    out = model(x)
+    assert sorted(out.prefix_losses) == [1, 2, 3]
+    with torch.no_grad():
+        z = [q.lookup(c) for q, c in zip(model.quantizers, out.codes)]
+        for upto in (1, 2):  # the missing maps: each level's absent vector at the bottom's resolution
+            maps = [model.upsamplers[level](z[level]) for level in range(upto)]
+            maps += [model.absent[level - 1].expand(4, 4, 8, 8) for level in range(upto, 3)]
+            params = model.decoder(torch.cat(maps, 1))
+            torch.testing.assert_close(out.prefix_losses[upto], (params - x).square().mean())
+        full = model.decoder(torch.cat([model.upsamplers[0](z[0]), model.upsamplers[1](z[1]), z[2]], 1))
+    torch.testing.assert_close(out.prefix_losses[3], (full - x).square().mean())
+    torch.testing.assert_close(out.recon_loss, sum(out.prefix_losses.values()))
+    torch.testing.assert_close(out.x_hat, full)
+    # The likelihood's variance follows the full model's reconstruction, not the prefixes'.
+    torch.testing.assert_close(model.likelihood.variance, (full - x).square().mean(dim=(0, 2, 3)))
+    out.loss.backward()
+    assert all(a.grad.abs().sum() > 0 for a in model.absent)
+    # decode_levels decodes a prefix as it was trained: with the absent inputs.
+    model.eval()
+    codes = model.encode(x)
+    with torch.no_grad():
+        z_top = model.quantizers[0].lookup(codes[0])
+        maps = [model.upsamplers[0](z_top), *(a.expand(4, 4, 8, 8) for a in model.absent)]
+        expected = model.decoder(torch.cat(maps, 1)).clamp(-1, 1)
+    torch.testing.assert_close(model.decode_levels(codes, 1), expected)
+
+
+def test_the_top_prefix_does_not_see_the_lower_codes():
+    model = _model("loss", levels=2)
+    x = _images()
+    before = model(x).prefix_losses
+    with torch.no_grad():
+        model.quantizers[1].codebook.mul_(-3)
+    after = model(x).prefix_losses
+    torch.testing.assert_close(after[1], before[1])
+    assert not torch.allclose(after[2], before[2])
+
+
+def _train_batch(mode: str, steps: int = 120) -> tuple[float, float]:
+    """MSE of the top alone and of every level after fitting one batch of smooth images."""
+    torch.manual_seed(0)
+    model = VQVAE2(VQVAE2Config(in_channels=3, hidden=16, res_hidden=8, num_res_blocks=1, strides=[1, 1],
+                                code_dim=8, codebook_sizes=[32, 32], restart_after=20, prefix_training=mode))
+    x = _images(8)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        out = model(x)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    model.eval()
+    codes = model.encode(x)
+    return tuple(float((model.decode_levels(codes, upto) - x).square().mean()) for upto in (1, 2))
+
+
+def test_with_the_prefix_loss_the_top_alone_reconstructs_the_image():
+    off_top, off_all = _train_batch("off")
+    top, full = _train_batch("loss")
+    assert top < off_top / 3, (top, off_top)  # about 5.7 dB better
+    assert full < top and full < 2 * off_all, (full, top, off_all)
+
+
+def test_a_run_trained_with_prefixes_saves_the_field_and_reloads(tmp_path, tiny2):
+    config = dataclasses.replace(tiny2, prefix_training="loss")
+    train(tmp_path / "run", config, TrainConfig(data=DATA, steps=3, batch_size=8), progress=False,
+          tensorboard=False)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
+    assert saved["prefix_training"] == "loss"
+    model, _ = ckpt.load_model(tmp_path / "run")
+    assert len(model.absent) == 1 and model.prefix_training == "loss"
+    from vqkit.data.datasets import load_dataset
+    assert evaluate(model, load_dataset(DATA, "test"), limit=16).levels[0].psnr_upto > 0
+    train(tmp_path / "old", tiny2, TrainConfig(data=DATA, steps=1, batch_size=8), progress=False, tensorboard=False)
+    assert "prefix_training" not in json.loads((tmp_path / "old" / "config.json").read_text())["model"]
+
+
+def test_cli_train_takes_prefix_training_for_a_hierarchy_only(tmp_path, tiny2, tiny, capsys):
+    from vqkit.cli.main import main
+    (tmp_path / "two.json").write_text(json.dumps(dataclasses.replace(tiny2, prefix_training="loss").to_dict()))
+    (tmp_path / "one.json").write_text(json.dumps(tiny.to_dict()))
+    common = ["--data", DATA, "--steps", "2", "--batch-size", "8", "--no-tensorboard"]
+    assert main(["train", "--config", str(tmp_path / "two.json"), "--prefix-training", "off", *common,
+                 "-o", str(tmp_path / "run")]) == 0
+    assert ckpt.model_config_of(tmp_path / "run").prefix_training == "off"
+    assert main(["train", "--config", str(tmp_path / "one.json"), "--prefix-training", "loss", *common,
+                 "-o", str(tmp_path / "one")]) == 2
+    assert "--prefix-training applies to a hierarchy" in capsys.readouterr().err
+
+
+def test_levels_view_is_figure_3_from_decode_levels():
+    from vqkit.data.datasets import from_model, to_model
+    from vqkit.inspect.levels import levels_image, levels_view
+    model = _model("loss").eval()
+    images = ((_images(5) + 1) * 127.5).round().to(torch.uint8)
+    view = levels_view(model, images, batch_size=2)
+    codes = model.encode(to_model(images))
+    for upto in (1, 2, 3):
+        expected = from_model(model.decode_levels(codes, upto))
+        assert torch.equal(view.views[upto - 1], expected)
+        mse = (expected.double() - images.double()).square().flatten(1).mean(1)
+        torch.testing.assert_close(view.psnr[upto - 1], 10 * torch.log10(255 ** 2 / mse))
+    assert view.column_titles() == ["top alone", "+ middle", "+ bottom", "original"]
+    assert levels_image(view, side=32).size == (4 + 4 * 36, 16 + 5 * (32 + 14 + 4) + 4)
