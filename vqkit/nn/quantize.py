@@ -268,6 +268,14 @@ class QuantizerOutput:
     perplexity: torch.Tensor
     usage: torch.Tensor
 
+    @classmethod
+    def of_counts(cls, z_q: torch.Tensor, codes: torch.Tensor, codebook_loss: torch.Tensor,
+                  commitment_loss: torch.Tensor, beta: float, counts: torch.Tensor) -> QuantizerOutput:
+        """The output of a pass whose codes hit each of the K codes ``counts`` (K,) times."""
+        return cls(z_q=z_q, codes=codes, loss=codebook_loss + beta * commitment_loss,
+                   codebook_loss=codebook_loss, commitment_loss=commitment_loss,
+                   perplexity=perplexity(counts), usage=(counts > 0).float().mean())
+
 
 class Quantizer(nn.Module):
     """What every quantizer of vqkit shares (``VectorQuantizer``, ``FSQ``, ``LFQ``): K =
@@ -511,15 +519,8 @@ class VectorQuantizer(Quantizer):
                 z_q_flat = through + (target - through).detach()
             z_q_flat = _linear(z_q_flat, self.project_out)  # (N, D)
             z_q = z_q_flat.reshape(*self._codes_shape(z_e, axis), self.dim).movedim(-1, axis)
-        return QuantizerOutput(
-            z_q=z_q,
-            codes=codes.reshape(self._codes_shape(z_e, axis)),
-            loss=codebook_loss + self.beta * commitment,
-            codebook_loss=codebook_loss,
-            commitment_loss=commitment,
-            perplexity=perplexity(counts),
-            usage=(counts > 0).float().mean(),
-        )
+        return QuantizerOutput.of_counts(z_q, codes.reshape(self._codes_shape(z_e, axis)), codebook_loss,
+                                         commitment, self.beta, counts)
 
     @torch.no_grad()
     def encode(self, z_e: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,6 @@ from vqkit.nn.quantize import (
     _linear,
     _mse,
     _sync_setting,
-    perplexity,
 )
 
 
@@ -99,15 +98,8 @@ class _ScalarQuantizer(Quantizer):
             counts = torch.bincount(codes, minlength=self.codebook_size)
             if self.training and self._synced():
                 counts = distributed.all_reduce_sum(counts, self.group)
-        return QuantizerOutput(
-            z_q=z_q,
-            codes=codes.reshape(self._codes_shape(z_e, axis)),
-            loss=codebook_loss + self.beta * commitment,
-            codebook_loss=codebook_loss,
-            commitment_loss=commitment,
-            perplexity=perplexity(counts),
-            usage=(counts > 0).float().mean(),
-        )
+        return QuantizerOutput.of_counts(z_q, codes.reshape(self._codes_shape(z_e, axis)), codebook_loss,
+                                         commitment, self.beta, counts)
 
     @torch.no_grad()
     def encode(self, z_e: torch.Tensor) -> torch.Tensor:
