@@ -91,6 +91,7 @@ group of two or more.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -277,7 +278,7 @@ class QuantizerOutput:
                    perplexity=perplexity(counts), usage=(counts > 0).float().mean())
 
 
-class Quantizer(nn.Module):
+class Quantizer(nn.Module, ABC):
     """What every quantizer of vqkit shares (``VectorQuantizer``, ``FSQ``, ``LFQ``): K =
     ``codebook_size`` codes for inputs with D = ``dim`` channels along ``channel_dim``;
     ``forward`` -> ``QuantizerOutput``; ``encode`` -> integer codes in [0, K); ``lookup`` ->
@@ -330,9 +331,9 @@ class Quantizer(nn.Module):
         with torch.autocast(device_type=codes.device.type, enabled=False):
             return self._vectors(codes).movedim(-1, axis)
 
+    @abstractmethod
     def _vectors(self, codes: torch.Tensor) -> torch.Tensor:
         """The vectors of valid ``codes``, channels last: (*codes.shape, D) float32."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def code_vectors(self) -> torch.Tensor:

@@ -39,6 +39,7 @@ it, 0 in evaluation); under data-parallel training each process's penalty uses i
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -77,14 +78,14 @@ class _ScalarQuantizer(Quantizer):
     def extra_repr(self) -> str:
         return f"K={self.codebook_size}, dim={self.dim}, channel_dim={self.channel_dim}, sync={self.sync}"
 
+    @abstractmethod
     def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows ``x`` (N, d) -> ``(codes (N,), grid points (N, d) carrying the straight-through
         gradient, codebook_loss, commitment_loss)``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _grid(self, codes: torch.Tensor) -> torch.Tensor:
         """The grid points of ``codes`` (any shape) -> (*codes.shape, d) float32."""
-        raise NotImplementedError
 
     def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
         """Quantize ``z_e`` (D channels along ``channel_dim``, any other axes, any float dtype)
