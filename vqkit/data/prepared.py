@@ -312,8 +312,7 @@ def prepare(spec: str, out: str | os.PathLike, image_size: int | None = None, wo
         open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, c, h, w)).flush()
         if folder:
             (tmp / "files.jsonl").write_bytes(b"")
-        state = {"plan": plan_digest, "chunks": 0, "rows": 0, "files_bytes": 0, "skipped": [],
-                 "split_rows": {"train": 0, "test": 0}}
+        state = {"plan": plan_digest, "chunks": 0, "rows": 0, "files_bytes": 0, "skipped": []}
         _save_state(tmp, state)
     resumed = state["chunks"] * CHUNK_FILES if folder else 0
     images = _Rows(tmp / "images.npy", c * h * w)
@@ -340,8 +339,10 @@ def prepare(spec: str, out: str | os.PathLike, image_size: int | None = None, wo
         for s in range(0, good, CHUNK_FILES):
             compact.write(s, images.read(s, min(CHUNK_FILES, good - s)))
         compact.close()
+        images.close()
         os.replace(tmp / "images.tmp.npy", tmp / "images.npy")
-    images.close()
+    else:
+        images.close()
     n_train = int(kept[:sizes["train"]].sum())
     with open(tmp / "labels.npy", "wb") as f:
         np.save(f, row_labels[kept])
