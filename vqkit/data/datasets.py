@@ -141,6 +141,10 @@ class TensorImageSet(ImageSet):
         return self.images.index_select(0, indices), self.labels.index_select(0, indices)
 
 
+# Images per task of a worker decoding a set into memory: enough to amortise sending them.
+_LOAD_BATCH = 64
+
+
 def in_memory(dataset: ImageSet, max_bytes: int, workers: int | None = None,
               progress: bool = False) -> ImageSet:
     """``dataset`` decoded once into memory, by ``workers`` processes (``vqkit.data.loader``;
@@ -163,10 +167,6 @@ def in_memory(dataset: ImageSet, max_bytes: int, workers: int | None = None,
     cached = TensorImageSet(dataset.spec, images, labels, dataset.class_names)
     cached.skipped = dataset.skipped
     return cached
-
-
-# Images per task of a worker decoding a set into memory: enough to amortise sending them.
-_LOAD_BATCH = 64
 
 
 class FolderImageSet(ImageSet):
