@@ -8,8 +8,47 @@ Residual block: ``x + conv1x1(relu(conv3x3(relu(x))))``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from vqkit.errors import ConfigError
+from vqkit.nn.likelihood import LIKELIHOODS
+
+
+@dataclass
+class TrunkConfig:
+    """The fields of the encoder and decoder trunks and of the likelihood, which every stage-1
+    model (VQ-VAE, VQ-VAE-2, the Gaussian VAE) shares.
+
+    Args:
+        in_channels: image channels (1 grey, 3 RGB).
+        hidden: channels of the encoder and decoder trunks.
+        res_hidden: channels inside each residual block.
+        num_res_blocks: residual blocks in each encoder and decoder stack.
+        code_dim: D, the channels of each latent vector (a code vector, or a Gaussian latent).
+        likelihood: ``"gaussian"`` (trained by MSE) or ``"logistic_mixture"``.
+        mixtures: logistic components per subpixel (``logistic_mixture`` only).
+    """
+
+    in_channels: int = 3
+    hidden: int = 128
+    res_hidden: int = 64
+    num_res_blocks: int = 2
+    code_dim: int = 64
+    likelihood: str = "gaussian"
+    mixtures: int = 5
+
+    def __post_init__(self):
+        if self.likelihood not in LIKELIHOODS:
+            raise ConfigError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, "
+                              f"got {self.likelihood!r}")
+        for name in ("in_channels", "hidden", "res_hidden", "code_dim", "mixtures"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_res_blocks < 0:
+            raise ConfigError(f"num_res_blocks must be >= 0, got {self.num_res_blocks}")
 
 
 class ResidualBlock(nn.Module):

@@ -62,11 +62,12 @@ from torch import nn
 
 from vqkit.config import JsonConfig
 from vqkit.errors import ConfigError, UsageError
-from vqkit.nn.likelihood import LIKELIHOODS, GaussianLikelihood, LikelihoodOutput, make_likelihood
-from vqkit.nn.nets import Decoder, Encoder
+from vqkit.nn.likelihood import GaussianLikelihood, LikelihoodOutput, make_likelihood
+from vqkit.nn.nets import Decoder, Encoder, TrunkConfig
 from vqkit.nn.pretrained import PretrainedMixin
 from vqkit.nn.quantize import QuantizerOutput
 from vqkit.nn.quantizers import DEFAULT, build_quantizer, canonical_spec, spec_codebook_size
+from vqkit.nn.vae import GaussianVAE, VAEConfig
 
 
 class _Levels:
@@ -100,41 +101,28 @@ class _Levels:
 
 
 @dataclass
-class _Network(_Levels):
-    """The fields both configurations share; they apply to every level.
+class _Network(_Levels, TrunkConfig):
+    """The fields every VQ model shares; they apply to every level.
 
     Args:
-        in_channels: image channels (1 grey, 3 RGB).
-        hidden: channels of the encoder and decoder trunks.
-        res_hidden: channels inside each residual block.
-        num_res_blocks: residual blocks in each encoder and decoder stack.
-        code_dim: D, the dimension of each code vector.
         beta: commitment weight of eq. 3 (0.25 in the paper).
         ema: update the codebooks by exponential moving averages (appendix A.1) instead of the
             codebook loss.
         decay: EMA decay (0.99 in the paper).
         kmeans_init: set each codebook by k-means on the first training batch.
         restart_after: re-seed a code unused for this many training steps (0: never).
-        likelihood: ``"gaussian"`` (trained by MSE) or ``"logistic_mixture"``.
-        mixtures: logistic components per subpixel (``logistic_mixture`` only).
         quantizer: the quantizer of every level (a spec such as ``{"kind": "fsq", "levels":
             [8, 5, 5, 5]}``, see ``vqkit.nn.quantizers``) or a list of one per level,
             top-first; None for VQ. ``ema``, ``decay``, ``kmeans_init`` and ``restart_after``
             apply to VQ levels; an FSQ or LFQ level's codebook size must be its grid's K.
+        The trunk's and the likelihood's fields are those of every stage-1 model (``TrunkConfig``).
     """
 
-    in_channels: int = 3
-    hidden: int = 128
-    res_hidden: int = 64
-    num_res_blocks: int = 2
-    code_dim: int = 64
     beta: float = 0.25
     ema: bool = True
     decay: float = 0.99
     kmeans_init: bool = True
     restart_after: int = 100
-    likelihood: str = "gaussian"
-    mixtures: int = 5
     quantizer: dict | list | None = None
 
     def to_dict(self) -> dict:
@@ -165,14 +153,9 @@ class _Network(_Levels):
             self.quantizer = specs
 
     def __post_init__(self):
-        if self.likelihood not in LIKELIHOODS:
-            raise ConfigError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, "
-                              f"got {self.likelihood!r}")
-        for name in ("in_channels", "hidden", "res_hidden", "code_dim", "mixtures"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_res_blocks < 0 or self.restart_after < 0:
-            raise ConfigError("num_res_blocks and restart_after must be >= 0")
+        super().__post_init__()
+        if self.restart_after < 0:
+            raise ConfigError(f"restart_after must be >= 0, got {self.restart_after}")
 
 
 @dataclass
@@ -571,6 +554,14 @@ class VQVAE(nn.Module, PretrainedMixin):
         return self.likelihood.mean(self._decode_z_q(z_qs, upto)).clamp(-1, 1)
 
     @torch.no_grad()
+    def nll(self, x: torch.Tensor, codes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """-log p(x | codes) in nats per image (B,): images (B, C, H, W) in [-1, 1] under the
+        decoder given the codes of every level, top-first (their own, or another image's)."""
+        given = self._given_levels(codes, self.num_levels)
+        z_qs = [self.quantizers[level].lookup(c) for level, c in enumerate(given)]
+        return self.likelihood(self._decode_z_q(z_qs), x).nll
+
+    @torch.no_grad()
     def decode_without(self, codes: Sequence[torch.Tensor], level: int) -> torch.Tensor:
         """Decode every level but ``level``, whose quantized map is replaced by zeros (which
         no training ever showed the decoder there, prefix training included).
@@ -603,13 +594,18 @@ class VQVAE2(VQVAE):
         super().__init__(config)
 
 
-# The configuration class of each run kind, and the model class each builds.
-CONFIGS: dict[str, type[VQVAEConfig] | type[VQVAE2Config]] = {c.kind: c for c in (VQVAEConfig, VQVAE2Config)}
-_MODELS = {VQVAEConfig: VQVAE, VQVAE2Config: VQVAE2}
+# The configuration class of each stage-1 run kind, and the model class each builds. The VQ
+# kinds have codes; a "vae" run (the Gaussian baseline) has continuous latents, so the commands
+# that read codes take only ``VQ_KINDS``.
+CONFIGS: dict[str, type[VQVAEConfig] | type[VQVAE2Config] | type[VAEConfig]] = {
+    c.kind: c for c in (VQVAEConfig, VQVAE2Config, VAEConfig)}
+VQ_KINDS = (VQVAEConfig.kind, VQVAE2Config.kind)
+_MODELS = {VQVAEConfig: VQVAE, VQVAE2Config: VQVAE2, VAEConfig: GaussianVAE}
 
 
-def build_model(config: StageOneConfig) -> VQVAE:
-    """A freshly initialised model for ``config``: a ``VQVAE2`` for a ``VQVAE2Config``."""
+def build_model(config: StageOneConfig | VAEConfig) -> VQVAE | GaussianVAE:
+    """A freshly initialised model for ``config``: a ``VQVAE2`` for a ``VQVAE2Config``, a
+    ``GaussianVAE`` for a ``VAEConfig``."""
     return _MODELS[type(config)](config)
 
 
