@@ -100,3 +100,6 @@ def test_run_collapse_end_to_end_and_reuses_finished_runs(tmp_path, monkeypatch)
     assert "vqvae-conv" in result.table()
     again = run_collapse(tmp_path, settings, progress=False)  # nothing retrained: same figures
     assert again.rows[0].bits_per_dim == result.rows[0].bits_per_dim
+    from vqkit.inspect.report import build_report
+    report = build_report(tmp_path, tmp_path / "collapse.html", progress=False)
+    assert report.section_ids == ["collapse", "collapse-figure", "samples-figure"]

@@ -145,3 +145,16 @@ def test_a_vae_run_trains_evaluates_and_samples(vae_run):
 def test_commands_that_need_codes_refuse_a_vae_run(vae_run):
     with pytest.raises(ckpt.CheckpointError, match="Gaussian VAE"):
         ckpt.load_model(vae_run)
+
+
+def test_a_vae_run_exports_and_reports(vae_run, tmp_path):
+    from vqkit.inspect.report import build_report
+    from vqkit.runs.export import export_run
+
+    out = export_run(vae_run, tmp_path / "model")
+    loaded = GaussianVAE.from_pretrained(out)
+    model, _ = ckpt.load_model(vae_run, kinds=("vae",))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert "# Gaussian VAE" in (out / "README.md").read_text()
+    report = build_report(vae_run, tmp_path / "r.html", data=DATA, progress=False)
+    assert {"summary", "reconstructions", "samples"} <= set(report.section_ids)
