@@ -115,8 +115,14 @@ class _Network(_Levels):
         decay: EMA decay (0.99 in the paper).
         kmeans_init: set each codebook by k-means on the first training batch.
         restart_after: re-seed a code unused for this many training steps (0: never).
-        likelihood: ``"gaussian"`` (trained by MSE) or ``"logistic_mixture"``.
-        mixtures: logistic components per subpixel (``logistic_mixture`` only).
+        likelihood: ``"gaussian"`` (trained by MSE), ``"logistic_mixture"`` or ``"pixelcnn"`` (an
+            autoregressive decoder: a gated PixelCNN over the pixels, conditioned on the conv
+            decoder's output; see ``vqkit.nn.pixelcnn``).
+        mixtures: logistic components per subpixel (``logistic_mixture``) or per pixel (``pixelcnn``).
+        pixelcnn_layers: gated layers of the PixelCNN likelihood (``pixelcnn`` only).
+        pixelcnn_channels: channels of the PixelCNN, and of the conv decoder's output that
+            conditions it (``pixelcnn`` only).
+        pixelcnn_kernel_size: side of the PixelCNN's causal convolutions, odd, >= 3 (``pixelcnn`` only).
         quantizer: the quantizer of every level (a spec such as ``{"kind": "fsq", "levels":
             [8, 5, 5, 5]}``, see ``vqkit.nn.quantizers``) or a list of one per level,
             top-first; None for VQ. ``ema``, ``decay``, ``kmeans_init`` and ``restart_after``
@@ -136,11 +142,20 @@ class _Network(_Levels):
     likelihood: str = "gaussian"
     mixtures: int = 5
     quantizer: dict | list | None = None
+    pixelcnn_layers: int = 4
+    pixelcnn_channels: int = 32
+    pixelcnn_kernel_size: int = 3
+
+    PIXELCNN_FIELDS: ClassVar[tuple[str, ...]] = ("pixelcnn_layers", "pixelcnn_channels", "pixelcnn_kernel_size")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        if data["quantizer"] is None:  # the default: the dict (and its fingerprint) as before the field
+        # Fields at their defaults that the dict (and its fingerprint) had not before they existed.
+        if data["quantizer"] is None:
             del data["quantizer"]
+        if self.likelihood != "pixelcnn":
+            for name in self.PIXELCNN_FIELDS:
+                del data[name]
         return data
 
     def level_quantizers(self) -> list[dict]:
@@ -168,22 +183,33 @@ class _Network(_Levels):
         if self.likelihood not in LIKELIHOODS:
             raise ConfigError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, "
                               f"got {self.likelihood!r}")
-        for name in ("in_channels", "hidden", "res_hidden", "code_dim", "mixtures"):
+        for name in ("in_channels", "hidden", "res_hidden", "code_dim", "mixtures", "pixelcnn_layers",
+                     "pixelcnn_channels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        k = self.pixelcnn_kernel_size
+        if not isinstance(k, int) or k < 3 or k % 2 == 0:
+            raise ConfigError(f"pixelcnn_kernel_size must be an odd integer >= 3, got {k!r}")
+        if self.likelihood != "pixelcnn":
+            # The dict leaves these out for other likelihoods, so a value set there would be lost.
+            changed = [f.name for f in dataclasses.fields(_Network)
+                       if f.name in self.PIXELCNN_FIELDS and getattr(self, f.name) != f.default]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} apply to likelihood='pixelcnn' only; "
+                                  f"this config's likelihood is {self.likelihood!r}")
         if self.num_res_blocks < 0 or self.restart_after < 0:
             raise ConfigError("num_res_blocks and restart_after must be >= 0")
 
 
 @dataclass
 class VQVAEConfig(_Network, JsonConfig):
-    """Everything needed to rebuild a one-level VQ-VAE; saved as JSON beside its weights.
+    """Everything needed to rebuild a one-level VQ-VAE; saved as JSON beside its weights. The
+    fields not listed here are those of every model (``_Network``).
 
     Args:
         downsample: number of stride-2 convolutions: the code map is ``2**downsample`` times
             smaller than the image per side.
         codebook_size: K, the number of codes.
-        The other fields are those of every model (``_Network``).
     """
 
     label: ClassVar[str] = "VQ-VAE config"
@@ -212,7 +238,7 @@ class VQVAEConfig(_Network, JsonConfig):
 @dataclass
 class VQVAE2Config(_Network, JsonConfig):
     """Everything needed to rebuild a VQ-VAE-2 of two or more levels; saved as JSON beside
-    its weights.
+    its weights. The fields not listed here are those of every model (``_Network``).
 
     Args:
         strides: per level, top-first, the downsampling exponent relative to the level below
@@ -223,7 +249,6 @@ class VQVAE2Config(_Network, JsonConfig):
             module docstring): ``"off"`` (every batch decodes all levels; a prefix decodes with
             zeros for the missing maps) or ``"loss"`` (a reconstruction loss per prefix, missing
             maps as learned absent inputs).
-        The other fields are those of every model (``_Network``).
     """
 
     label: ClassVar[str] = "VQ-VAE-2 config"
@@ -300,7 +325,10 @@ class VQVAEOutput:
     """One forward pass.
 
     ``loss = recon_loss + vq_loss``; ``vq_loss`` and ``commitment_loss`` are summed over the
-    levels; ``x_hat`` the expected reconstruction (B, C, H, W) in [-1, 1]; ``nll`` -log p(x|z_q)
+    levels; ``x_hat`` the expected reconstruction (B, C, H, W) in [-1, 1] (with the
+    autoregressive ``pixelcnn`` likelihood, the teacher-forced mixture mean: each subpixel's
+    mean given the true subpixels before it, so not an image the model could decode from the
+    codes alone; ``decode`` samples one); ``nll`` -log p(x|z_q)
     in nats per image (B,); ``codes`` (B, h_l, w_l) int64, ``perplexity`` and ``usage`` (this
     batch only) one per level, top-first.
 
@@ -376,7 +404,7 @@ class VQVAE(nn.Module, PretrainedMixin):
                     c.strides[level], d) for level in range(levels - 1))
         self.upsamplers = nn.ModuleList(
             _upsampler(d, sum(c.strides[level:levels - 1])) for level in range(levels - 1))
-        self.likelihood = make_likelihood(c.likelihood, c.in_channels, c.mixtures)
+        self.likelihood = make_likelihood(c)
         self.decoder = Decoder(levels * d, c.hidden, c.res_hidden, c.num_res_blocks, c.strides[-1],
                                self.likelihood.decoder_channels)
         self.prefix_training = getattr(c, "prefix_training", "off")
@@ -516,12 +544,15 @@ class VQVAE(nn.Module, PretrainedMixin):
         return codes
 
     @torch.no_grad()
-    def decode(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Codes of every level, top-first (a list of (B, h_l, w_l)) -> expected images
-        (B, C, H, W), clamped to [-1, 1]."""
+    def decode(self, codes: Sequence[torch.Tensor], generator: torch.Generator | None = None,
+               temperature: float = 1.0) -> torch.Tensor:
+        """Codes of every level, top-first (a list of (B, h_l, w_l)) -> images (B, C, H, W) in
+        [-1, 1]: the expected image of a factorised likelihood; with the ``pixelcnn`` likelihood
+        a sample of p(x | z) drawn with ``generator`` (default: seeded 0, so that the same codes
+        decode to the same image) and ``temperature`` (``PixelCNNLikelihood.reconstruct``)."""
         if not isinstance(codes, torch.Tensor) and len(codes) != self.num_levels:
             raise UsageError(f"expected {self.num_levels} code maps (top-first), got {len(codes)}")
-        return self.decode_levels(codes, self.num_levels)
+        return self.decode_levels(codes, self.num_levels, generator, temperature)
 
     def _given_levels(self, codes: Sequence[torch.Tensor | None], upto: int) -> list[torch.Tensor]:
         """The first ``upto`` code maps of ``codes``, checked against each other and the strides."""
@@ -555,7 +586,8 @@ class VQVAE(nn.Module, PretrainedMixin):
                 for s in self.config.level_strides()]
 
     @torch.no_grad()
-    def decode_levels(self, codes: Sequence[torch.Tensor | None], upto: int) -> torch.Tensor:
+    def decode_levels(self, codes: Sequence[torch.Tensor | None], upto: int,
+                      generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         """The view of VQ-VAE-2's Figure 3: the image decoded from the top ``upto`` levels only.
 
         ``codes`` is top-first; entries from index ``upto`` on may be missing or None and are
@@ -564,27 +596,30 @@ class VQVAE(nn.Module, PretrainedMixin):
         Without, the quantized maps of the lower levels are replaced by zeros: a zero input adds
         nothing through the first (linear) layers they feed, so the image shows what the given
         levels carry, but the decoder never saw zeros there in training, so this is a view of
-        the hierarchy, not a sample of the model. ``upto = L`` is ``decode``.
+        the hierarchy, not a sample of the model. ``upto = L`` is ``decode``; ``generator`` and
+        ``temperature`` are as there.
         """
         given = self._given_levels(codes, upto)
         z_qs = [self.quantizers[level].lookup(c) for level, c in enumerate(given)]
-        return self.likelihood.mean(self._decode_z_q(z_qs, upto)).clamp(-1, 1)
+        return self.likelihood.reconstruct(self._decode_z_q(z_qs, upto), generator, temperature).clamp(-1, 1)
 
     @torch.no_grad()
-    def decode_without(self, codes: Sequence[torch.Tensor], level: int) -> torch.Tensor:
+    def decode_without(self, codes: Sequence[torch.Tensor], level: int,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Decode every level but ``level``, whose quantized map is replaced by zeros (which
         no training ever showed the decoder there, prefix training included).
 
         The gap between this and ``decode`` is what that level adds to the reconstruction
         (for the top level: the full model against the lower levels alone). Like
-        ``decode_levels`` it is a view of the model, not a sample.
+        ``decode_levels`` it is a view of the model, not a sample of it (with the ``pixelcnn``
+        likelihood, drawn with ``generator``).
         """
         given = self._given_levels(codes, self.num_levels)
         if not 0 <= level < self.num_levels:
             raise UsageError(f"level must be in 0..{self.num_levels - 1}, got {level}")
         z_qs = [self.quantizers[i].lookup(c) for i, c in enumerate(given)]
         z_qs[level] = torch.zeros_like(z_qs[level])
-        return self.likelihood.mean(self._decode_z_q(z_qs)).clamp(-1, 1)
+        return self.likelihood.reconstruct(self._decode_z_q(z_qs), generator).clamp(-1, 1)
 
 
 class VQVAE2(VQVAE):
