@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from vqkit import distributed
-from vqkit.cli.args import add_config_args, config_from_args
+from vqkit.cli.args import add_config_args, config_args, config_from_args
 from vqkit.cli.common import (
     DATA_HELP,
     SPLITS,
@@ -25,18 +25,23 @@ from vqkit.data.datasets import from_model, load_dataset, to_model
 from vqkit.data.images import load_image, make_grid, save_png
 from vqkit.errors import UsageError
 from vqkit.fsutil import atomic_write_bytes
+from vqkit.nn.likelihood import LIKELIHOODS
+from vqkit.nn.nets import TrunkConfig
 from vqkit.nn.presets import PRESETS, preset
 from vqkit.nn.quantizers import parse_quantizer
 from vqkit.nn.vae import GaussianVAE, VAEConfig
-from vqkit.nn.vqvae import StageOneConfig, VQVAE2Config, level_names, with_quantizer
+from vqkit.nn.vqvae import StageOneConfig, VQVAE2Config, VQVAEConfig, level_names, with_quantizer
 from vqkit.precision import PRECISIONS
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes, read_maps, save_maps
 from vqkit.runs.generate import decode_codes
-from vqkit.training.evaluate import evaluate
+from vqkit.training.evaluate import AUTOREGRESSIVE_RECON_LIMIT, evaluate
 from vqkit.training.latents import evaluate_vae
 from vqkit.training.prior import PriorEvalResult, evaluate_prior_run
 from vqkit.training.stage1 import TrainConfig, train
+
+# The model fields that `vqkit train` takes as options, overriding the preset's or config's.
+_DECODER_OPTIONS = ("likelihood", "mixtures", *TrunkConfig.PIXELCNN_FIELDS)
 
 
 def _model_config(args) -> StageOneConfig | VAEConfig:
@@ -52,6 +57,9 @@ def _model_config(args) -> StageOneConfig | VAEConfig:
     if args.quantizer:
         specs = [parse_quantizer(text) for text in args.quantizer]
         config = with_quantizer(config, specs[0] if len(specs) == 1 else specs)
+    decoder = {name: value for name, value in config_args(VQVAEConfig, args).items() if value is not None}
+    if decoder:
+        config = type(config).from_dict({**config.to_dict(), **decoder})
     if args.prefix_training is None:
         return config
     if not isinstance(config, VQVAE2Config):
@@ -77,7 +85,7 @@ def cmd_eval(args) -> None:
     data = load_dataset(eval_data(args, args.run), args.split, image_size=image_size(args.run))
     measure = evaluate_vae if isinstance(model, GaussianVAE) else evaluate
     result = measure(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json,
-                     workers=args.workers)
+                     workers=args.workers, recon_limit=args.recon_limit)
     record = {"data": data.spec, "split": args.split, **result.to_dict()}
     save_eval_record(args.run, checkpoint, record)
     if args.json:
@@ -193,6 +201,9 @@ def add_parsers(sub) -> None:
                         "factor_dim=D], fsq:LEVELS (e.g. fsq:8,5,5,5, K = 1000), lfq:BITS[,entropy_weight=W] "
                         "(K = 2**BITS), or a JSON object; FSQ and LFQ set the codebook size. Once for every "
                         "level, or repeated for one per level, top-first")
+    add_config_args(t, VQVAEConfig, exclude=[f.name for f in dataclasses.fields(VQVAEConfig)
+                                             if f.name not in _DECODER_OPTIONS],
+                    choices={"likelihood": LIKELIHOODS}, unset=dict.fromkeys(_DECODER_OPTIONS, "the model's"))
     t.add_argument("-o", "--out", required=True, type=Path, help="run folder")
     add_config_args(t, TrainConfig, choices={"precision": PRECISIONS})
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
@@ -208,6 +219,10 @@ def add_parsers(sub) -> None:
                    help="(conditioned prior runs, with --codes) the held-out code set of a level the "
                         "prior is conditioned on; repeat top-first, as in train-prior")
     e.add_argument("--limit", type=int, help="evaluate only the first N images")
+    e.add_argument("--recon-limit", type=int,
+                   help="measure MSE, PSNR and MS-SSIM on the first N images only (default: every image; with "
+                        f"the autoregressive pixelcnn likelihood, whose reconstructions are sampled pixel by pixel, "
+                        f"{AUTOREGRESSIVE_RECON_LIMIT}); bits/dim and codebook usage use every image")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--json", action="store_true", help="print machine-readable results")
     workers_arg(e)

@@ -8,7 +8,9 @@ Residual block: ``x + conv1x1(relu(conv3x3(relu(x))))``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -28,9 +30,17 @@ class TrunkConfig:
         res_hidden: channels inside each residual block.
         num_res_blocks: residual blocks in each encoder and decoder stack.
         code_dim: D, the channels of each latent vector (a code vector, or a Gaussian latent).
-        likelihood: ``"gaussian"`` (trained by MSE) or ``"logistic_mixture"``.
-        mixtures: logistic components per subpixel (``logistic_mixture`` only).
+        likelihood: ``"gaussian"`` (trained by MSE), ``"logistic_mixture"`` or ``"pixelcnn"`` (an
+            autoregressive decoder: a gated PixelCNN over the pixels, conditioned on the conv
+            decoder's output; see ``vqkit.nn.pixelcnn``).
+        mixtures: logistic components per subpixel (``logistic_mixture``) or per pixel (``pixelcnn``).
+        pixelcnn_layers: gated layers of the PixelCNN likelihood (``pixelcnn`` only).
+        pixelcnn_channels: channels of the PixelCNN, and of the conv decoder's output that
+            conditions it (``pixelcnn`` only).
+        pixelcnn_kernel_size: side of the PixelCNN's causal convolutions, odd, >= 3 (``pixelcnn`` only).
     """
+
+    PIXELCNN_FIELDS: ClassVar[tuple[str, ...]] = ("pixelcnn_layers", "pixelcnn_channels", "pixelcnn_kernel_size")
 
     in_channels: int = 3
     hidden: int = 128
@@ -39,14 +49,37 @@ class TrunkConfig:
     code_dim: int = 64
     likelihood: str = "gaussian"
     mixtures: int = 5
+    pixelcnn_layers: int = 4
+    pixelcnn_channels: int = 32
+    pixelcnn_kernel_size: int = 3
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        # Left out for the other likelihoods, so that the dicts (and fingerprints) of the models
+        # made before they existed are unchanged.
+        if self.likelihood != "pixelcnn":
+            for name in self.PIXELCNN_FIELDS:
+                del data[name]
+        return data
 
     def __post_init__(self):
         if self.likelihood not in LIKELIHOODS:
             raise ConfigError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, "
                               f"got {self.likelihood!r}")
-        for name in ("in_channels", "hidden", "res_hidden", "code_dim", "mixtures"):
+        for name in ("in_channels", "hidden", "res_hidden", "code_dim", "mixtures", "pixelcnn_layers",
+                     "pixelcnn_channels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        k = self.pixelcnn_kernel_size
+        if not isinstance(k, int) or k < 3 or k % 2 == 0:
+            raise ConfigError(f"pixelcnn_kernel_size must be an odd integer >= 3, got {k!r}")
+        if self.likelihood != "pixelcnn":
+            # The dict leaves these out for other likelihoods, so a value set there would be lost.
+            changed = [f.name for f in dataclasses.fields(TrunkConfig)
+                       if f.name in self.PIXELCNN_FIELDS and getattr(self, f.name) != f.default]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} apply to likelihood='pixelcnn' only; "
+                                  f"this config's likelihood is {self.likelihood!r}")
         if self.num_res_blocks < 0:
             raise ConfigError(f"num_res_blocks must be >= 0, got {self.num_res_blocks}")
 

@@ -46,14 +46,14 @@ _LOG_VAR_RANGE = (-30.0, 20.0)
 
 @dataclass
 class VAEConfig(TrunkConfig, JsonConfig):
-    """Everything needed to rebuild a Gaussian VAE; saved as JSON beside its weights.
+    """Everything needed to rebuild a Gaussian VAE; saved as JSON beside its weights. The
+    fields not listed here are those of every stage-1 model (``TrunkConfig``).
 
     Args:
         downsample: number of stride-2 convolutions: the latent map is ``2**downsample`` times
             smaller than the image per side.
         code_dim: D, Gaussian latents per position of the latent map.
         likelihood: ``"logistic_mixture"`` (a true likelihood, so the loss is the ELBO).
-        The other fields are those of every stage-1 model (``TrunkConfig``).
     """
 
     label: ClassVar[str] = "VAE config"
@@ -133,7 +133,7 @@ class GaussianVAE(nn.Module, PretrainedMixin):
         self.config = c = config
         self.encoder = Encoder(c.in_channels, c.hidden, c.res_hidden, c.num_res_blocks, c.downsample,
                                2 * c.code_dim)
-        self.likelihood = make_likelihood(c.likelihood, c.in_channels, c.mixtures)
+        self.likelihood = make_likelihood(c)
         self.decoder = Decoder(c.code_dim, c.hidden, c.res_hidden, c.num_res_blocks, c.downsample,
                                self.likelihood.decoder_channels)
 
@@ -176,12 +176,15 @@ class GaussianVAE(nn.Module, PretrainedMixin):
         return self.posterior(x)[0]
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, D, h, w) -> the likelihood's expected images (B, C, H, W), clamped to [-1, 1]."""
+    def decode(self, z: torch.Tensor, generator: torch.Generator | None = None,
+               temperature: float = 1.0) -> torch.Tensor:
+        """Latents (B, D, h, w) -> images (B, C, H, W) in [-1, 1]: the likelihood's mean, or for an
+        autoregressive one a sample drawn with ``generator`` at ``temperature``
+        (``reconstruct``)."""
         if not isinstance(z, torch.Tensor) or z.dim() != 4 or z.shape[1] != self.config.code_dim:
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise UsageError(f"expected latents (B, {self.config.code_dim}, h, w), got {shape}")
-        return self.likelihood.mean(self.decoder(z)).clamp(-1, 1)
+        return self.likelihood.reconstruct(self.decoder(z), generator, temperature).clamp(-1, 1)
 
     @torch.no_grad()
     def nll(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -195,10 +198,11 @@ class GaussianVAE(nn.Module, PretrainedMixin):
 
     @torch.no_grad()
     def sample(self, n: int, height: int, width: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` images (n, C, height, width) in [-1, 1] decoded from ``z ~ N(0, I)``."""
+        """``n`` images (n, C, height, width) in [-1, 1] decoded from ``z ~ N(0, I)`` (ancestral
+        sampling: ``generator`` draws z, then the pixels of an autoregressive likelihood)."""
         h, w = self.config.latent_shape(height, width)
         z = torch.randn(n, self.config.code_dim, h, w, generator=generator)  # (n, D, h, w)
-        return self.decode(z.to(self.device))
+        return self.decode(z.to(self.device), generator)
 
 
 def elbo_bits_per_dim(nll_nats: float, kl_nats: float, subpixels: int) -> float:

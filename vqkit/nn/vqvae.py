@@ -52,7 +52,6 @@ the field existed, so that older runs and the fingerprints of their codec files 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -102,7 +101,8 @@ class _Levels:
 
 @dataclass
 class _Network(_Levels, TrunkConfig):
-    """The fields every VQ model shares; they apply to every level.
+    """The fields every VQ model shares; they apply to every level. The trunk's and the
+    likelihood's fields are those of every stage-1 model (``TrunkConfig``).
 
     Args:
         beta: commitment weight of eq. 3 (0.25 in the paper).
@@ -115,7 +115,6 @@ class _Network(_Levels, TrunkConfig):
             [8, 5, 5, 5]}``, see ``vqkit.nn.quantizers``) or a list of one per level,
             top-first; None for VQ. ``ema``, ``decay``, ``kmeans_init`` and ``restart_after``
             apply to VQ levels; an FSQ or LFQ level's codebook size must be its grid's K.
-        The trunk's and the likelihood's fields are those of every stage-1 model (``TrunkConfig``).
     """
 
     beta: float = 0.25
@@ -126,7 +125,7 @@ class _Network(_Levels, TrunkConfig):
     quantizer: dict | list | None = None
 
     def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
+        data = super().to_dict()
         if data["quantizer"] is None:  # the default: the dict (and its fingerprint) as before the field
             del data["quantizer"]
         return data
@@ -160,13 +159,13 @@ class _Network(_Levels, TrunkConfig):
 
 @dataclass
 class VQVAEConfig(_Network, JsonConfig):
-    """Everything needed to rebuild a one-level VQ-VAE; saved as JSON beside its weights.
+    """Everything needed to rebuild a one-level VQ-VAE; saved as JSON beside its weights. The
+    fields not listed here are those of every model (``_Network``).
 
     Args:
         downsample: number of stride-2 convolutions: the code map is ``2**downsample`` times
             smaller than the image per side.
         codebook_size: K, the number of codes.
-        The other fields are those of every model (``_Network``).
     """
 
     label: ClassVar[str] = "VQ-VAE config"
@@ -195,7 +194,7 @@ class VQVAEConfig(_Network, JsonConfig):
 @dataclass
 class VQVAE2Config(_Network, JsonConfig):
     """Everything needed to rebuild a VQ-VAE-2 of two or more levels; saved as JSON beside
-    its weights.
+    its weights. The fields not listed here are those of every model (``_Network``).
 
     Args:
         strides: per level, top-first, the downsampling exponent relative to the level below
@@ -206,7 +205,6 @@ class VQVAE2Config(_Network, JsonConfig):
             module docstring): ``"off"`` (every batch decodes all levels; a prefix decodes with
             zeros for the missing maps) or ``"loss"`` (a reconstruction loss per prefix, missing
             maps as learned absent inputs).
-        The other fields are those of every model (``_Network``).
     """
 
     label: ClassVar[str] = "VQ-VAE-2 config"
@@ -283,7 +281,10 @@ class VQVAEOutput:
     """One forward pass.
 
     ``loss = recon_loss + vq_loss``; ``vq_loss`` and ``commitment_loss`` are summed over the
-    levels; ``x_hat`` the expected reconstruction (B, C, H, W) in [-1, 1]; ``nll`` -log p(x|z_q)
+    levels; ``x_hat`` the expected reconstruction (B, C, H, W) in [-1, 1] (with the
+    autoregressive ``pixelcnn`` likelihood, the teacher-forced mixture mean: each subpixel's
+    mean given the true subpixels before it, so not an image the model could decode from the
+    codes alone; ``decode`` samples one); ``nll`` -log p(x|z_q)
     in nats per image (B,); ``codes`` (B, h_l, w_l) int64, ``perplexity`` and ``usage`` (this
     batch only) one per level, top-first.
 
@@ -359,7 +360,7 @@ class VQVAE(nn.Module, PretrainedMixin):
                     c.strides[level], d) for level in range(levels - 1))
         self.upsamplers = nn.ModuleList(
             _upsampler(d, sum(c.strides[level:levels - 1])) for level in range(levels - 1))
-        self.likelihood = make_likelihood(c.likelihood, c.in_channels, c.mixtures)
+        self.likelihood = make_likelihood(c)
         self.decoder = Decoder(levels * d, c.hidden, c.res_hidden, c.num_res_blocks, c.strides[-1],
                                self.likelihood.decoder_channels)
         self.prefix_training = getattr(c, "prefix_training", "off")
@@ -499,12 +500,15 @@ class VQVAE(nn.Module, PretrainedMixin):
         return codes
 
     @torch.no_grad()
-    def decode(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Codes of every level, top-first (a list of (B, h_l, w_l)) -> expected images
-        (B, C, H, W), clamped to [-1, 1]."""
+    def decode(self, codes: Sequence[torch.Tensor], generator: torch.Generator | None = None,
+               temperature: float = 1.0) -> torch.Tensor:
+        """Codes of every level, top-first (a list of (B, h_l, w_l)) -> images (B, C, H, W) in
+        [-1, 1]: the expected image of a factorised likelihood; with the ``pixelcnn`` likelihood
+        a sample of p(x | z) drawn with ``generator`` (default: seeded 0, so that the same codes
+        decode to the same image) and ``temperature`` (``PixelCNNLikelihood.reconstruct``)."""
         if not isinstance(codes, torch.Tensor) and len(codes) != self.num_levels:
             raise UsageError(f"expected {self.num_levels} code maps (top-first), got {len(codes)}")
-        return self.decode_levels(codes, self.num_levels)
+        return self.decode_levels(codes, self.num_levels, generator, temperature)
 
     def _given_levels(self, codes: Sequence[torch.Tensor | None], upto: int) -> list[torch.Tensor]:
         """The first ``upto`` code maps of ``codes``, checked against each other and the strides."""
@@ -538,7 +542,8 @@ class VQVAE(nn.Module, PretrainedMixin):
                 for s in self.config.level_strides()]
 
     @torch.no_grad()
-    def decode_levels(self, codes: Sequence[torch.Tensor | None], upto: int) -> torch.Tensor:
+    def decode_levels(self, codes: Sequence[torch.Tensor | None], upto: int,
+                      generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         """The view of VQ-VAE-2's Figure 3: the image decoded from the top ``upto`` levels only.
 
         ``codes`` is top-first; entries from index ``upto`` on may be missing or None and are
@@ -547,11 +552,12 @@ class VQVAE(nn.Module, PretrainedMixin):
         Without, the quantized maps of the lower levels are replaced by zeros: a zero input adds
         nothing through the first (linear) layers they feed, so the image shows what the given
         levels carry, but the decoder never saw zeros there in training, so this is a view of
-        the hierarchy, not a sample of the model. ``upto = L`` is ``decode``.
+        the hierarchy, not a sample of the model. ``upto = L`` is ``decode``; ``generator`` and
+        ``temperature`` are as there.
         """
         given = self._given_levels(codes, upto)
         z_qs = [self.quantizers[level].lookup(c) for level, c in enumerate(given)]
-        return self.likelihood.mean(self._decode_z_q(z_qs, upto)).clamp(-1, 1)
+        return self.likelihood.reconstruct(self._decode_z_q(z_qs, upto), generator, temperature).clamp(-1, 1)
 
     @torch.no_grad()
     def nll(self, x: torch.Tensor, codes: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -562,20 +568,22 @@ class VQVAE(nn.Module, PretrainedMixin):
         return self.likelihood(self._decode_z_q(z_qs), x).nll
 
     @torch.no_grad()
-    def decode_without(self, codes: Sequence[torch.Tensor], level: int) -> torch.Tensor:
+    def decode_without(self, codes: Sequence[torch.Tensor], level: int,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Decode every level but ``level``, whose quantized map is replaced by zeros (which
         no training ever showed the decoder there, prefix training included).
 
         The gap between this and ``decode`` is what that level adds to the reconstruction
         (for the top level: the full model against the lower levels alone). Like
-        ``decode_levels`` it is a view of the model, not a sample.
+        ``decode_levels`` it is a view of the model, not a sample of it (with the ``pixelcnn``
+        likelihood, drawn with ``generator``).
         """
         given = self._given_levels(codes, self.num_levels)
         if not 0 <= level < self.num_levels:
             raise UsageError(f"level must be in 0..{self.num_levels - 1}, got {level}")
         z_qs = [self.quantizers[i].lookup(c) for i, c in enumerate(given)]
         z_qs[level] = torch.zeros_like(z_qs[level])
-        return self.likelihood.mean(self._decode_z_q(z_qs)).clamp(-1, 1)
+        return self.likelihood.reconstruct(self._decode_z_q(z_qs), generator).clamp(-1, 1)
 
 
 class VQVAE2(VQVAE):

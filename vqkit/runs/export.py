@@ -52,7 +52,8 @@ HUB_DATASETS = {"mnist": "ylecun/mnist", "fashion-mnist": "zalando-datasets/fash
 FIXED_SIDES = {"mnist": 28, "fashion-mnist": 28, "fashion": 28, "cifar10": 32}
 MODEL_NAMES = {"vqvae": "VQ-VAE", "vqvae2": "VQ-VAE-2"}
 ARCH_NAMES = {"pixelcnn": "Gated PixelCNN", "pixelsnail": "PixelSNAIL"}
-LIKELIHOOD_NAMES = {"gaussian": "Gaussian", "logistic_mixture": "discretized logistic mixture"}
+LIKELIHOOD_NAMES = {"gaussian": "Gaussian", "logistic_mixture": "discretized logistic mixture",
+                    "pixelcnn": "autoregressive (gated PixelCNN over the pixels)"}
 _PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9_./-]*")
 
 

@@ -27,6 +27,7 @@ from vqkit.data.loader import iter_batches
 from vqkit.errors import UsageError
 from vqkit.nn.vae import GaussianVAE, elbo_bits_per_dim, gaussian_kl
 from vqkit.nn.vqvae import VQVAE
+from vqkit.training.evaluate import AUTOREGRESSIVE_RECON_LIMIT
 
 # Burda et al. 2016's threshold on the variance of a latent's posterior mean over the data.
 ACTIVE_THRESHOLD = 0.01
@@ -113,14 +114,15 @@ class VAEEvalResult:
     """Test-set figures of a Gaussian VAE.
 
     MSE and PSNR of the reconstructions from the posterior means ([0, 1] scale, as
-    ``vqkit.training.evaluate``); the ELBO from one sample of z per image (an unbiased estimate):
-    ``nll_bits_per_dim`` and ``kl_bits_per_dim`` its two terms, ``bits_per_dim`` their sum;
-    ``kl_per_latent`` nats per latent dimension, ``kl_per_position`` nats per position of the
-    latent map (the D dimensions together: what a VQ-VAE's ``log K`` per code compares with);
-    the latent use (``LatentUse``) of the same images.
+    ``vqkit.training.evaluate``), over the first ``reconstructed`` images; the ELBO from one
+    sample of z per image (an unbiased estimate): ``nll_bits_per_dim`` and ``kl_bits_per_dim``
+    its two terms, ``bits_per_dim`` their sum; ``kl_per_latent`` nats per latent dimension,
+    ``kl_per_position`` nats per position of the latent map (the D dimensions together: what a
+    VQ-VAE's ``log K`` per code compares with); the latent use (``LatentUse``) of the same images.
     """
 
     images: int
+    reconstructed: int
     mse: float
     psnr: float
     nll_bits_per_dim: float
@@ -146,15 +148,24 @@ class VAEEvalResult:
 
 @torch.no_grad()
 def evaluate_vae(model: GaussianVAE, dataset: ImageSet, batch_size: int = 256, limit: int | None = None,
-                 progress: bool = False, workers: int | None = None, seed: int = 0) -> VAEEvalResult:
+                 progress: bool = False, workers: int | None = None, seed: int = 0,
+                 recon_limit: int | None = None) -> VAEEvalResult:
     """The figures of ``VAEEvalResult`` over the first ``limit`` images of ``dataset`` (all by
-    default, at least 2); ``seed`` draws the ELBO's samples of z."""
+    default, at least 2); ``seed`` draws the ELBO's samples of z (and an autoregressive
+    likelihood's reconstructions). MSE and PSNR are those of the first ``recon_limit`` images
+    (default: all, or ``AUTOREGRESSIVE_RECON_LIMIT`` with an autoregressive likelihood, whose
+    reconstructions are drawn pixel by pixel), ``reconstructed`` of them."""
     was_training = model.training
     model.eval()
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n < 2:
         raise UsageError(f"{dataset.spec}: evaluating a VAE needs at least 2 images, got {n}")
+    if recon_limit is None and model.likelihood.autoregressive:
+        recon_limit = AUTOREGRESSIVE_RECON_LIMIT
+    if recon_limit is not None and recon_limit < 1:
+        raise UsageError(f"recon_limit must be positive, got {recon_limit}")
     generator = torch.Generator().manual_seed(seed)
+    recon_n = 0
     sq_err = nll = kl = 0.0
     stats = _LatentStats()
     subpixels = latents = 0
@@ -168,8 +179,11 @@ def evaluate_vae(model: GaussianVAE, dataset: ImageSet, batch_size: int = 256, l
             eps = torch.randn(mean.shape, generator=generator).to(mean)
             nll += float(model.nll(x, mean + torch.exp(0.5 * log_var) * eps).sum())
             kl += float(gaussian_kl(mean, log_var).sum())
-            rec01 = (model.decode(mean) + 1) / 2
-            sq_err += float((rec01 - (x + 1) / 2).square().sum())
+            m = len(x) if recon_limit is None else min(len(x), recon_limit - recon_n)
+            if m > 0:
+                rec01 = (model.decode(mean[:m], generator) + 1) / 2
+                sq_err += float((rec01 - (x[:m] + 1) / 2).square().sum())
+                recon_n += m
             if len(x) >= 2:
                 stats.add(mean, model.nll(x, mean), model.nll(x, _swapped(mean)), x[0].numel())
             subpixels, latents = x[0].numel(), mean[0].numel()
@@ -177,9 +191,11 @@ def evaluate_vae(model: GaussianVAE, dataset: ImageSet, batch_size: int = 256, l
         model.train(was_training)
     use = stats.result()
     values = n * subpixels
+    recon_values = recon_n * subpixels
     positions = latents // model.config.code_dim
     return VAEEvalResult(
-        images=n, mse=sq_err / values, psnr=psnr_from_mse(max(sq_err / values, 1e-12), peak=1.0),
+        images=n, reconstructed=recon_n, mse=sq_err / recon_values,
+        psnr=psnr_from_mse(max(sq_err / recon_values, 1e-12), peak=1.0),
         nll_bits_per_dim=nll / (values * math.log(2)), kl_bits_per_dim=kl / (values * math.log(2)),
         bits_per_dim=elbo_bits_per_dim(nll / n, kl / n, subpixels), kl_per_latent=kl / (n * latents),
         kl_per_position=kl / (n * positions), latents=latents, active_units=use.active_units,
