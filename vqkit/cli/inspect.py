@@ -30,9 +30,13 @@ def cmd_report(args) -> None:
           f"{report.images} images embedded")
 
 
+def _collapse_settings(args) -> CollapseSettings:
+    return config_from_args(CollapseSettings, args, decoders=args.decoder or list(DECODERS))
+
+
 def cmd_collapse(args) -> None:
     from vqkit.inspect.collapse import run_collapse
-    result = run_collapse(args.out, config_from_args(CollapseSettings, args, decoders=args.decoder or list(DECODERS)))
+    result = run_collapse(args.out, _collapse_settings(args))
     print(result.table())
     print(f"wrote {args.out}/collapse.json, collapse.png (KL in training, active units, swap cost) and samples.png")
 
