@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from vqkit.errors import ConfigError
+from vqkit.errors import ConfigError, UsageError
 from vqkit.nn.likelihood import LIKELIHOODS
 
 
@@ -82,6 +82,28 @@ class TrunkConfig:
                                   f"this config's likelihood is {self.likelihood!r}")
         if self.num_res_blocks < 0:
             raise ConfigError(f"num_res_blocks must be >= 0, got {self.num_res_blocks}")
+
+
+class ImageModel:
+    """What every stage-1 model (``VQVAE``, ``GaussianVAE``) derives from its ``config``: the
+    number of levels, its device and the check of an image batch."""
+
+    config: TrunkConfig
+
+    @property
+    def num_levels(self) -> int:
+        return self.config.num_levels
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """A ``UsageError`` unless ``x`` is (B, in_channels, H, W) with H and W that the model's
+        strides divide."""
+        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
+            raise UsageError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
+        self.config.latent_shapes(x.shape[2], x.shape[3])
 
 
 class ResidualBlock(nn.Module):

@@ -36,7 +36,7 @@ from torch import nn
 from vqkit.config import JsonConfig
 from vqkit.errors import ConfigError, UsageError
 from vqkit.nn.likelihood import make_likelihood
-from vqkit.nn.nets import Decoder, Encoder, TrunkConfig
+from vqkit.nn.nets import Decoder, Encoder, ImageModel, TrunkConfig
 from vqkit.nn.pretrained import PretrainedMixin
 
 # Bounds of the encoder's log-variance: sigma from 3e-7 to 2e4, wide enough for any posterior
@@ -116,7 +116,7 @@ def gaussian_kl(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean.square() + log_var.exp() - 1.0 - log_var)
 
 
-class GaussianVAE(nn.Module, PretrainedMixin):
+class GaussianVAE(nn.Module, ImageModel, PretrainedMixin):
     """A VAE with a diagonal Gaussian posterior and a standard normal prior (module docstring).
 
     Args:
@@ -136,19 +136,6 @@ class GaussianVAE(nn.Module, PretrainedMixin):
         self.likelihood = make_likelihood(c)
         self.decoder = Decoder(c.code_dim, c.hidden, c.res_hidden, c.num_res_blocks, c.downsample,
                                self.likelihood.decoder_channels)
-
-    @property
-    def num_levels(self) -> int:
-        return 1
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise UsageError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
-        self.config.latent_shape(x.shape[2], x.shape[3])
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, C, H, W) in [-1, 1] -> the posterior's mean and log-variance, each

@@ -62,7 +62,7 @@ from torch import nn
 from vqkit.config import JsonConfig
 from vqkit.errors import ConfigError, UsageError
 from vqkit.nn.likelihood import GaussianLikelihood, LikelihoodOutput, make_likelihood
-from vqkit.nn.nets import Decoder, Encoder, TrunkConfig
+from vqkit.nn.nets import Decoder, Encoder, ImageModel, TrunkConfig
 from vqkit.nn.pretrained import PretrainedMixin
 from vqkit.nn.quantize import QuantizerOutput
 from vqkit.nn.quantizers import DEFAULT, build_quantizer, canonical_spec, spec_codebook_size
@@ -321,7 +321,7 @@ _QuantizeFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, QuantizerOutput 
 _LEGACY_PREFIXES = {"encoder.": "encoders.0.", "quantizer.": "quantizers.0."}
 
 
-class VQVAE(nn.Module, PretrainedMixin):
+class VQVAE(nn.Module, ImageModel, PretrainedMixin):
     """A VQ-VAE of one or more levels (``VQVAE2`` names the many-level case).
 
     Module lists are top-first: ``encoders[-1]`` sees the image, ``conditioners[l]`` and
@@ -367,19 +367,6 @@ class VQVAE(nn.Module, PretrainedMixin):
         self.absent = nn.ParameterList(
             nn.Parameter(torch.zeros(1, d, 1, 1)) for _ in range(1, levels if self.prefix_training != "off" else 1))
         self._register_load_state_dict_pre_hook(_rename_legacy_keys)
-
-    @property
-    def num_levels(self) -> int:
-        return self.config.num_levels
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise UsageError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
-        self.config.latent_shapes(x.shape[2], x.shape[3])
 
     def _top_down(self, x: torch.Tensor, quantize: _QuantizeFn):
         """Encoder features bottom-up, then z_e and z_q of each level top-down (Algorithm 1).
