@@ -48,18 +48,24 @@ def _order(lp: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_causal_over_subpixels_in_raster_then_channel_order(channels):
+    """Perturbing subpixel t changes no conditional before t and some after it; nor does it
+    change the network's output at its own pixel (the coupling alone carries it to the pixel's
+    later subpixels)."""
     lik = _likelihood(channels)
     params, x = _inputs(lik, 1, 3, 4)
     with torch.no_grad():
         base = _order(lik.log_probs(params, x))[0]
+        head = lik._head(params, x)
         n = base.numel()
         for t in range(n - 1):
             pixel, c = divmod(t, channels)
+            i, j = divmod(pixel, 4)
             y = x.clone()
-            y[0, c, pixel // 4, pixel % 4] = -x[0, c, pixel // 4, pixel % 4] + 0.5  # another value
+            y[0, c, i, j] = -x[0, c, i, j] + 0.5  # another value
             moved = _order(lik.log_probs(params, y))[0]
             torch.testing.assert_close(moved[:t], base[:t], rtol=0, atol=1e-6)
             assert (moved[t + 1:] - base[t + 1:]).abs().max() > 1e-4, f"subpixel {t} reaches nothing after it"
+            torch.testing.assert_close(lik._head(params, y)[:, i, j], head[:, i, j], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("channels,h,w", [(1, 3, 3), (3, 2, 2)])
@@ -149,6 +155,23 @@ def test_sampling_follows_the_model():
         probs = lik.value_log_probs(lik._head(params, torch.zeros(1, 3, 1, 1))[:, 0, 0], torch.zeros(1, 3), 0).exp()[0]
     counts = torch.bincount(((draws[:, 0, 0, 0] + 1) * 127.5).round().long(), minlength=256).float() / n
     assert (counts.cumsum(0) - probs.cumsum(0)).abs().max() < 0.03  # Kolmogorov-Smirnov distance
+
+
+def test_each_subpixel_is_drawn_by_inverting_its_conditional():
+    """A 1x1 image: the sampler's R, then G given that R, then B given both, are the inverse CDFs
+    of value_log_probs's conditionals at the uniforms it draws, (n, 1, 1, C) float64 from the
+    generator."""
+    lik = _likelihood(3)
+    n = 64
+    params, _ = _inputs(lik, n, 1, 1)
+    drawn = lik.reconstruct(params, torch.Generator().manual_seed(5))[:, :, 0, 0]
+    u = torch.rand(n, 1, 1, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)[:, 0, 0]
+    with torch.no_grad():
+        head = lik._head(params, torch.zeros(n, 3, 1, 1))[:, 0, 0]
+        for c in range(3):
+            cdf = lik.value_log_probs(head, drawn, c).double().exp().cumsum(1)
+            expected = torch.searchsorted(cdf, (u[:, c] * cdf[:, -1])[:, None]).squeeze(1)
+            torch.testing.assert_close(drawn[:, c], VALUES[expected], rtol=0, atol=1e-6)
 
 
 def test_reconstruct_without_a_generator_is_seeded_and_leaves_the_global_rng():
