@@ -20,6 +20,7 @@ from vqkit.nn.likelihood import GaussianLikelihood, LogisticMixtureLikelihood, m
 from vqkit.nn.pixelcnn import PixelCNNLikelihood
 from vqkit.nn.vqvae import VQVAE, VQVAE2, VQVAE2Config, VQVAEConfig, build_model
 from vqkit.runs import checkpoint as ckpt
+from vqkit.runs.generate import decode_codes
 
 VALUES = torch.arange(256) / 127.5 - 1
 TINY = dict(hidden=8, res_hidden=4, num_res_blocks=1, code_dim=4, likelihood="pixelcnn", mixtures=3,
@@ -237,6 +238,16 @@ def test_vqvae2_with_the_pixelcnn_likelihood_and_prefix_training(tmp_path):
     codes = model.encode(x)
     assert model.decode_levels(codes[:1], 1).shape == x.shape
     assert model.decode_without(codes, 0).shape == x.shape
+
+
+def test_decode_codes_draws_every_batch_from_one_seeded_generator():
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(in_channels=1, downsample=1, codebook_size=16, **TINY)).eval()
+    codes = [torch.zeros(4, 3, 3, dtype=torch.long)]  # four images of the same codes, in two batches
+    images = decode_codes(model, codes, batch_size=2)
+    assert images.dtype == torch.uint8 and images.shape == (4, 1, 6, 6)
+    assert torch.equal(images, decode_codes(model, codes, batch_size=2))
+    assert not torch.equal(images[:2], images[2:])
 
 
 def test_config_dicts_of_the_other_likelihoods_are_unchanged():
