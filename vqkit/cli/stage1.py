@@ -26,28 +26,34 @@ from vqkit.data.images import load_image, make_grid, save_png
 from vqkit.errors import UsageError
 from vqkit.fsutil import atomic_write_bytes
 from vqkit.nn.likelihood import LIKELIHOODS
+from vqkit.nn.nets import TrunkConfig
 from vqkit.nn.presets import PRESETS, preset
 from vqkit.nn.quantizers import parse_quantizer
+from vqkit.nn.vae import GaussianVAE, VAEConfig
 from vqkit.nn.vqvae import StageOneConfig, VQVAE2Config, VQVAEConfig, level_names, with_quantizer
 from vqkit.precision import PRECISIONS
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes, read_maps, save_maps
 from vqkit.runs.generate import decode_codes
 from vqkit.training.evaluate import AUTOREGRESSIVE_RECON_LIMIT, evaluate
+from vqkit.training.latents import evaluate_vae
 from vqkit.training.prior import PriorEvalResult, evaluate_prior_run
 from vqkit.training.stage1 import TrainConfig, train
 
 # The model fields that `vqkit train` takes as options, overriding the preset's or config's.
-_DECODER_OPTIONS = ("likelihood", "mixtures", *VQVAEConfig.PIXELCNN_FIELDS)
+_DECODER_OPTIONS = ("likelihood", "mixtures", *TrunkConfig.PIXELCNN_FIELDS)
 
 
-def _model_config(args) -> StageOneConfig:
+def _model_config(args) -> StageOneConfig | VAEConfig:
     if args.config:
         config = ckpt.read_model_config(args.config)
     elif args.preset is None and args.resume and (Path(args.out) / "config.json").exists():
         config = ckpt.model_config_of(args.out)
     else:
         config = preset(args.preset or "cifar10")
+    if isinstance(config, VAEConfig) and (args.quantizer or args.prefix_training):
+        raise UsageError("--quantizer and --prefix-training apply to VQ models; this is a Gaussian VAE, "
+                         "which has no quantizer and one level")
     if args.quantizer:
         specs = [parse_quantizer(text) for text in args.quantizer]
         config = with_quantizer(config, specs[0] if len(specs) == 1 else specs)
@@ -75,10 +81,11 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     if ckpt.run_kind(args.run) == "prior":
         return _eval_prior(args)
-    model, checkpoint = ckpt.load_model(args.run)
+    model, checkpoint = ckpt.load_model(args.run, kinds=ckpt.STAGE1_KINDS)
     data = load_dataset(eval_data(args, args.run), args.split, image_size=image_size(args.run))
-    result = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json,
-                      workers=args.workers, recon_limit=args.recon_limit)
+    measure = evaluate_vae if isinstance(model, GaussianVAE) else evaluate
+    result = measure(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json,
+                     workers=args.workers, recon_limit=args.recon_limit)
     record = {"data": data.spec, "split": args.split, **result.to_dict()}
     save_eval_record(args.run, checkpoint, record)
     if args.json:
@@ -104,7 +111,7 @@ def _eval_prior(args) -> None:
 
 
 def cmd_reconstruct(args) -> None:
-    model, _ = ckpt.load_model(args.run)
+    model, _ = ckpt.load_model(args.run, kinds=ckpt.STAGE1_KINDS)
     data = load_dataset(eval_data(args, args.run), args.split, image_size=image_size(args.run))
     images, _ = data.batch(torch.arange(min(args.n, len(data))))
     recon = from_model(model.decode(model.encode(to_model(images))))
@@ -180,7 +187,7 @@ def cmd_extract(args) -> None:
 
 
 def add_parsers(sub) -> None:
-    t = sub.add_parser("train", help="train a VQ-VAE (stage 1)")
+    t = sub.add_parser("train", help="train a VQ-VAE, a VQ-VAE-2 or (--preset vae-...) a Gaussian VAE (stage 1)")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="model preset (default cifar10; with --resume, the run's own model)")

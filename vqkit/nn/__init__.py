@@ -1,6 +1,6 @@
 """The models, in pure torch (they know nothing of files): the quantizers (VQ, FSQ, LFQ), the encoder and
 decoder stacks, the likelihoods p(x | z_q) (the autoregressive PixelCNN decoder among them), the VQ-VAE
-of any number of levels and its presets."""
+of any number of levels, the Gaussian VAE beside it and their presets."""
 
 from vqkit.nn.likelihood import (
     GaussianLikelihood,
@@ -14,6 +14,7 @@ from vqkit.nn.presets import PRESET_IMAGE_SIZE, PRESETS, preset
 from vqkit.nn.quantize import CodebookUsage, Quantizer, QuantizerOutput, VectorQuantizer
 from vqkit.nn.residual import ResidualVQ
 from vqkit.nn.scalar import FSQ, LFQ
+from vqkit.nn.vae import GaussianVAE, VAEConfig, VAEOutput
 from vqkit.nn.vqvae import (
     VQVAE,
     VQVAE2,
@@ -25,7 +26,7 @@ from vqkit.nn.vqvae import (
     with_quantizer,
 )
 
-__all__ = ["FSQ", "LFQ", "Quantizer", "ResidualVQ", "with_quantizer",
+__all__ = ["FSQ", "LFQ", "Quantizer", "ResidualVQ", "with_quantizer", "GaussianVAE", "VAEConfig", "VAEOutput",
            "CodebookUsage", "GaussianLikelihood", "LikelihoodOutput", "LogisticMixtureLikelihood", "PRESETS",
            "PixelCNNLikelihood", "make_likelihood",
            "PRESET_IMAGE_SIZE", "QuantizerOutput", "VQVAE", "VQVAE2", "VQVAE2Config", "VQVAEConfig", "VQVAEOutput",

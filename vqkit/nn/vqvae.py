@@ -54,7 +54,6 @@ the field existed, so that older runs and the fingerprints of their codec files 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -64,11 +63,12 @@ from torch import nn
 
 from vqkit.config import JsonConfig
 from vqkit.errors import ConfigError, UsageError
-from vqkit.nn.likelihood import LIKELIHOODS, GaussianLikelihood, LikelihoodOutput, make_likelihood
-from vqkit.nn.nets import Decoder, Encoder
+from vqkit.nn.likelihood import GaussianLikelihood, LikelihoodOutput, make_likelihood
+from vqkit.nn.nets import Decoder, Encoder, ImageModel, TrunkConfig
 from vqkit.nn.pretrained import PretrainedMixin
 from vqkit.nn.quantize import QuantizerOutput
 from vqkit.nn.quantizers import DEFAULT, build_quantizer, canonical_spec, spec_codebook_size
+from vqkit.nn.vae import GaussianVAE, VAEConfig
 
 
 class _Levels:
@@ -102,62 +102,34 @@ class _Levels:
 
 
 @dataclass
-class _Network(_Levels):
-    """The fields both configurations share; they apply to every level.
+class _Network(_Levels, TrunkConfig):
+    """The fields every VQ model shares; they apply to every level. The trunk's and the
+    likelihood's fields are those of every stage-1 model (``TrunkConfig``).
 
     Args:
-        in_channels: image channels (1 grey, 3 RGB).
-        hidden: channels of the encoder and decoder trunks.
-        res_hidden: channels inside each residual block.
-        num_res_blocks: residual blocks in each encoder and decoder stack.
-        code_dim: D, the dimension of each code vector.
         beta: commitment weight of eq. 3 (0.25 in the paper).
         ema: update the codebooks by exponential moving averages (appendix A.1) instead of the
             codebook loss.
         decay: EMA decay (0.99 in the paper).
         kmeans_init: set each codebook by k-means on the first training batch.
         restart_after: re-seed a code unused for this many training steps (0: never).
-        likelihood: ``"gaussian"`` (trained by MSE), ``"logistic_mixture"`` or ``"pixelcnn"`` (an
-            autoregressive decoder: a gated PixelCNN over the pixels, conditioned on the conv
-            decoder's output; see ``vqkit.nn.pixelcnn``).
-        mixtures: logistic components per subpixel (``logistic_mixture``) or per pixel (``pixelcnn``).
-        pixelcnn_layers: gated layers of the PixelCNN likelihood (``pixelcnn`` only).
-        pixelcnn_channels: channels of the PixelCNN, and of the conv decoder's output that
-            conditions it (``pixelcnn`` only).
-        pixelcnn_kernel_size: side of the PixelCNN's causal convolutions, odd, >= 3 (``pixelcnn`` only).
         quantizer: the quantizer of every level (a spec such as ``{"kind": "fsq", "levels":
             [8, 5, 5, 5]}``, see ``vqkit.nn.quantizers``) or a list of one per level,
             top-first; None for VQ. ``ema``, ``decay``, ``kmeans_init`` and ``restart_after``
             apply to VQ levels; an FSQ or LFQ level's codebook size must be its grid's K.
     """
 
-    in_channels: int = 3
-    hidden: int = 128
-    res_hidden: int = 64
-    num_res_blocks: int = 2
-    code_dim: int = 64
     beta: float = 0.25
     ema: bool = True
     decay: float = 0.99
     kmeans_init: bool = True
     restart_after: int = 100
-    likelihood: str = "gaussian"
-    mixtures: int = 5
     quantizer: dict | list | None = None
-    pixelcnn_layers: int = 4
-    pixelcnn_channels: int = 32
-    pixelcnn_kernel_size: int = 3
-
-    PIXELCNN_FIELDS: ClassVar[tuple[str, ...]] = ("pixelcnn_layers", "pixelcnn_channels", "pixelcnn_kernel_size")
 
     def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        # Fields at their defaults that the dict (and its fingerprint) had not before they existed.
-        if data["quantizer"] is None:
+        data = super().to_dict()
+        if data["quantizer"] is None:  # the default: the dict (and its fingerprint) as before the field
             del data["quantizer"]
-        if self.likelihood != "pixelcnn":
-            for name in self.PIXELCNN_FIELDS:
-                del data[name]
         return data
 
     def level_quantizers(self) -> list[dict]:
@@ -182,25 +154,9 @@ class _Network(_Levels):
             self.quantizer = specs
 
     def __post_init__(self):
-        if self.likelihood not in LIKELIHOODS:
-            raise ConfigError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, "
-                              f"got {self.likelihood!r}")
-        for name in ("in_channels", "hidden", "res_hidden", "code_dim", "mixtures", "pixelcnn_layers",
-                     "pixelcnn_channels"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        k = self.pixelcnn_kernel_size
-        if not isinstance(k, int) or k < 3 or k % 2 == 0:
-            raise ConfigError(f"pixelcnn_kernel_size must be an odd integer >= 3, got {k!r}")
-        if self.likelihood != "pixelcnn":
-            # The dict leaves these out for other likelihoods, so a value set there would be lost.
-            changed = [f.name for f in dataclasses.fields(_Network)
-                       if f.name in self.PIXELCNN_FIELDS and getattr(self, f.name) != f.default]
-            if changed:
-                raise ConfigError(f"{', '.join(changed)} apply to likelihood='pixelcnn' only; "
-                                  f"this config's likelihood is {self.likelihood!r}")
-        if self.num_res_blocks < 0 or self.restart_after < 0:
-            raise ConfigError("num_res_blocks and restart_after must be >= 0")
+        super().__post_init__()
+        if self.restart_after < 0:
+            raise ConfigError(f"restart_after must be >= 0, got {self.restart_after}")
 
 
 @dataclass
@@ -367,7 +323,7 @@ _QuantizeFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, QuantizerOutput 
 _LEGACY_PREFIXES = {"encoder.": "encoders.0.", "quantizer.": "quantizers.0."}
 
 
-class VQVAE(nn.Module, PretrainedMixin):
+class VQVAE(nn.Module, ImageModel, PretrainedMixin):
     """A VQ-VAE of one or more levels (``VQVAE2`` names the many-level case).
 
     Module lists are top-first: ``encoders[-1]`` sees the image, ``conditioners[l]`` and
@@ -413,19 +369,6 @@ class VQVAE(nn.Module, PretrainedMixin):
         self.absent = nn.ParameterList(
             nn.Parameter(torch.zeros(1, d, 1, 1)) for _ in range(1, levels if self.prefix_training != "off" else 1))
         self._register_load_state_dict_pre_hook(_rename_legacy_keys)
-
-    @property
-    def num_levels(self) -> int:
-        return self.config.num_levels
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise UsageError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
-        self.config.latent_shapes(x.shape[2], x.shape[3])
 
     def _top_down(self, x: torch.Tensor, quantize: _QuantizeFn):
         """Encoder features bottom-up, then z_e and z_q of each level top-down (Algorithm 1).
@@ -606,6 +549,14 @@ class VQVAE(nn.Module, PretrainedMixin):
         return self.likelihood.reconstruct(self._decode_z_q(z_qs, upto), generator, temperature).clamp(-1, 1)
 
     @torch.no_grad()
+    def nll(self, x: torch.Tensor, codes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """-log p(x | codes) in nats per image (B,): images (B, C, H, W) in [-1, 1] under the
+        decoder given the codes of every level, top-first (their own, or another image's)."""
+        given = self._given_levels(codes, self.num_levels)
+        z_qs = [self.quantizers[level].lookup(c) for level, c in enumerate(given)]
+        return self.likelihood(self._decode_z_q(z_qs), x).nll
+
+    @torch.no_grad()
     def decode_without(self, codes: Sequence[torch.Tensor], level: int,
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """Decode every level but ``level``, whose quantized map is replaced by zeros (which
@@ -640,13 +591,18 @@ class VQVAE2(VQVAE):
         super().__init__(config)
 
 
-# The configuration class of each run kind, and the model class each builds.
-CONFIGS: dict[str, type[VQVAEConfig] | type[VQVAE2Config]] = {c.kind: c for c in (VQVAEConfig, VQVAE2Config)}
-_MODELS = {VQVAEConfig: VQVAE, VQVAE2Config: VQVAE2}
+# The configuration class of each stage-1 run kind, and the model class each builds. The VQ
+# kinds have codes; a "vae" run (the Gaussian baseline) has continuous latents, so the commands
+# that read codes take only ``VQ_KINDS``.
+CONFIGS: dict[str, type[VQVAEConfig] | type[VQVAE2Config] | type[VAEConfig]] = {
+    c.kind: c for c in (VQVAEConfig, VQVAE2Config, VAEConfig)}
+VQ_KINDS = (VQVAEConfig.kind, VQVAE2Config.kind)
+_MODELS = {VQVAEConfig: VQVAE, VQVAE2Config: VQVAE2, VAEConfig: GaussianVAE}
 
 
-def build_model(config: StageOneConfig) -> VQVAE:
-    """A freshly initialised model for ``config``: a ``VQVAE2`` for a ``VQVAE2Config``."""
+def build_model(config: StageOneConfig | VAEConfig) -> VQVAE | GaussianVAE:
+    """A freshly initialised model for ``config``: a ``VQVAE2`` for a ``VQVAE2Config``, a
+    ``GaussianVAE`` for a ``VAEConfig``."""
     return _MODELS[type(config)](config)
 
 
