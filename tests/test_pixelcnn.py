@@ -250,6 +250,15 @@ def test_decode_codes_draws_every_batch_from_one_seeded_generator():
     assert not torch.equal(images[:2], images[2:])
 
 
+def test_an_empty_batch_decodes_to_no_images_as_with_the_other_likelihoods():
+    for likelihood in ("gaussian", "pixelcnn"):
+        fields = {**TINY, "likelihood": likelihood}
+        if likelihood != "pixelcnn":
+            fields = {k: v for k, v in fields.items() if not k.startswith("pixelcnn")}
+        model = VQVAE(VQVAEConfig(in_channels=3, downsample=1, codebook_size=16, **fields)).eval()
+        assert model.decode(model.encode(torch.zeros(0, 3, 8, 8))).shape == (0, 3, 8, 8)
+
+
 def test_config_dicts_of_the_other_likelihoods_are_unchanged():
     for config in (VQVAEConfig(), VQVAE2Config(), VQVAEConfig(likelihood="logistic_mixture")):
         assert not {"pixelcnn_layers", "pixelcnn_channels", "pixelcnn_kernel_size"} & set(config.to_dict())
