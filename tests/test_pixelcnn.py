@@ -20,6 +20,7 @@ from vqkit.nn.likelihood import GaussianLikelihood, LogisticMixtureLikelihood, m
 from vqkit.nn.pixelcnn import PixelCNNLikelihood
 from vqkit.nn.vqvae import VQVAE, VQVAE2, VQVAE2Config, VQVAEConfig, build_model
 from vqkit.runs import checkpoint as ckpt
+from vqkit.runs.generate import decode_codes
 
 VALUES = torch.arange(256) / 127.5 - 1
 TINY = dict(hidden=8, res_hidden=4, num_res_blocks=1, code_dim=4, likelihood="pixelcnn", mixtures=3,
@@ -48,18 +49,24 @@ def _order(lp: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_causal_over_subpixels_in_raster_then_channel_order(channels):
+    """Perturbing subpixel t changes no conditional before t and some after it; nor does it
+    change the network's output at its own pixel (the coupling alone carries it to the pixel's
+    later subpixels)."""
     lik = _likelihood(channels)
     params, x = _inputs(lik, 1, 3, 4)
     with torch.no_grad():
         base = _order(lik.log_probs(params, x))[0]
+        head = lik._head(params, x)
         n = base.numel()
         for t in range(n - 1):
             pixel, c = divmod(t, channels)
+            i, j = divmod(pixel, 4)
             y = x.clone()
-            y[0, c, pixel // 4, pixel % 4] = -x[0, c, pixel // 4, pixel % 4] + 0.5  # another value
+            y[0, c, i, j] = -x[0, c, i, j] + 0.5  # another value
             moved = _order(lik.log_probs(params, y))[0]
             torch.testing.assert_close(moved[:t], base[:t], rtol=0, atol=1e-6)
             assert (moved[t + 1:] - base[t + 1:]).abs().max() > 1e-4, f"subpixel {t} reaches nothing after it"
+            torch.testing.assert_close(lik._head(params, y)[:, i, j], head[:, i, j], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("channels,h,w", [(1, 3, 3), (3, 2, 2)])
@@ -151,6 +158,23 @@ def test_sampling_follows_the_model():
     assert (counts.cumsum(0) - probs.cumsum(0)).abs().max() < 0.03  # Kolmogorov-Smirnov distance
 
 
+def test_each_subpixel_is_drawn_by_inverting_its_conditional():
+    """A 1x1 image: the sampler's R, then G given that R, then B given both, are the inverse CDFs
+    of value_log_probs's conditionals at the uniforms it draws, (n, 1, 1, C) float64 from the
+    generator."""
+    lik = _likelihood(3)
+    n = 64
+    params, _ = _inputs(lik, n, 1, 1)
+    drawn = lik.reconstruct(params, torch.Generator().manual_seed(5))[:, :, 0, 0]
+    u = torch.rand(n, 1, 1, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)[:, 0, 0]
+    with torch.no_grad():
+        head = lik._head(params, torch.zeros(n, 3, 1, 1))[:, 0, 0]
+        for c in range(3):
+            cdf = lik.value_log_probs(head, drawn, c).double().exp().cumsum(1)
+            expected = torch.searchsorted(cdf, (u[:, c] * cdf[:, -1])[:, None]).squeeze(1)
+            torch.testing.assert_close(drawn[:, c], VALUES[expected], rtol=0, atol=1e-6)
+
+
 def test_reconstruct_without_a_generator_is_seeded_and_leaves_the_global_rng():
     lik = _likelihood(1)
     params, _ = _inputs(lik, 2, 3, 3)
@@ -214,6 +238,25 @@ def test_vqvae2_with_the_pixelcnn_likelihood_and_prefix_training(tmp_path):
     codes = model.encode(x)
     assert model.decode_levels(codes[:1], 1).shape == x.shape
     assert model.decode_without(codes, 0).shape == x.shape
+
+
+def test_decode_codes_draws_every_batch_from_one_seeded_generator():
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(in_channels=1, downsample=1, codebook_size=16, **TINY)).eval()
+    codes = [torch.zeros(4, 3, 3, dtype=torch.long)]  # four images of the same codes, in two batches
+    images = decode_codes(model, codes, batch_size=2)
+    assert images.dtype == torch.uint8 and images.shape == (4, 1, 6, 6)
+    assert torch.equal(images, decode_codes(model, codes, batch_size=2))
+    assert not torch.equal(images[:2], images[2:])
+
+
+def test_an_empty_batch_decodes_to_no_images_as_with_the_other_likelihoods():
+    for likelihood in ("gaussian", "pixelcnn"):
+        fields = {**TINY, "likelihood": likelihood}
+        if likelihood != "pixelcnn":
+            fields = {k: v for k, v in fields.items() if not k.startswith("pixelcnn")}
+        model = VQVAE(VQVAEConfig(in_channels=3, downsample=1, codebook_size=16, **fields)).eval()
+        assert model.decode(model.encode(torch.zeros(0, 3, 8, 8))).shape == (0, 3, 8, 8)
 
 
 def test_config_dicts_of_the_other_likelihoods_are_unchanged():

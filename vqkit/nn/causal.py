@@ -103,7 +103,6 @@ class CausalConv(nn.Module):
         Each rectangle is one slice whose row-major flattening is the taps' order, so this
         costs a few tensor operations instead of one per tap.
         """
-        n = xp.shape[0]
-        parts = [xp[:, r + dy0:r + dy1, c + dx0:c + dx1].reshape(n, -1) for dy0, dy1, dx0, dx1 in self.rects]
+        parts = [xp[:, r + dy0:r + dy1, c + dx0:c + dx1].flatten(1) for dy0, dy1, dx0, dx1 in self.rects]
         window = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return F.linear(window, self.linear.weight, self.linear.bias)

@@ -151,14 +151,16 @@ class PixelCNNLikelihood(nn.Module):
         differences, which is cheaper than the 256 log-probabilities)."""
         log_pi, means, log_scales, coeffs = self._split(out)
         x = out.new_zeros(out.shape[0], self.channels, dtype=torch.float32)
-        weights = log_pi  # (n, M): log pi_k plus the log-probabilities of the subpixels drawn so far
+        posterior = log_pi.softmax(-1)  # (n, M): pi_k times the masses of the subpixels drawn so far, normalised
         for c in range(self.channels):
             mean = self._coupled(means, coeffs, x)[..., c]  # (n, M)
             masses = discretized_logistic_masses(mean, log_scales[..., c])  # (n, M, 256)
-            probs = torch.bmm(weights.softmax(-1)[:, None], masses)[:, 0]  # (n, 256)
-            v = sample_codes(filtered_probs(probs.log(), temperature), u[:, c])
+            probs = torch.bmm(posterior[:, None], masses)[:, 0]  # (n, 256)
+            v = sample_codes(probs if temperature == 1 else filtered_probs(probs.log(), temperature), u[:, c])
             x[:, c] = self.values[v]
-            weights = weights + discretized_logistic_exact_log_prob(x[:, c, None], mean, log_scales[..., c])
+            if c < self.channels - 1:
+                posterior = posterior * masses.gather(2, v[:, None, None].expand(-1, self.mixtures, 1))[..., 0]
+                posterior = posterior / posterior.sum(-1, keepdim=True)
         return x
 
     @torch.no_grad()

@@ -21,7 +21,9 @@ Algorithm 1, for L levels. With ``s_l = 2**strides[l]`` and ``x`` (B, C, H, W) i
   above, so with three levels the bottom is conditioned on the middle *and* the top code.
 * Decoder: each higher ``z_q_l`` is upsampled by transposed convolutions ``U_l`` to the bottom
   map's resolution and concatenated with ``z_q_{L-1}`` (B, L*D, h_{L-1}, w_{L-1}); one decoder
-  maps that to the likelihood parameters of the image.
+  maps that to the likelihood parameters of the image (with the autoregressive ``pixelcnn``
+  likelihood, to the features that condition its PixelCNN over the pixels; ``decode`` then
+  samples, see ``vqkit.nn.pixelcnn``).
 
 With one level this is exactly the VQ-VAE of section 4.1: encoder, quantizer, decoder.
 Training minimises eq. 3, ``-log p(x | z_q_0..z_q_{L-1})`` plus the codebook and commitment

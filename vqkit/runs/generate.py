@@ -145,11 +145,15 @@ def uniform_chain_codes(chain: list[LevelPrior], n: int, seed: int) -> list[torc
 
 
 @torch.no_grad()
-def decode_codes(model: VQVAE, codes: list[torch.Tensor], batch_size: int = 256) -> torch.Tensor:
+def decode_codes(model: VQVAE, codes: list[torch.Tensor], batch_size: int = 256,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Every level's codes (N, h_l, w_l), top-first, -> uint8 images (N, C, H, W), decoded
-    ``batch_size`` at a time on the model's device."""
+    ``batch_size`` at a time on the model's device. An autoregressive likelihood's samples
+    draw from ``generator``, by default one seeded 0 for the whole call, so that the batches
+    get different uniforms and the same codes give the same images."""
     device = model.device
-    return torch.cat([from_model(model.decode([m[i:i + batch_size].to(device) for m in codes]).cpu())
+    generator = torch.Generator(device).manual_seed(0) if generator is None else generator
+    return torch.cat([from_model(model.decode([m[i:i + batch_size].to(device) for m in codes], generator).cpu())
                       for i in range(0, len(codes[0]), batch_size)])
 
 

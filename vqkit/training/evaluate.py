@@ -47,7 +47,7 @@ from vqkit.nn.quantize import CodebookUsage
 from vqkit.nn.vqvae import VQVAE, level_names
 
 # Images whose reconstructions an evaluation samples by default with an autoregressive likelihood:
-# at one thread, a CIFAR-10 batch of 256 takes about 10 s with the default PixelCNN sizes (README).
+# at one thread, a CIFAR-10 batch of 256 takes about 6 s with the default PixelCNN sizes (README).
 AUTOREGRESSIVE_RECON_LIMIT = 256
 
 @dataclass
