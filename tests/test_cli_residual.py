@@ -99,3 +99,4 @@ def test_residual_codes_through_every_command(tmp_path, capsys):
     _ok(capsys, ["export", run, "-o", tmp_path / "export"])
     card = (tmp_path / "export" / "README.md").read_text()
     assert "1 level, 2 code maps" in card and "| codes.1 | 7x7 | 128 |" in card
+    assert "Quantizer: `{\"kind\": \"residual\", \"stages\": 2}` (every level)" in card

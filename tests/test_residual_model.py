@@ -11,7 +11,9 @@ import pytest
 import torch
 from conftest import TINY, TINY2
 
-from vqkit.errors import ConfigError
+from vqkit.codec.codec import Codec
+from vqkit.data.datasets import from_model
+from vqkit.errors import CodecError, ConfigError
 from vqkit.nn.quantize import CodebookUsage
 from vqkit.nn.quantizers import parse_quantizer
 from vqkit.nn.residual import ResidualVQ
@@ -153,3 +155,19 @@ def test_fixing_a_residual_levels_codes_needs_all_its_stages():
     torch.testing.assert_close(z_es[1], model.encode_levels(X)[1])
     with pytest.raises(Exception, match="end inside level 0"):
         model.encode_levels(X, codes[:2])
+
+
+def test_a_hierarchys_residual_stages_are_progressive_levels_of_a_vq_file():
+    model = _trained(TWO)
+    codec = Codec(model, "fingerprint")
+    image = (torch.rand(1, 28, 28, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    result = codec.compress(image, "uniform")
+    assert [(h, w, k) for h, w, k in result.header.levels] == [(7, 7, 8)] * 3 + [(14, 14, 16)]
+    assert torch.equal(codec.decompress(result.data), codec.reconstruct(image, "uniform"))
+    for p in range(1, 4):
+        header, codes = codec.decompress_codes(result.data[:result.prefix_bytes(p)])
+        assert len(codes) == p and all(torch.equal(a, b) for a, b in zip(codes, result.codes))
+        preview = from_model(model.decode_levels([c[None] for c in codes], p))[0]
+        assert torch.equal(codec.decompress(result.data, levels=p), preview)
+    with pytest.raises(CodecError, match=r"truncated inside level 2 \(top.2\)"):
+        codec.decompress(result.data[:result.prefix_bytes(2) + 1], levels=3)

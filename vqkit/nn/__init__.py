@@ -1,5 +1,5 @@
-"""The models, in pure torch (they know nothing of files): the quantizers (VQ, FSQ, LFQ), the encoder and
-decoder stacks, the likelihoods p(x | z_q), the VQ-VAE of any number of levels and its presets."""
+"""The models, in pure torch (they know nothing of files): the quantizers (VQ, FSQ, LFQ, residual VQ),
+the encoder and decoder stacks, the likelihoods p(x | z_q), the VQ-VAE of any number of levels and its presets."""
 
 from vqkit.nn.likelihood import GaussianLikelihood, LikelihoodOutput, LogisticMixtureLikelihood, bits_per_dim
 from vqkit.nn.presets import PRESET_IMAGE_SIZE, PRESETS, preset
@@ -9,6 +9,7 @@ from vqkit.nn.scalar import FSQ, LFQ
 from vqkit.nn.vqvae import (
     VQVAE,
     VQVAE2,
+    CodeMap,
     VQVAE2Config,
     VQVAEConfig,
     VQVAEOutput,
@@ -17,7 +18,7 @@ from vqkit.nn.vqvae import (
     with_quantizer,
 )
 
-__all__ = ["FSQ", "LFQ", "Quantizer", "ResidualVQ", "with_quantizer",
+__all__ = ["FSQ", "LFQ", "CodeMap", "Quantizer", "ResidualVQ", "with_quantizer",
            "CodebookUsage", "GaussianLikelihood", "LikelihoodOutput", "LogisticMixtureLikelihood", "PRESETS",
            "PRESET_IMAGE_SIZE", "QuantizerOutput", "VQVAE", "VQVAE2", "VQVAE2Config", "VQVAEConfig", "VQVAEOutput",
            "VectorQuantizer", "bits_per_dim", "build_model", "level_names", "preset"]

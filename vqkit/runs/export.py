@@ -230,7 +230,10 @@ def _stage1_body(run: Path, out: Path, model, config: dict, checkpoint: ckpt.Che
                 f"block{'s' if c.num_res_blocks != 1 else ''} per stack, "
                 f"{LIKELIHOOD_NAMES.get(c.likelihood, c.likelihood)} "
                 f"likelihood, {'EMA' if c.ema else 'gradient-trained'} codebook{'s' if levels > 1 else ''}. "
-                f"Everything needed to rebuild it is in `{CONFIG_NAME}`.\n")
+                + (f"Quantizer: `{json.dumps(c.quantizer)}` "
+                   f"({'per level, top-first' if isinstance(c.quantizer, list) else 'every level'}). "
+                   if c.quantizer is not None else "")
+                + f"Everything needed to rebuild it is in `{CONFIG_NAME}`.\n")
     text.append("## Evaluation\n")
     if record is None:
         text.append(_no_eval(run))
