@@ -73,8 +73,8 @@ def cmd_rd(args) -> None:
 
 
 def add_parsers(sub) -> None:
-    prior_help = ("prior run fitted to RUN's codes, one per level, top-first (repeat); the codes are "
-                  "entropy-coded with the priors' conditionals")
+    prior_help = ("prior run fitted to RUN's codes, one per level (and residual stage), top-first (repeat); "
+                  "the codes are entropy-coded with the priors' conditionals")
     cp = sub.add_parser("compress", help="images to .vq files: codes entropy-coded with the priors")
     cp.add_argument("run", type=Path, help="stage-1 run folder")
     cp.add_argument("images", nargs="+", help="image files (any size)")
