@@ -100,3 +100,12 @@ def test_residual_codes_through_every_command(tmp_path, capsys):
     card = (tmp_path / "export" / "README.md").read_text()
     assert "1 level, 2 code maps" in card and "| codes.1 | 7x7 | 128 |" in card
     assert "Quantizer: `{\"kind\": \"residual\", \"stages\": 2}` (every level)" in card
+
+
+def test_a_bad_residual_spec_is_a_one_line_error(tmp_path, capsys):
+    for spec, needle in [("residual:0", "'stages' must be an integer in 1..8"),
+                         ("residual", "needs 'stages'"), ("residual:2,factor_dim=4", "unknown residual option")]:
+        code = main(["train", "--preset", "demo", "--quantizer", spec, "--steps", "1", "--data", DATA,
+                     "-o", str(tmp_path / "run")])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and "--quantizer" in err and len(err.strip().splitlines()) == 1
