@@ -41,7 +41,9 @@ OPTIONS: dict[str, dict[str, object]] = {
     "vq": {"cosine": False, "factor_dim": None, "rotation": False},
     "fsq": {"levels": _REQUIRED},
     "lfq": {"bits": _REQUIRED, "entropy_weight": 0.1, "diversity": 1.0, "temperature": 0.01},
-    "residual": {"stages": _REQUIRED, "shared": False, "quantize_dropout": True, "cosine": False, "rotation": False},
+    # No rotation or factor_dim: the stages pass one straight-through gradient over their sum and
+    # quantize residuals in z_e's own space (vqkit.nn.residual).
+    "residual": {"stages": _REQUIRED, "shared": False, "quantize_dropout": True, "cosine": False},
 }
 # The most stages a residual level may have: a .vq file holds at most 8 code maps in all.
 MAX_STAGES = 8
@@ -153,7 +155,7 @@ def _value(text: str):
 
 def parse_quantizer(text: str) -> dict:
     """A spec from the command line: a JSON object, or ``KIND[:ITEM,ITEM...]`` where an item is
-    ``name=value`` or, by kind, a bare flag (vq: ``cosine``, ``rotation``; residual: those and
+    ``name=value`` or, by kind, a bare flag (vq: ``cosine``, ``rotation``; residual: ``cosine``,
     ``shared``), a level (fsq: ``8,5,5,5``), the number of bits (lfq: ``10``) or of stages
     (residual: ``2``). Returns it canonical."""
     where = f"--quantizer {text!r}"

@@ -42,7 +42,7 @@ class ResidualVQ(nn.Module):
         quantize_dropout: in training, quantize with the first n stages only, n uniform in 1..S.
         channel_dim: the axis of ``z_e`` that holds the D channels.
         **options: the stages' other ``VectorQuantizer`` arguments (``beta``, ``ema``,
-            ``kmeans_init``, ``restart_after``, ``sync``, ``cosine``, ...).
+            ``kmeans_init``, ``restart_after``, ``sync``, ``cosine``; not ``factor_dim`` or ``rotation``).
     """
 
     def __init__(self, stages: int, codebook_size: int, dim: int, shared: bool = False,
@@ -52,6 +52,9 @@ class ResidualVQ(nn.Module):
             raise UsageError(f"stages must be a positive integer, got {stages!r}")
         if options.get("factor_dim") is not None:
             raise UsageError("residual stages quantize the residual in z_e's own space: factor_dim does not apply")
+        if options.get("rotation"):
+            raise UsageError("the stages' vectors reach z_q through one straight-through estimator over their sum, "
+                             "so a stage's rotation trick would change no gradient: rotation does not apply")
         self.num_stages = stages
         self.codebook_size = codebook_size
         self.dim = dim
