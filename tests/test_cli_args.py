@@ -284,9 +284,18 @@ def test_every_command_is_there():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) >= {"train", "eval", "reconstruct", "levels", "encode", "decode", "extract",
                                 "train-prior", "sample", "compress", "decompress", "rd", "inspect", "report",
-                                "demo"}
+                                "demo", "collapse"}
     for name, parser in sub.choices.items():
         assert callable(parser.get_default("func")), name
+
+
+def test_collapse_options_parse_into_its_settings():
+    from vqkit.cli.inspect import _collapse_settings
+    from vqkit.inspect.collapse import CollapseSettings
+
+    args = parse(["collapse", "--data", "x", "--budget", "30", "--decoder", "pixelcnn", "-o", "out"])
+    assert _collapse_settings(args) == CollapseSettings(data="x", budget=30.0, decoders=["pixelcnn"])
+    assert _collapse_settings(parse(["collapse", "--data", "x", "-o", "out"])).decoders == ["conv", "pixelcnn"]
 
 
 def test_version(capsys):

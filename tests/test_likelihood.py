@@ -8,7 +8,9 @@ from vqkit.nn.likelihood import (
     LogisticMixtureLikelihood,
     bits_per_dim,
     discretized_gaussian_log_prob,
+    discretized_logistic_exact_log_prob,
     discretized_logistic_log_prob,
+    discretized_logistic_masses,
 )
 
 ALL_VALUES = torch.arange(256).float() / 127.5 - 1  # every 8-bit value on the [-1, 1] scale
@@ -152,3 +154,26 @@ def test_gaussian_nll_is_the_discretized_gaussian_with_the_tracked_variance():
     expected = [sum(_bin_nll(float(x[b, c, i, j]), float(params[b, c, i, j]), std[c], _phi)
                     for c in range(2) for i in range(5) for j in range(5)) for b in range(2)]
     assert nll.tolist() == pytest.approx(expected, rel=1e-5), f"nll {nll.tolist()}, by hand {expected}"
+
+
+@pytest.mark.parametrize("mean,log_scale", [(0.0, -3.0), (0.9, -1.0), (-1.3, 0.5), (0.2, -7.0), (0.99, -6.5)])
+def test_exact_log_prob_is_the_log_of_the_masses_in_both_tails(mean, log_scale):
+    """The masses by CDF differences sum to 1; the exact log-probabilities are the logs of the
+    masses written out in float64, including masses far below the 1e-5 where
+    discretized_logistic_log_prob lets the density stand in. The reference takes each bin's
+    mass from the tail it lies in, sigmoid(u) - sigmoid(l) below the mean and
+    sigmoid(-l) - sigmoid(-u) above, so that it loses nothing to cancellation."""
+    masses = discretized_logistic_masses(torch.tensor(mean), torch.tensor(log_scale))
+    assert masses.shape == (256,) and masses.sum().item() == pytest.approx(1.0, abs=1e-6)
+    x = ALL_VALUES.double()
+    s = math.exp(log_scale)
+    u = torch.where(x > 0.999, torch.inf, (x + 1 / 255 - mean) / s)
+    lo = torch.where(x < -0.999, -torch.inf, (x - 1 / 255 - mean) / s)
+    reference = torch.where(x < mean, torch.sigmoid(u) - torch.sigmoid(lo), torch.sigmoid(-lo) - torch.sigmoid(-u))
+    exact = discretized_logistic_exact_log_prob(x, torch.full((256,), mean, dtype=torch.float64),
+                                                torch.full((256,), log_scale, dtype=torch.float64))
+    held = reference > 1e-300
+    assert held.sum() > 100
+    torch.testing.assert_close(exact[held], reference[held].log(), rtol=1e-7, atol=1e-7)
+    # In float32, with scales near e^-7 the edges' rounding (1e-7 near 1, times 1/scale) moves a mass by 1e-5.
+    torch.testing.assert_close(exact.exp().float(), masses, rtol=0, atol=2e-5)

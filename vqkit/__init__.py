@@ -32,6 +32,7 @@ _EXPORTS = {
     **dict.fromkeys(["ResidualVQ"], "vqkit.nn.residual"),
     **dict.fromkeys(["VQVAE", "VQVAE2", "VQVAEConfig", "VQVAE2Config", "VQVAEOutput", "CodeMap", "build_model",
                      "level_names", "with_quantizer"], "vqkit.nn.vqvae"),
+    **dict.fromkeys(["GaussianVAE", "VAEConfig", "VAEOutput", "gaussian_kl"], "vqkit.nn.vae"),
     **dict.fromkeys(["PRESETS", "preset"], "vqkit.nn.presets"),
     **dict.fromkeys(["GaussianLikelihood", "LogisticMixtureLikelihood"], "vqkit.nn.likelihood"),
     **dict.fromkeys(["Classifier", "ClassifierConfig"], "vqkit.nn.classifier"),
@@ -46,9 +47,11 @@ _EXPORTS = {
     **dict.fromkeys(["TrainingError"], "vqkit.training.loop"),
     **dict.fromkeys(["ClassifierTrainConfig", "train_classifier", "fit_classifier"], "vqkit.training.classifier"),
     **dict.fromkeys(["evaluate", "EvalResult"], "vqkit.training.evaluate"),
+    **dict.fromkeys(["evaluate_vae", "latent_use", "LatentUse", "VAEEvalResult"], "vqkit.training.latents"),
     **dict.fromkeys(["Codec"], "vqkit.codec.codec"),
     **dict.fromkeys(["frechet_distance", "precision_recall"], "vqkit.inspect.metrics"),
     **dict.fromkeys(["ScoreSettings", "score_chain"], "vqkit.inspect.score"),
+    **dict.fromkeys(["CollapseSettings", "run_collapse"], "vqkit.inspect.collapse"),
     **dict.fromkeys(["DistributedError"], "vqkit.distributed"),
 }
 

@@ -1,10 +1,12 @@
-"""Inspection commands: inspect, report."""
+"""Inspection commands: inspect, report, collapse."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from vqkit.cli.args import add_config_args, config_from_args
 from vqkit.cli.common import run_and_data
+from vqkit.inspect.collapse import DECODERS, CollapseSettings
 
 
 def cmd_inspect(args) -> None:
@@ -26,6 +28,17 @@ def cmd_report(args) -> None:
                           inspect_dir=args.inspect_dir, priors=args.prior, extra_images=args.extra_image)
     print(f"wrote {args.out}: {len(report.sections)} sections ({', '.join(report.section_ids)}), "
           f"{report.images} images embedded")
+
+
+def _collapse_settings(args) -> CollapseSettings:
+    return config_from_args(CollapseSettings, args, decoders=args.decoder or list(DECODERS))
+
+
+def cmd_collapse(args) -> None:
+    from vqkit.inspect.collapse import run_collapse
+    result = run_collapse(args.out, _collapse_settings(args))
+    print(result.table())
+    print(f"wrote {args.out}/collapse.json, collapse.png (KL in training, active units, swap cost) and samples.png")
 
 
 def add_parsers(sub) -> None:
@@ -52,3 +65,14 @@ def add_parsers(sub) -> None:
                     help="an image to include (sample grid, rate-distortion plot, ...; repeat)")
     rp.add_argument("-o", "--out", required=True, type=Path, help="the HTML file")
     rp.set_defaults(func=cmd_report)
+
+    co = sub.add_parser("collapse", help="posterior collapse, shown: a Gaussian VAE and a VQ-VAE with the same conv "
+                                         "decoder and with the same PixelCNN decoder, trained for the same budget "
+                                         "and measured (table, collapse.json, collapse.png, samples.png)")
+    add_config_args(co, CollapseSettings, exclude=["decoders"])
+    co.add_argument("--decoder", action="append", choices=tuple(DECODERS),
+                    help="compare only this decoder (repeat for several; default: all): conv, an independent "
+                         "logistic mixture per subpixel; pixelcnn, autoregressive over subpixels")
+    co.add_argument("-o", "--out", required=True, type=Path,
+                    help="folder of the four run folders and the results (finished runs there are reused)")
+    co.set_defaults(func=cmd_collapse)

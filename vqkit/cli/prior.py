@@ -25,6 +25,7 @@ from vqkit.runs.generate import (
     load_checked_classifier,
     reject_codes,
     uniform_chain_codes,
+    vae_samples,
 )
 from vqkit.training.prior import (
     SIZED_BY_MAPS,
@@ -85,6 +86,8 @@ def _class_labels(value: str | None, n: int, nrow: int, config: dict) -> tuple[t
 
 
 def cmd_sample(args) -> None:
+    if ckpt.run_kind(args.runs[0]) == "vae":
+        return _sample_vae(args)
     chain = [LevelPrior.load(run, args.checkpoint) for run in args.runs]
     model = check_chain(chain)
     nrow = args.nrow or max(1, int(round(args.n ** 0.5)))
@@ -104,6 +107,15 @@ def cmd_sample(args) -> None:
     what = "uniform prior (left) beside the fitted prior (right)" if args.compare_uniform else "samples"
     steps = ", ".join(f"{link.run.name} at step {link.checkpoint.step}" for link in chain)
     print(f"wrote {args.out}: {len(codes[0])} {what} ({args.checkpoint} checkpoint: {steps})")
+
+
+def _sample_vae(args) -> None:
+    if len(args.runs) > 1 or args.class_ or args.reject is not None or args.compare_uniform:
+        raise UsageError(f"{args.runs[0]} is a Gaussian VAE run: it samples from N(0, I) alone (one run; "
+                         "no --class, --reject or --compare-uniform)")
+    images = vae_samples(args.runs[0], args.n, args.seed)
+    save_png(make_grid(images, nrow=args.nrow or max(1, int(round(args.n ** 0.5)))), args.out)
+    print(f"wrote {args.out}: {len(images)} samples of z ~ N(0, I), decoded")
 
 
 def _rejection(args, chain, model, labels) -> list[torch.Tensor]:
@@ -142,7 +154,8 @@ def add_parsers(sub) -> None:
     sm.add_argument("runs", nargs="+", type=Path, metavar="PRIOR",
                     help="prior run folder written by vqkit train-prior; for a VQ-VAE-2 one per level, "
                          "top-first (TOP [MIDDLE] BOTTOM), each lower one conditioned on the levels above (a "
-                         "residual level: one per stage, each conditioned on the stages above)")
+                         "residual level: one per stage, each conditioned on the stages above); or a Gaussian "
+                         "VAE run, which samples its own prior N(0, I)")
     sm.add_argument("-n", type=int, default=64)
     sm.add_argument("-o", "--out", required=True, type=Path, help="PNG grid")
     sm.add_argument("--class", dest="class_",

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from vqkit import distributed
-from vqkit.cli.args import add_config_args, config_from_args
+from vqkit.cli.args import add_config_args, config_args, config_from_args
 from vqkit.cli.common import (
     DATA_HELP,
     SPLITS,
@@ -25,28 +25,41 @@ from vqkit.data.datasets import from_model, load_dataset, to_model
 from vqkit.data.images import load_image, make_grid, save_png
 from vqkit.errors import UsageError
 from vqkit.fsutil import atomic_write_bytes
+from vqkit.nn.likelihood import LIKELIHOODS
+from vqkit.nn.nets import TrunkConfig
 from vqkit.nn.presets import PRESETS, preset
 from vqkit.nn.quantizers import parse_quantizer
-from vqkit.nn.vqvae import StageOneConfig, VQVAE2Config, with_quantizer
+from vqkit.nn.vae import GaussianVAE, VAEConfig
+from vqkit.nn.vqvae import StageOneConfig, VQVAE2Config, VQVAEConfig, with_quantizer
 from vqkit.precision import PRECISIONS
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes, read_maps, save_maps
 from vqkit.runs.generate import decode_codes
-from vqkit.training.evaluate import evaluate
+from vqkit.training.evaluate import AUTOREGRESSIVE_RECON_LIMIT, evaluate
+from vqkit.training.latents import evaluate_vae
 from vqkit.training.prior import PriorEvalResult, evaluate_prior_run
 from vqkit.training.stage1 import TrainConfig, train
 
+# The model fields that `vqkit train` takes as options, overriding the preset's or config's.
+_DECODER_OPTIONS = ("likelihood", "mixtures", *TrunkConfig.PIXELCNN_FIELDS)
 
-def _model_config(args) -> StageOneConfig:
+
+def _model_config(args) -> StageOneConfig | VAEConfig:
     if args.config:
         config = ckpt.read_model_config(args.config)
     elif args.preset is None and args.resume and (Path(args.out) / "config.json").exists():
         config = ckpt.model_config_of(args.out)
     else:
         config = preset(args.preset or "cifar10")
+    if isinstance(config, VAEConfig) and (args.quantizer or args.prefix_training):
+        raise UsageError("--quantizer and --prefix-training apply to VQ models; this is a Gaussian VAE, "
+                         "which has no quantizer and one level")
     if args.quantizer:
         specs = [parse_quantizer(text) for text in args.quantizer]
         config = with_quantizer(config, specs[0] if len(specs) == 1 else specs)
+    decoder = {name: value for name, value in config_args(VQVAEConfig, args).items() if value is not None}
+    if decoder:
+        config = type(config).from_dict({**config.to_dict(), **decoder})
     if args.prefix_training is None:
         return config
     if not isinstance(config, VQVAE2Config):
@@ -68,10 +81,11 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     if ckpt.run_kind(args.run) == "prior":
         return _eval_prior(args)
-    model, checkpoint = ckpt.load_model(args.run)
+    model, checkpoint = ckpt.load_model(args.run, kinds=ckpt.STAGE1_KINDS)
     data = load_dataset(eval_data(args, args.run), args.split, image_size=image_size(args.run))
-    result = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json,
-                      workers=args.workers)
+    measure = evaluate_vae if isinstance(model, GaussianVAE) else evaluate
+    result = measure(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json,
+                     workers=args.workers, recon_limit=args.recon_limit)
     record = {"data": data.spec, "split": args.split, **result.to_dict()}
     save_eval_record(args.run, checkpoint, record)
     if args.json:
@@ -97,7 +111,7 @@ def _eval_prior(args) -> None:
 
 
 def cmd_reconstruct(args) -> None:
-    model, _ = ckpt.load_model(args.run)
+    model, _ = ckpt.load_model(args.run, kinds=ckpt.STAGE1_KINDS)
     data = load_dataset(eval_data(args, args.run), args.split, image_size=image_size(args.run))
     images, _ = data.batch(torch.arange(min(args.n, len(data))))
     recon = from_model(model.decode(model.encode(to_model(images))))
@@ -173,7 +187,7 @@ def cmd_extract(args) -> None:
 
 
 def add_parsers(sub) -> None:
-    t = sub.add_parser("train", help="train a VQ-VAE (stage 1)")
+    t = sub.add_parser("train", help="train a VQ-VAE, a VQ-VAE-2 or (--preset vae-...) a Gaussian VAE (stage 1)")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="model preset (default cifar10; with --resume, the run's own model)")
@@ -188,6 +202,9 @@ def add_parsers(sub) -> None:
                         "(K = 2**BITS), residual:STAGES[,shared,quantize_dropout=false,cosine] (STAGES "
                         "code maps of K codes each), or a JSON object; FSQ and LFQ set the codebook size. Once "
                         "for every level, or repeated for one per level, top-first")
+    add_config_args(t, VQVAEConfig, exclude=[f.name for f in dataclasses.fields(VQVAEConfig)
+                                             if f.name not in _DECODER_OPTIONS],
+                    choices={"likelihood": LIKELIHOODS}, unset=dict.fromkeys(_DECODER_OPTIONS, "the model's"))
     t.add_argument("-o", "--out", required=True, type=Path, help="run folder")
     add_config_args(t, TrainConfig, choices={"precision": PRECISIONS})
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
@@ -203,6 +220,10 @@ def add_parsers(sub) -> None:
                    help="(conditioned prior runs, with --codes) the held-out code set of a level the "
                         "prior is conditioned on; repeat top-first, as in train-prior")
     e.add_argument("--limit", type=int, help="evaluate only the first N images")
+    e.add_argument("--recon-limit", type=int,
+                   help="measure MSE, PSNR and MS-SSIM on the first N images only (default: every image; with "
+                        f"the autoregressive pixelcnn likelihood, whose reconstructions are sampled pixel by pixel, "
+                        f"{AUTOREGRESSIVE_RECON_LIMIT}); bits/dim and codebook usage use every image")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--json", action="store_true", help="print machine-readable results")
     workers_arg(e)

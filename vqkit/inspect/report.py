@@ -35,7 +35,7 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,10 +46,12 @@ from vqkit.data.datasets import from_model, to_model
 from vqkit.data.images import ImageError, make_grid
 from vqkit.fsutil import atomic_write_text
 from vqkit.inspect.atlas import InspectOutput, load_complete, run_dataset, write_inspection
+from vqkit.inspect.collapse import COLLAPSE_FILE
 from vqkit.inspect.figures import figure_png, image_png, rgb_image
+from vqkit.inspect.scalars import Curves, read_scalars
 from vqkit.inspect.stats import inspect_model
 from vqkit.runs import checkpoint as ckpt
-from vqkit.runs.generate import prior_codes, stage1_of
+from vqkit.runs.generate import prior_codes, stage1_of, vae_samples
 
 
 @dataclass
@@ -72,30 +74,6 @@ class Report:
     @property
     def section_ids(self) -> list[str]:
         return [s.id for s in self.sections]
-
-
-@dataclass
-class Curves:
-    """Logged scalars: ``series[tag] = (steps, values)``, read from TensorBoard event files."""
-
-    series: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
-
-
-def read_scalars(folder: Path) -> Curves:
-    """Every scalar of the event files in ``folder`` (none if it has no events). A file still
-    being written ends at its last complete record."""
-    folder = Path(folder)
-    if not folder.is_dir() or not any(folder.glob("events.out.tfevents.*")):
-        return Curves()
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
-
-    acc = EventAccumulator(str(folder), size_guidance={SCALARS: 0})
-    acc.Reload()
-    curves = Curves()
-    for tag in sorted(acc.Tags().get("scalars", [])):
-        events = acc.Scalars(tag)
-        curves.series[tag] = ([e.step for e in events], [e.value for e in events])
-    return curves
 
 
 # A level's name, with a residual stage's index after it (``_top.1``, ``_codes.0``).
@@ -271,7 +249,8 @@ def _eval(run: Path, checkpoint: ckpt.Checkpoint, sid: str = "eval") -> Section 
         notes.append(f"the run has moved on to step {checkpoint.step} since; rerun vqkit eval for current figures")
     keys = ["images", "mse", "psnr", "nll_bits_per_dim", "bits_per_dim", "codes_used", "codebook_size",
             "usage", "perplexity", "mean_batch_perplexity", "maps", "bits_per_code", "uniform_bits_per_code",
-            "saving_bits_per_code", "bits_per_dim_with_prior"]
+            "saving_bits_per_code", "bits_per_dim_with_prior", "kl_bits_per_dim", "kl_per_latent",
+            "kl_per_position", "latents", "active_units", "active_fraction", "swap_bits_per_dim"]
     body = "".join(_p(n) for n in notes) + _table([(k, record[k]) for k in keys if k in record])
     levels = record.get("levels") or []
     if len(levels) > 1:
@@ -360,6 +339,30 @@ def _prior_sections(run: Path, prefix: str, title: str) -> list[Section]:
     return [Section(prefix, title, body)]
 
 
+def _vae_samples(run: Path, n: int = 16) -> Section:
+    grid = make_grid(vae_samples(run, n, seed=0), nrow=8)
+    return Section("samples", "Samples", _p(f"{n} samples: z ~ N(0, I), decoded")
+                   + _img(_png_of(grid, grid.shape[-1] // 8), "samples of the VAE"))
+
+
+def _collapse_sections(folder: Path) -> list[Section]:
+    """The page of a ``vqkit collapse`` folder: its table and its two figures."""
+    record = json.loads((folder / COLLAPSE_FILE).read_text())
+    cols = ("name", "steps", "bits_per_dim", "kl_per_latent", "kl_per_position", "active_units", "latents",
+            "active_fraction", "swap_bits_per_dim", "usage", "psnr", "collapsed")
+    settings = record.get("settings", {})
+    note = _p(f"{settings.get('data')}, {settings.get('budget')} s of training per model; KL per latent in nats "
+              "(a VQ-VAE's: log K per code), swap cost in bits/dim (another image's latents)")
+    sections = [Section("collapse", "Posterior collapse", note + _table(
+        [tuple(row.get(c) for c in cols) for row in record.get("rows", [])], cols))]
+    figures = (("collapse.png", "KL, active units, swap cost"), ("samples.png", "Reconstructions and samples"))
+    for name, title in figures:
+        if (folder / name).exists():
+            sections.append(Section(name.removesuffix(".png") + "-figure", title,
+                                    _img((folder / name).read_bytes(), title)))
+    return sections
+
+
 def _extra(index: int, path: Path) -> Section:
     try:
         data = path.read_bytes()
@@ -392,6 +395,15 @@ def build_report(run: str | Path, out: str | Path, *, data: str | None = None, s
     kind = ckpt.run_kind(run)
     if kind == "prior":
         sections = _prior_sections(run, "", "")
+    elif kind is None and (run / COLLAPSE_FILE).exists():
+        sections = _collapse_sections(run)
+    elif kind == "vae":
+        model, checkpoint = ckpt.load_model(run, kinds=("vae",))
+        config = ckpt.read_config(run)
+        dataset = run_dataset(run, data, split, model.config.in_channels)
+        parts = [_summary(run, config, checkpoint), _config(config), _curves(run, "Training curves"),
+                 _eval(run, checkpoint), _reconstructions(model, dataset), _vae_samples(run)]
+        sections = [p for p in parts if p is not None]
     else:
         model, checkpoint = load_complete(run)
         config = ckpt.read_config(run)

@@ -1,11 +1,13 @@
 """The models, in pure torch (they know nothing of files): the quantizers (VQ, FSQ, LFQ, residual VQ),
-the encoder and decoder stacks, the likelihoods p(x | z_q), the VQ-VAE of any number of levels and its presets."""
+the encoder and decoder stacks, the likelihoods p(x | z_q), the VQ-VAE of any number of levels, the
+Gaussian VAE beside it and their presets."""
 
 from vqkit.nn.likelihood import GaussianLikelihood, LikelihoodOutput, LogisticMixtureLikelihood, bits_per_dim
 from vqkit.nn.presets import PRESET_IMAGE_SIZE, PRESETS, preset
 from vqkit.nn.quantize import CodebookUsage, Quantizer, QuantizerOutput, VectorQuantizer
 from vqkit.nn.residual import ResidualVQ
 from vqkit.nn.scalar import FSQ, LFQ
+from vqkit.nn.vae import GaussianVAE, VAEConfig, VAEOutput
 from vqkit.nn.vqvae import (
     VQVAE,
     VQVAE2,
@@ -18,7 +20,8 @@ from vqkit.nn.vqvae import (
     with_quantizer,
 )
 
-__all__ = ["FSQ", "LFQ", "CodeMap", "Quantizer", "ResidualVQ", "with_quantizer",
+__all__ = ["FSQ", "LFQ", "CodeMap", "Quantizer", "ResidualVQ", "with_quantizer", "GaussianVAE", "VAEConfig",
+           "VAEOutput",
            "CodebookUsage", "GaussianLikelihood", "LikelihoodOutput", "LogisticMixtureLikelihood", "PRESETS",
            "PRESET_IMAGE_SIZE", "QuantizerOutput", "VQVAE", "VQVAE2", "VQVAE2Config", "VQVAEConfig", "VQVAEOutput",
            "VectorQuantizer", "bits_per_dim", "build_model", "level_names", "preset"]

@@ -1,8 +1,9 @@
 """Decoder likelihoods p(x | z_q) over 8-bit pixels, and the ELBO in bits per dimension.
 
 Pixels are in [-1, 1] (see ``vqkit.data.datasets``): the 256 values of a subpixel are bins of width
-2/255 centred on ``x = v / 127.5 - 1``. Both likelihoods put a probability mass on each bin
+2/255 centred on ``x = v / 127.5 - 1``. Every likelihood puts a probability mass on each bin
 (the end bins absorb the tails), so their negative log-likelihood is a true code length.
+Two are factorised (independent subpixels given z), one autoregressive:
 
 * ``GaussianLikelihood``: the decoder predicts the mean; training uses the mean squared error,
   as the paper and its reproductions do (a Gaussian with fixed variance). A per-channel
@@ -10,6 +11,12 @@ Pixels are in [-1, 1] (see ``vqkit.data.datasets``): the 256 values of a subpixe
   Gaussian whose NLL can be reported.
 * ``LogisticMixtureLikelihood``: a discretised mixture of logistics per subpixel (Salimans et
   al. 2017, PixelCNN++ without the channel coupling); training minimises its NLL directly.
+* ``PixelCNNLikelihood`` (``vqkit.nn.pixelcnn``): a gated PixelCNN over the pixels, conditioned
+  on the decoder's features, with PixelCNN++'s mixture and channel coupling.
+
+Every likelihood maps the decoder's output ``params`` and the image to a ``LikelihoodOutput``
+(training, evaluation) and ``params`` alone to an image (``reconstruct``): the mean of a
+factorised likelihood, a sample drawn pixel by pixel from an ``autoregressive`` one.
 
 The VQ-VAE posterior q(z|x) is one-hot, so KL(q || uniform prior) = log K for each latent
 (section 3.1) and the ELBO in bits/dim is ``(NLL + latents * log K) / (subpixels * ln 2)``.
@@ -18,6 +25,7 @@ The VQ-VAE posterior q(z|x) is one-hot, so KL(q || uniform prior) = log K for ea
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -74,7 +82,53 @@ def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale
     return _bin_log_prob(x, mass, upper - F.softplus(upper), -F.softplus(lower), log_pdf)
 
 
-class GaussianLikelihood(nn.Module):
+def discretized_logistic_exact_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log P(bin of x) under Logistic(mean, exp(log_scale)), elementwise, without the density
+    standing in for small masses: with ``u``, ``l`` the standardised bin edges,
+    ``log(sigmoid(u) - sigmoid(l)) = log sigmoid(u) + log sigmoid(-l) + log(1 - exp(l - u))``,
+    free of cancellation in either tail, so that it is the log of the masses a sampler draws
+    from (``discretized_logistic_masses``) wherever they are representable. The logistic mixture
+    keeps ``discretized_logistic_log_prob``, which its models were trained with."""
+    inv = torch.exp(-log_scale)
+    upper = (x - mean + _HALF_BIN) * inv
+    lower = (x - mean - _HALF_BIN) * inv
+    log_cdf_upper = upper - F.softplus(upper)
+    log_sf_lower = -F.softplus(lower)
+    inner = log_cdf_upper + log_sf_lower + torch.log(-torch.expm1(-2 * _HALF_BIN * inv))
+    return torch.where(x < -_EDGE, log_cdf_upper, torch.where(x > _EDGE, log_sf_lower, inner))
+
+
+_INNER_EDGES = (torch.arange(255) + 0.5) / 127.5 - 1  # the upper edge of the bins of values 0..254
+
+
+def discretized_logistic_masses(mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """The masses of the 256 values under Logistic(mean, exp(log_scale)): means and log-scales
+    (...) -> (..., 256), the differences of the CDF at the 255 inner bin edges, the end bins
+    taking the tails. They sum to 1 and are ``exp(discretized_logistic_exact_log_prob)`` up to
+    rounding; one sigmoid per edge, so a sampler gets all 256 for the price of one."""
+    edges = _INNER_EDGES.to(mean.device, mean.dtype)
+    cdf = torch.sigmoid((edges - mean[..., None]) * torch.exp(-log_scale)[..., None])  # (..., 255)
+    return torch.diff(cdf, dim=-1, prepend=torch.zeros_like(cdf[..., :1]), append=torch.ones_like(cdf[..., :1]))
+
+
+class _Factorised(nn.Module, ABC):
+    """What the likelihoods with independent subpixels given z share: their reconstruction is
+    their mean, computed from ``params`` alone."""
+
+    autoregressive = False
+
+    @abstractmethod
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        """Decoder output (B, decoder_channels, H, W) -> the expected image (B, C, H, W)."""
+
+    def reconstruct(self, params: torch.Tensor, generator: torch.Generator | None = None,
+                    temperature: float = 1.0) -> torch.Tensor:
+        """Decoder output -> the expected image (B, C, H, W), as the conv decoder always gave;
+        ``generator`` and ``temperature`` are the autoregressive likelihood's and change nothing."""
+        return self.mean(params)
+
+
+class GaussianLikelihood(_Factorised):
     """Decoder output (B, C, H, W) is the mean. Training minimises the MSE; the variance per
     channel is the maximum-likelihood estimate given the mean, a running average of the
     training MSE (decay 0.99), so the NLL it reports needs no learning rate of its own."""
@@ -110,7 +164,7 @@ class GaussianLikelihood(nn.Module):
         return params.float()
 
 
-class LogisticMixtureLikelihood(nn.Module):
+class LogisticMixtureLikelihood(_Factorised):
     """Decoder output (B, 3*M*C, H, W): for each channel, M mixture logits, M means and M
     log-scales, independent across subpixels given z."""
 
@@ -142,16 +196,25 @@ class LogisticMixtureLikelihood(nn.Module):
         return (F.softmax(logits, dim=1) * means).sum(1)
 
 
-LIKELIHOODS = ("gaussian", "logistic_mixture")
+LIKELIHOODS = ("gaussian", "logistic_mixture", "pixelcnn")
 
 
-def make_likelihood(kind: str, channels: int, mixtures: int) -> GaussianLikelihood | LogisticMixtureLikelihood:
-    """The likelihood ``kind`` (one of ``LIKELIHOODS``) of images with ``channels`` channels;
-    ``mixtures`` is the number of logistic components (``logistic_mixture`` only)."""
+def make_likelihood(config) -> nn.Module:
+    """The likelihood ``config.likelihood`` (one of ``LIKELIHOODS``) of images with
+    ``config.in_channels`` channels: ``config.mixtures`` logistic components (``logistic_mixture``
+    and ``pixelcnn``) and the PixelCNN's ``pixelcnn_layers``, ``pixelcnn_channels`` and
+    ``pixelcnn_kernel_size`` (``pixelcnn``). ``config`` is any model config with those fields."""
+    kind = config.likelihood
     if kind == "gaussian":
-        return GaussianLikelihood(channels)
+        return GaussianLikelihood(config.in_channels)
     if kind == "logistic_mixture":
-        return LogisticMixtureLikelihood(channels, mixtures)
+        return LogisticMixtureLikelihood(config.in_channels, config.mixtures)
+    if kind == "pixelcnn":
+        # Imported here: the PixelCNN likelihood builds on this module's distributions.
+        from vqkit.nn.pixelcnn import PixelCNNLikelihood
+
+        return PixelCNNLikelihood(config.in_channels, config.mixtures, config.pixelcnn_layers,
+                                  config.pixelcnn_channels, config.pixelcnn_kernel_size)
     raise ConfigError(f"unknown likelihood {kind!r}: choose one of {', '.join(map(repr, LIKELIHOODS))}")
 
 

@@ -7,13 +7,14 @@ image side each preset was laid out for (its code map shapes follow from it).
 from __future__ import annotations
 
 from vqkit.errors import ConfigError
+from vqkit.nn.vae import VAEConfig
 from vqkit.nn.vqvae import StageOneConfig, VQVAE2Config, VQVAEConfig
 
 # Every hierarchical preset trains with a reconstruction loss per prefix of levels
 # (``prefix_training="loss"``), so that the top levels alone decode to an image (VQ-VAE-2
 # Figure 3): on CIFAR-10 in 300 CPU seconds it took the top alone from 12.3 to 23.8 dB for
 # 0.8 dB of the full model's PSNR (README).
-PRESETS: dict[str, StageOneConfig] = {
+PRESETS: dict[str, StageOneConfig | VAEConfig] = {
     # VQ-VAE section 4.1: two stride-2 4x4 convolutions, two residual blocks, 256 hidden units,
     # K = 512; plain codebook loss as in the paper's main experiments. 32x32 -> 8x8 codes.
     "cifar10-paper": VQVAEConfig(in_channels=3, hidden=256, res_hidden=256, num_res_blocks=2,
@@ -52,13 +53,20 @@ PRESETS: dict[str, StageOneConfig] = {
     "faces-3level": VQVAE2Config(in_channels=3, hidden=64, res_hidden=32, num_res_blocks=2,
                                  strides=[1, 1, 2], code_dim=64, codebook_sizes=[512, 512, 512],
                                  restart_after=20, prefix_training="loss"),
+    # Gaussian VAEs on the trunks of `mnist` and `cifar10`, the baseline of `vqkit collapse`
+    # (VQ-VAE section 3.1: a VAE's posterior collapses under a strong decoder; VQ-VAE's cannot):
+    # 7x7x8 latents for 28x28 grey images, 8x8x16 for 32x32 colour ones.
+    "vae-mnist": VAEConfig(in_channels=1, hidden=64, res_hidden=32, num_res_blocks=2, downsample=2, code_dim=8),
+    "vae-cifar10": VAEConfig(in_channels=3, hidden=64, res_hidden=32, num_res_blocks=2, downsample=2,
+                             code_dim=16),
 }
 
 PRESET_IMAGE_SIZE = {"cifar10-paper": 32, "cifar10": 32, "mnist": 28, "demo": 28, "vqvae2-256": 256,
-                     "vqvae2-3level": 1024, "cifar10-2level": 32, "faces-3level": 128}
+                     "vqvae2-3level": 1024, "cifar10-2level": 32, "faces-3level": 128, "vae-mnist": 28,
+                     "vae-cifar10": 32}
 
 
-def preset(name: str) -> StageOneConfig:
+def preset(name: str) -> StageOneConfig | VAEConfig:
     """A copy of the preset ``name`` (its lists are not shared with the registry)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")

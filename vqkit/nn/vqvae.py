@@ -62,7 +62,6 @@ stage s's prior is conditioned on the maps above it, as a lower level's prior is
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -72,12 +71,13 @@ from torch import nn
 
 from vqkit.config import JsonConfig
 from vqkit.errors import ConfigError, UsageError
-from vqkit.nn.likelihood import LIKELIHOODS, GaussianLikelihood, LikelihoodOutput, make_likelihood
-from vqkit.nn.nets import Decoder, Encoder
+from vqkit.nn.likelihood import GaussianLikelihood, LikelihoodOutput, make_likelihood
+from vqkit.nn.nets import Decoder, Encoder, ImageModel, TrunkConfig
 from vqkit.nn.pretrained import PretrainedMixin
 from vqkit.nn.quantize import QuantizerOutput
 from vqkit.nn.quantizers import DEFAULT, build_quantizer, canonical_spec, spec_codebook_size, spec_stages
 from vqkit.nn.residual import ResidualVQ
+from vqkit.nn.vae import GaussianVAE, VAEConfig
 
 
 class _Levels:
@@ -111,45 +111,32 @@ class _Levels:
 
 
 @dataclass
-class _Network(_Levels):
-    """The fields both configurations share; they apply to every level.
+class _Network(_Levels, TrunkConfig):
+    """The fields every VQ model shares; they apply to every level. The trunk's and the
+    likelihood's fields are those of every stage-1 model (``TrunkConfig``).
 
     Args:
-        in_channels: image channels (1 grey, 3 RGB).
-        hidden: channels of the encoder and decoder trunks.
-        res_hidden: channels inside each residual block.
-        num_res_blocks: residual blocks in each encoder and decoder stack.
-        code_dim: D, the dimension of each code vector.
         beta: commitment weight of eq. 3 (0.25 in the paper).
         ema: update the codebooks by exponential moving averages (appendix A.1) instead of the
             codebook loss.
         decay: EMA decay (0.99 in the paper).
         kmeans_init: set each codebook by k-means on the first training batch.
         restart_after: re-seed a code unused for this many training steps (0: never).
-        likelihood: ``"gaussian"`` (trained by MSE) or ``"logistic_mixture"``.
-        mixtures: logistic components per subpixel (``logistic_mixture`` only).
         quantizer: the quantizer of every level (a spec such as ``{"kind": "fsq", "levels":
             [8, 5, 5, 5]}``, see ``vqkit.nn.quantizers``) or a list of one per level,
             top-first; None for VQ. ``ema``, ``decay``, ``kmeans_init`` and ``restart_after``
             apply to VQ levels; an FSQ or LFQ level's codebook size must be its grid's K.
     """
 
-    in_channels: int = 3
-    hidden: int = 128
-    res_hidden: int = 64
-    num_res_blocks: int = 2
-    code_dim: int = 64
     beta: float = 0.25
     ema: bool = True
     decay: float = 0.99
     kmeans_init: bool = True
     restart_after: int = 100
-    likelihood: str = "gaussian"
-    mixtures: int = 5
     quantizer: dict | list | None = None
 
     def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
+        data = super().to_dict()
         if data["quantizer"] is None:  # the default: the dict (and its fingerprint) as before the field
             del data["quantizer"]
         return data
@@ -199,25 +186,20 @@ class _Network(_Levels):
             self.quantizer = specs
 
     def __post_init__(self):
-        if self.likelihood not in LIKELIHOODS:
-            raise ConfigError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, "
-                              f"got {self.likelihood!r}")
-        for name in ("in_channels", "hidden", "res_hidden", "code_dim", "mixtures"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_res_blocks < 0 or self.restart_after < 0:
-            raise ConfigError("num_res_blocks and restart_after must be >= 0")
+        super().__post_init__()
+        if self.restart_after < 0:
+            raise ConfigError(f"restart_after must be >= 0, got {self.restart_after}")
 
 
 @dataclass
 class VQVAEConfig(_Network, JsonConfig):
-    """Everything needed to rebuild a one-level VQ-VAE; saved as JSON beside its weights.
+    """Everything needed to rebuild a one-level VQ-VAE; saved as JSON beside its weights. The
+    fields not listed here are those of every model (``_Network``).
 
     Args:
         downsample: number of stride-2 convolutions: the code map is ``2**downsample`` times
             smaller than the image per side.
         codebook_size: K, the number of codes.
-        The other fields are those of every model (``_Network``).
     """
 
     label: ClassVar[str] = "VQ-VAE config"
@@ -246,7 +228,7 @@ class VQVAEConfig(_Network, JsonConfig):
 @dataclass
 class VQVAE2Config(_Network, JsonConfig):
     """Everything needed to rebuild a VQ-VAE-2 of two or more levels; saved as JSON beside
-    its weights.
+    its weights. The fields not listed here are those of every model (``_Network``).
 
     Args:
         strides: per level, top-first, the downsampling exponent relative to the level below
@@ -257,7 +239,6 @@ class VQVAE2Config(_Network, JsonConfig):
             module docstring): ``"off"`` (every batch decodes all levels; a prefix decodes with
             zeros for the missing maps) or ``"loss"`` (a reconstruction loss per prefix, missing
             maps as learned absent inputs).
-        The other fields are those of every model (``_Network``).
     """
 
     label: ClassVar[str] = "VQ-VAE-2 config"
@@ -347,7 +328,10 @@ class VQVAEOutput:
     """One forward pass.
 
     ``loss = recon_loss + vq_loss``; ``vq_loss`` and ``commitment_loss`` are summed over the
-    levels; ``x_hat`` the expected reconstruction (B, C, H, W) in [-1, 1]; ``nll`` -log p(x|z_q)
+    levels; ``x_hat`` the expected reconstruction (B, C, H, W) in [-1, 1] (with the
+    autoregressive ``pixelcnn`` likelihood, the teacher-forced mixture mean: each subpixel's
+    mean given the true subpixels before it, so not an image the model could decode from the
+    codes alone; ``decode`` samples one); ``nll`` -log p(x|z_q)
     in nats per image (B,); ``codes`` (B, h_m, w_m) int64, ``perplexity`` and ``usage`` (this
     batch only) one per code map, top-first (in training, a residual stage that quantize dropout
     left out has codes -1, usage 0 and perplexity 1).
@@ -385,7 +369,7 @@ _QuantizeFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, QuantizerOutput 
 _LEGACY_PREFIXES = {"encoder.": "encoders.0.", "quantizer.": "quantizers.0."}
 
 
-class VQVAE(nn.Module, PretrainedMixin):
+class VQVAE(nn.Module, ImageModel, PretrainedMixin):
     """A VQ-VAE of one or more levels (``VQVAE2`` names the many-level case).
 
     Module lists are top-first: ``encoders[-1]`` sees the image, ``conditioners[l]`` and
@@ -424,7 +408,7 @@ class VQVAE(nn.Module, PretrainedMixin):
                     c.strides[level], d) for level in range(levels - 1))
         self.upsamplers = nn.ModuleList(
             _upsampler(d, sum(c.strides[level:levels - 1])) for level in range(levels - 1))
-        self.likelihood = make_likelihood(c.likelihood, c.in_channels, c.mixtures)
+        self.likelihood = make_likelihood(c)
         self.decoder = Decoder(levels * d, c.hidden, c.res_hidden, c.num_res_blocks, c.strides[-1],
                                self.likelihood.decoder_channels)
         self.maps = c.code_maps()
@@ -432,10 +416,6 @@ class VQVAE(nn.Module, PretrainedMixin):
         self.absent = nn.ParameterList(
             nn.Parameter(torch.zeros(1, d, 1, 1)) for _ in range(1, levels if self.prefix_training != "off" else 1))
         self._register_load_state_dict_pre_hook(_rename_legacy_keys)
-
-    @property
-    def num_levels(self) -> int:
-        return self.config.num_levels
 
     @property
     def num_maps(self) -> int:
@@ -462,15 +442,6 @@ class VQVAE(nn.Module, PretrainedMixin):
                 groups.append([])
             groups[-1].append(codes)
         return groups
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise UsageError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
-        self.config.latent_shapes(x.shape[2], x.shape[3])
 
     def _top_down(self, x: torch.Tensor, quantize: _QuantizeFn):
         """Encoder features bottom-up, then z_e and z_q of each level top-down (Algorithm 1).
@@ -631,12 +602,15 @@ class VQVAE(nn.Module, PretrainedMixin):
         return vectors
 
     @torch.no_grad()
-    def decode(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Codes of every code map, top-first (a list of (B, h_m, w_m)) -> expected images
-        (B, C, H, W), clamped to [-1, 1]."""
+    def decode(self, codes: Sequence[torch.Tensor], generator: torch.Generator | None = None,
+               temperature: float = 1.0) -> torch.Tensor:
+        """Codes of every code map, top-first (a list of (B, h_m, w_m)) -> images (B, C, H, W) in
+        [-1, 1]: the expected image of a factorised likelihood; with the ``pixelcnn`` likelihood
+        a sample of p(x | z) drawn with ``generator`` (default: seeded 0, so that the same codes
+        decode to the same image) and ``temperature`` (``PixelCNNLikelihood.reconstruct``)."""
         if not isinstance(codes, torch.Tensor) and len(codes) != self.num_maps:
             raise UsageError(f"expected {self.num_maps} code maps (top-first), got {len(codes)}")
-        return self.decode_levels(codes, self.num_maps)
+        return self.decode_levels(codes, self.num_maps, generator, temperature)
 
     def _given_levels(self, codes: Sequence[torch.Tensor | None], upto: int) -> list[torch.Tensor]:
         """The first ``upto`` code maps of ``codes``, checked against each other and the strides."""
@@ -677,7 +651,8 @@ class VQVAE(nn.Module, PretrainedMixin):
         return [levels[m.level] for m in self.maps]
 
     @torch.no_grad()
-    def decode_levels(self, codes: Sequence[torch.Tensor | None], upto: int) -> torch.Tensor:
+    def decode_levels(self, codes: Sequence[torch.Tensor | None], upto: int,
+                      generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         """The view of VQ-VAE-2's Figure 3: the image decoded from the top ``upto`` code maps only
         (levels, but for a residual level's stages, each one map; see the module docstring).
 
@@ -687,21 +662,32 @@ class VQVAE(nn.Module, PretrainedMixin):
         Without, the quantized maps of the lower levels are replaced by zeros: a zero input adds
         nothing through the first (linear) layers they feed, so the image shows what the given
         levels carry, but the decoder never saw zeros there in training, so this is a view of
-        the hierarchy, not a sample of the model. ``upto = num_maps`` is ``decode``.
+        the hierarchy, not a sample of the model. ``upto = num_maps`` is ``decode``; ``generator``
+        and ``temperature`` are as there.
         """
         given = self._given_levels(codes, upto)
         z_qs = [self._lookup(level, group) for level, group in enumerate(self._by_level(given))]
-        return self.likelihood.mean(self._decode_z_q(z_qs, len(z_qs))).clamp(-1, 1)
+        return self.likelihood.reconstruct(self._decode_z_q(z_qs, len(z_qs)), generator, temperature).clamp(-1, 1)
 
     @torch.no_grad()
-    def decode_without(self, codes: Sequence[torch.Tensor], level: int) -> torch.Tensor:
+    def nll(self, x: torch.Tensor, codes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """-log p(x | codes) in nats per image (B,): images (B, C, H, W) in [-1, 1] under the
+        decoder given the codes of every code map, top-first (their own, or another image's)."""
+        given = self._given_levels(codes, self.num_maps)
+        z_qs = [self._lookup(level, group) for level, group in enumerate(self._by_level(given))]
+        return self.likelihood(self._decode_z_q(z_qs), x).nll
+
+    @torch.no_grad()
+    def decode_without(self, codes: Sequence[torch.Tensor], level: int,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Decode every code map but map ``level``, whose vectors are replaced by zeros (which
         no training ever showed the decoder there, prefix training included): a level's
         quantized map, or one stage's share of a residual level's sum.
 
         The gap between this and ``decode`` is what that map adds to the reconstruction
         (for the top level: the full model against the lower levels alone). Like
-        ``decode_levels`` it is a view of the model, not a sample.
+        ``decode_levels`` it is a view of the model, not a sample of it (with the ``pixelcnn``
+        likelihood, drawn with ``generator``).
         """
         given = self._given_levels(codes, self.num_maps)
         if not 0 <= level < self.num_maps:
@@ -711,7 +697,7 @@ class VQVAE(nn.Module, PretrainedMixin):
                 for i, group in enumerate(self._by_level(given))]
         if left_out.stage is None:
             z_qs[left_out.level] = torch.zeros_like(z_qs[left_out.level])
-        return self.likelihood.mean(self._decode_z_q(z_qs)).clamp(-1, 1)
+        return self.likelihood.reconstruct(self._decode_z_q(z_qs), generator).clamp(-1, 1)
 
 
 class VQVAE2(VQVAE):
@@ -730,13 +716,18 @@ class VQVAE2(VQVAE):
         super().__init__(config)
 
 
-# The configuration class of each run kind, and the model class each builds.
-CONFIGS: dict[str, type[VQVAEConfig] | type[VQVAE2Config]] = {c.kind: c for c in (VQVAEConfig, VQVAE2Config)}
-_MODELS = {VQVAEConfig: VQVAE, VQVAE2Config: VQVAE2}
+# The configuration class of each stage-1 run kind, and the model class each builds. The VQ
+# kinds have codes; a "vae" run (the Gaussian baseline) has continuous latents, so the commands
+# that read codes take only ``VQ_KINDS``.
+CONFIGS: dict[str, type[VQVAEConfig] | type[VQVAE2Config] | type[VAEConfig]] = {
+    c.kind: c for c in (VQVAEConfig, VQVAE2Config, VAEConfig)}
+VQ_KINDS = (VQVAEConfig.kind, VQVAE2Config.kind)
+_MODELS = {VQVAEConfig: VQVAE, VQVAE2Config: VQVAE2, VAEConfig: GaussianVAE}
 
 
-def build_model(config: StageOneConfig) -> VQVAE:
-    """A freshly initialised model for ``config``: a ``VQVAE2`` for a ``VQVAE2Config``."""
+def build_model(config: StageOneConfig | VAEConfig) -> VQVAE | GaussianVAE:
+    """A freshly initialised model for ``config``: a ``VQVAE2`` for a ``VQVAE2Config``, a
+    ``GaussianVAE`` for a ``VAEConfig``."""
     return _MODELS[type(config)](config)
 
 

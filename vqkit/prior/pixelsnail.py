@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqkit.nn.causal import CausalConv, gate
+
 from .base import IncrementalState, Prior
-from .causal import CausalConv, gate
 from .config import PriorConfig
 
 # Rows of the query block the incremental sampler multiplies (see _PixelSNAILState.logits).

@@ -2,8 +2,8 @@
 
 Both samplers draw every uniform they need up front, ``u`` (n, H, W) from ``generator``, and
 pick the code at each position by inverting the CDF of the same filtered distribution
-(``filtered_probs``: temperature, then top-k, then top-p). Given the same logits they therefore
-pick the same codes, and for the same seed:
+(``filtered_probs`` of ``vqkit.nn.sampling``: temperature, then top-k, then top-p). Given the
+same logits they therefore pick the same codes, and for the same seed:
 
 * ``method="naive"`` re-runs the whole network over the whole map for each of the H*W
   positions, as the common reproductions do: H*W forward passes per batch.
@@ -19,43 +19,12 @@ from __future__ import annotations
 import torch
 
 from vqkit.errors import UsageError
+from vqkit.nn.sampling import filtered_probs, sample_codes
 
 from .base import Prior
 
 METHODS = ("incremental", "naive")
-
-
-def filtered_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None) -> torch.Tensor:
-    """Logits (n, K) -> probabilities (n, K) of ``softmax(logits / temperature)`` restricted to
-    the ``top_k`` most likely codes (ties at the k-th value kept), then to the smallest set of
-    most likely codes whose mass reaches ``top_p`` ("nucleus", Holtzman et al. 2020), not
-    renormalised (``sample_codes`` divides by the total). Filtered codes get exactly 0."""
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-        # Drop a code when the codes more likely than it already reach top_p; the most
-        # likely code is always kept.
-        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-        probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), 0.0)
-    return probs
-
-
-def sample_codes(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse CDF: probabilities (n, K) and uniforms (n,) in [0, 1) -> codes (n,) int64.
-
-    Picks the first code whose cumulative mass exceeds ``u * total``. The target is kept
-    strictly below the total, so a code of probability 0 is never picked even when ``u`` is
-    within rounding of 1.
-    """
-    cdf = probs.double().cumsum(-1)
-    total = cdf[:, -1:]
-    target = torch.minimum(u[:, None].double() * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+__all__ = ["METHODS", "filtered_probs", "sample", "sample_codes"]
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from vqkit.errors import ConfigError, UsageError, VqkitError
 from vqkit.fsutil import atomic_write_text, fsync_dir, fsync_file
 from vqkit.nn.classifier import Classifier, ClassifierConfig
 from vqkit.nn.pretrained import fit_state_dict
-from vqkit.nn.vqvae import CONFIGS, VQVAE, StageOneConfig, build_model
+from vqkit.nn.vqvae import CONFIGS, VQ_KINDS, VQVAE, StageOneConfig, build_model
 from vqkit.prior import Prior, PriorConfig, build_prior
 
 FORMAT_VERSION = 1
@@ -294,8 +294,18 @@ def _load_tensors(path: Path, expected_fingerprint: str | None) -> dict[str, tor
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[VQVAE, Checkpoint]:
-    """Rebuild the stage-1 model from ``config.json`` and load the latest weights, in eval mode."""
+def load_model(run_dir: Path, device: str | torch.device = "cpu",
+               kinds: tuple[str, ...] = VQ_KINDS) -> tuple[VQVAE, Checkpoint]:
+    """Rebuild the stage-1 model from ``config.json`` and load the latest weights, in eval mode.
+
+    ``kinds`` are the run kinds the caller can use: by default the VQ models, whose latents are
+    codes; pass ``STAGE1_KINDS`` to take a Gaussian VAE run (a ``GaussianVAE``) too.
+    """
+    kind = read_config(run_dir).get("kind")
+    if kind not in kinds:
+        raise CheckpointError(f"{Path(run_dir) / 'config.json'}: this is a {kind!r} run (a Gaussian VAE, whose "
+                              "latents are continuous, not codes); this needs a "
+                              f"{' or '.join(repr(k) for k in kinds)} run")
     model = build_model(model_config_of(run_dir))
     ckpt = load_latest_weights(run_dir, model)
     return model.to(device).eval(), ckpt

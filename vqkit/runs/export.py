@@ -40,6 +40,7 @@ USAGE_IMPORTS = {
     "vqvae": ("vqkit", "VQVAE"),
     "vqvae2": ("vqkit", "VQVAE2"),
     "prior": ("vqkit", "Prior"),
+    "vae": ("vqkit", "GaussianVAE"),
 }
 # Where the ``sample`` function of the prior snippet lives.
 SAMPLE_IMPORT = ("vqkit", "sample")
@@ -50,7 +51,8 @@ HUB_DATASETS = {"mnist": "ylecun/mnist", "fashion-mnist": "zalando-datasets/fash
 FIXED_SIDES = {"mnist": 28, "fashion-mnist": 28, "fashion": 28, "cifar10": 32}
 MODEL_NAMES = {"vqvae": "VQ-VAE", "vqvae2": "VQ-VAE-2"}
 ARCH_NAMES = {"pixelcnn": "Gated PixelCNN", "pixelsnail": "PixelSNAIL"}
-LIKELIHOOD_NAMES = {"gaussian": "Gaussian", "logistic_mixture": "discretized logistic mixture"}
+LIKELIHOOD_NAMES = {"gaussian": "Gaussian", "logistic_mixture": "discretized logistic mixture",
+                    "pixelcnn": "autoregressive (gated PixelCNN over the pixels)"}
 _PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9_./-]*")
 
 
@@ -72,7 +74,7 @@ def export_run(run: str | Path, out: str | Path, overwrite: bool = False) -> Pat
         checkpoint = ckpt.load_latest_weights(run, model)
     else:
         config = ckpt.read_config(run)
-        model, checkpoint = ckpt.load_model(run)
+        model, checkpoint = ckpt.load_model(run, kinds=ckpt.STAGE1_KINDS)
     weights = checkpoint.path / "model.safetensors"
     expected = checkpoint.state.get("fingerprint") or ckpt.fingerprint(weights)
     card = model_card(run, out, model, config, checkpoint, ckpt.read_eval(run))
@@ -102,6 +104,9 @@ def model_card(run: Path, out: Path, model: PretrainedMixin, config: dict, check
         if source.get("level") and source.get("level") != "codes":
             tags.insert(1, "vq-vae-2")
         spec = source.get("data")
+    elif kind == "vae":
+        tags = ["vae", "gaussian-vae"]
+        spec = train.get("data")
     else:
         tags = ["vq-vae", *(["vq-vae-2"] if kind == "vqvae2" else []), "image-tokenizer"]
         spec = train.get("data")
@@ -111,6 +116,8 @@ def model_card(run: Path, out: Path, model: PretrainedMixin, config: dict, check
         meta["datasets"] = [dataset]
     if kind == "prior":
         body = _prior_body(run, out, model, config, checkpoint, record)
+    elif kind == "vae":
+        body = _vae_body(run, out, model, config, checkpoint, record)
     else:
         body = _stage1_body(run, out, model, config, checkpoint, record)
     files = (f"## Files\n\n- `{CONFIG_NAME}`: the model configuration, with `model_type` \"{kind}\"\n"
@@ -271,6 +278,42 @@ def _stage1_body(run: Path, out: Path, model, config: dict, checkpoint: ckpt.Che
                 "```\n\n"
                 "`vqkit.data.images.load_image` reads image files and `vqkit.data.datasets.to_model` scales "
                 "them to [-1, 1].\n")
+    return "\n".join(text)
+
+
+def _vae_body(run: Path, out: Path, model, config: dict, checkpoint: ckpt.Checkpoint,
+              record: dict | None) -> str:
+    c = model.config
+    train = config.get("train", {})
+    _, h, w = config.get("image_shape") or _image_shape(train, c.in_channels) or (c.in_channels, 32, 32)
+    lh, lw = c.latent_shape(h, w)
+    text = ["# Gaussian VAE, trained with vqkit\n",
+            f"A VAE with a diagonal Gaussian posterior over a {lh}x{lw}x{c.code_dim} latent map and a standard "
+            f"normal prior, for {h}x{w} images with {c.in_channels} channel{'s' if c.in_channels > 1 else ''}: "
+            "the baseline beside which vqkit's VQ-VAEs are compared (`vqkit collapse`). Exported by "
+            f"`vqkit export` from the run `{run.name}`, checkpoint step {checkpoint.step}.\n",
+            "## Training\n",
+            _table(["training", ""], [["data", f"`{train.get('data', '?')}`"], *_schedule_rows(checkpoint, train)]),
+            f"{c.hidden} hidden channels, {c.num_res_blocks} residual block{'s' if c.num_res_blocks != 1 else ''} "
+            f"per stack, {LIKELIHOOD_NAMES.get(c.likelihood, c.likelihood)} likelihood; trained on the negative "
+            f"ELBO. Everything needed to rebuild it is in `{CONFIG_NAME}`.\n",
+            "## Evaluation\n"]
+    if record is None:
+        text.append(_no_eval(run))
+    else:
+        text.append(_eval_provenance(run, checkpoint, record) + f" {record.get('images', '?')} images.\n")
+        text.append(_table(["bits/dim (ELBO)", "KL per latent", "active units", "PSNR"], [[
+            _num(record.get("bits_per_dim"), ".3f"), _num(record.get("kl_per_latent"), ".4f", " nats"),
+            f"{record.get('active_units', '?')}/{record.get('latents', '?')}",
+            _num(record.get("psnr"), ".2f", " dB")]]))
+    module, klass = USAGE_IMPORTS["vae"]
+    text.append("## Usage\n\nWith vqkit installed:\n\n```python\n"
+                "import torch\n"
+                f"from {module} import {klass}\n\n"
+                f"model = {klass}.from_pretrained({json.dumps(out.name)})\n"
+                f"samples = model.sample(4, {h}, {w})  # (4, {c.in_channels}, {h}, {w}) in [-1, 1], z ~ N(0, I)\n"
+                f"z = model.encode(samples)  # posterior means (4, {c.code_dim}, {lh}, {lw})\n"
+                "```\n")
     return "\n".join(text)
 
 

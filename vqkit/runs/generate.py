@@ -158,6 +158,17 @@ def decode_codes(model: VQVAE, codes: list[torch.Tensor], batch_size: int = 256)
                       for i in range(0, len(codes[0]), batch_size)])
 
 
+@torch.no_grad()
+def vae_samples(run: str | Path, n: int, seed: int) -> torch.Tensor:
+    """``n`` images, uint8 (n, C, H, W), of a Gaussian VAE run: ``z ~ N(0, I)`` decoded, at the
+    size of the images it was trained on."""
+    model, _ = ckpt.load_model(Path(run), kinds=("vae",))
+    shape = ckpt.read_config(Path(run)).get("image_shape")
+    if shape is None:
+        raise ckpt.CheckpointError(f"{Path(run) / 'config.json'}: no image_shape: the run's image size is unknown")
+    return from_model(model.sample(n, shape[1], shape[2], torch.Generator().manual_seed(seed)).cpu())
+
+
 def uniform_codes(n: int, height: int, width: int, codebook_size: int, seed: int) -> torch.Tensor:
     """Codes drawn from the uniform prior that stage 1 assumes."""
     g = torch.Generator().manual_seed(seed)

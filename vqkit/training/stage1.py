@@ -25,6 +25,7 @@ from vqkit.data.datasets import ImageSet, from_model, in_memory, load_dataset, t
 from vqkit.data.images import make_grid
 from vqkit.data.loader import ReadConfig, StepBatches
 from vqkit.nn.quantize import CodebookUsage, enable_sync
+from vqkit.nn.vae import GaussianVAE, VAEConfig
 from vqkit.nn.vqvae import VQVAE, StageOneConfig, build_model, level_names
 from vqkit.training.loop import StepOutput, TrainingError, TrainResult, run_loop, step_indices
 from vqkit.training.setup import RunConfig, start_run
@@ -55,10 +56,11 @@ class TrainConfig(JsonConfig, ReadConfig, RunConfig):
     skip_bad: bool = False
 
 
-def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig, resume: bool = False,
+def train(run_dir: str | Path, model_config: StageOneConfig | VAEConfig, config: TrainConfig, resume: bool = False,
           dataset: ImageSet | None = None, progress: bool = True, tensorboard: bool = True) -> TrainResult:
     """Train (or with ``resume`` continue) the model in ``run_dir`` up to ``config.steps``;
-    a ``VQVAE2Config`` trains a hierarchy, with per-level statistics in the logs."""
+    a ``VQVAE2Config`` trains a hierarchy, with per-level statistics in the logs, a
+    ``VAEConfig`` a Gaussian VAE, with its KL per latent in the logs."""
     run_dir = Path(run_dir)
     distributed.setup()
     if dataset is None:
@@ -74,13 +76,15 @@ def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig
     distributed.check_global_batch(len(dataset), config.batch_size, config.data)
 
     run = start_run(run_dir, model_config.kind, model_config, lambda: _build(model_config), config,
-                    resume=resume, tensorboard=tensorboard)
+                    resume=resume, tensorboard=tensorboard,
+                    extra={"image_shape": [dataset.channels, dataset.height, dataset.width]})
     model, forward, placement, board = run.model, run.forward, run.placement, run.board
     fixed_images, _ = dataset.batch(torch.arange(min(8, len(dataset))))
     per_epoch = max(len(dataset) // (config.batch_size * distributed.world_size()), 1)
+    vae = isinstance(model_config, VAEConfig)
     names = level_names(model_config.num_levels)
-    code_maps = model_config.code_maps()
-    suffixes = [""] if len(code_maps) == 1 else [f"_{m.name}" for m in code_maps]
+    code_maps = [] if vae else model_config.code_maps()
+    suffixes = [""] if len(code_maps) <= 1 else [f"_{m.name}" for m in code_maps]
     epoch_usage = [CodebookUsage(m.codebook_size) for m in code_maps]
     per_prefix = getattr(model_config, "prefix_training", "off") == "loss"
 
@@ -91,6 +95,8 @@ def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig
         images, _ = batches.get(step)
         with precision.autocast(placement):
             out = forward(precision.prepare_input(to_model(images), placement))
+        if vae:  # the KL per latent over training is what shows a posterior collapsing
+            return StepOutput(out.loss, {"recon_loss": out.recon_loss, "kl_per_latent": out.kl_per_latent})
         stats = {"recon_loss": out.recon_loss, "commitment_loss": out.commitment_loss}
         if per_prefix:
             stats.update({f"recon_loss_upto_{names[upto - 1]}": loss for upto, loss in out.prefix_losses.items()})
@@ -102,7 +108,7 @@ def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig
 
     def after_step(step: int, _: StepOutput) -> None:
         nonlocal epoch_usage
-        if step % per_epoch == 0:
+        if step % per_epoch == 0 and not vae:
             for suffix, counter in zip(suffixes, epoch_usage):
                 distributed.all_reduce_sum(counter.counts)
                 board.scalars({f"train/epoch_codes_used{suffix}": counter.used,
@@ -118,7 +124,7 @@ def train(run_dir: str | Path, model_config: StageOneConfig, config: TrainConfig
                         progress=progress)
 
 
-def _build(model_config: StageOneConfig) -> VQVAE:
+def _build(model_config: StageOneConfig | VAEConfig) -> VQVAE | GaussianVAE:
     model = build_model(model_config)
     if distributed.active():
         enable_sync(model)  # every process's codebooks follow the global batch

@@ -1,4 +1,4 @@
-"""Causal convolutions over a code map in raster order, as shifted taps and one matmul.
+"""Causal convolutions over a map (codes or pixels) in raster order, as shifted taps and one matmul.
 
 Maps are channels-last, ``(B, H, W, C)``. A causal kernel is a list of rectangles of offsets
 ``(dy0, dy1, dx0, dx1)`` (rows ``dy0 <= dy < dy1``, columns ``dx0 <= dx < dx1``) relative to
