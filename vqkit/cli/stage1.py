@@ -199,7 +199,7 @@ def add_parsers(sub) -> None:
     t.add_argument("--quantizer", action="append", metavar="SPEC",
                    help="the model's quantizer instead of the preset's or config's: vq[:cosine,rotation,"
                         "factor_dim=D], fsq:LEVELS (e.g. fsq:8,5,5,5, K = 1000), lfq:BITS[,entropy_weight=W] "
-                        "(K = 2**BITS), residual:STAGES[,shared,quantize_dropout=false,cosine] (STAGES "
+                        "(K = 2**BITS), residual:STAGES[,shared,quantize_dropout,cosine] (STAGES "
                         "code maps of K codes each), or a JSON object; FSQ and LFQ set the codebook size. Once "
                         "for every level, or repeated for one per level, top-first")
     add_config_args(t, VQVAEConfig, exclude=[f.name for f in dataclasses.fields(VQVAEConfig)
