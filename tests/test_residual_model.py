@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, TINY2
+from conftest import DATA, TINY, TINY2
 
 from vqkit.codec.codec import Codec
 from vqkit.data.datasets import from_model
@@ -177,3 +177,15 @@ def test_a_hierarchys_residual_stages_are_progressive_levels_of_a_vq_file():
         assert torch.equal(codec.decompress(result.data, levels=p), preview)
     with pytest.raises(CodecError, match=r"truncated inside level 2 \(top.2\)"):
         codec.decompress(result.data[:result.prefix_bytes(2) + 1], levels=3)
+
+
+def test_latent_use_reads_a_residual_levels_vectors():
+    from vqkit.data.datasets import load_dataset
+    from vqkit.training.latents import latent_use
+    model = _trained(TWO)
+    codes = model.encode(X)
+    z_qs = model.quantized(codes)
+    assert [tuple(z.shape) for z in z_qs] == [(4, 4, 7, 7), (4, 4, 14, 14)]
+    torch.testing.assert_close(z_qs[0], model.quantizers[0].lookup(torch.stack(codes[:3], -1)))
+    use = latent_use(model, load_dataset(DATA, "test"), limit=8)  # over each level's z_q, not each map
+    assert use.latents == 4 * 7 * 7 + 4 * 14 * 14 and use.images == 8

@@ -669,13 +669,17 @@ class VQVAE(nn.Module, ImageModel, PretrainedMixin):
         z_qs = [self._lookup(level, group) for level, group in enumerate(self._by_level(given))]
         return self.likelihood.reconstruct(self._decode_z_q(z_qs, len(z_qs)), generator, temperature).clamp(-1, 1)
 
+    def quantized(self, codes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The quantized maps z_q (B, D, h_l, w_l) of every level, top-first, from the codes of
+        every code map (``encode``'s): a residual level's the sum of its stages' vectors."""
+        given = self._given_levels(codes, self.num_maps)
+        return [self._lookup(level, group) for level, group in enumerate(self._by_level(given))]
+
     @torch.no_grad()
     def nll(self, x: torch.Tensor, codes: Sequence[torch.Tensor]) -> torch.Tensor:
         """-log p(x | codes) in nats per image (B,): images (B, C, H, W) in [-1, 1] under the
         decoder given the codes of every code map, top-first (their own, or another image's)."""
-        given = self._given_levels(codes, self.num_maps)
-        z_qs = [self._lookup(level, group) for level, group in enumerate(self._by_level(given))]
-        return self.likelihood(self._decode_z_q(z_qs), x).nll
+        return self.likelihood(self._decode_z_q(self.quantized(codes)), x).nll
 
     @torch.no_grad()
     def decode_without(self, codes: Sequence[torch.Tensor], level: int,
