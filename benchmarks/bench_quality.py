@@ -7,8 +7,10 @@ evaluate on the whole test split (MSE on [0, 1], PSNR, bits/dim, codebook usage)
         --preset faces-3level --budget 600
 
 `--quantizer SPEC` (as `vqkit train --quantizer`, repeatable per level) and `--codebook-size K`
-(VQ levels) compare quantizers at equal bits per position and equal CPU time, e.g. on CIFAR-10's
-16x16 maps at 10 bits: `--codebook-size 1024`, `--quantizer fsq:8,5,5,5`, `--quantizer lfq:10`.
+(VQ levels, and each stage of a residual one) compare quantizers at equal bits per position and
+equal CPU time, e.g. on CIFAR-10's 16x16 maps at 10 bits: `--codebook-size 1024`,
+`--quantizer fsq:8,5,5,5`, `--quantizer lfq:10`, `--quantizer residual:2 --codebook-size 32`
+(the evaluation then reports each stage as a code map: its usage and the PSNR down to it).
 
 The run folder is kept (default under /tmp) for `vqkit reconstruct` and TensorBoard.
 """
@@ -53,7 +55,8 @@ def main() -> None:
     p.add_argument("--image-size", type=int, help="centre-crop and resize folder images")
     p.add_argument("--out", type=Path, help="run folder (default: a new folder under /tmp)")
     p.add_argument("--quantizer", action="append", help="the quantizer instead of the preset's (repeat per level)")
-    p.add_argument("--codebook-size", type=int, help="K of every VQ level instead of the preset's")
+    p.add_argument("--codebook-size", type=int,
+                   help="K of every VQ level (each stage's, for residual VQ) instead of the preset's")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix=f"vqkit-{args.preset}-"))

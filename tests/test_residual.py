@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vqkit.errors import UsageError
 from vqkit.nn.quantize import VectorQuantizer
 from vqkit.nn.residual import ResidualVQ
 
@@ -116,3 +117,10 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="channels"):
         ResidualVQ(2, 8, 4)(torch.randn(2, 3, 3))
     assert isinstance(ResidualVQ(2, 8, 4).stage(1), VectorQuantizer)
+
+
+def test_options_that_cannot_apply_to_the_stages_are_refused():
+    for options, needle in [({"factor_dim": 2}, "factor_dim does not apply"),
+                            ({"rotation": True}, "rotation does not apply")]:
+        with pytest.raises(UsageError, match=needle):
+            ResidualVQ(2, 8, 4, **options)

@@ -30,7 +30,7 @@ _EXPORTS = {
     **dict.fromkeys(["VectorQuantizer", "Quantizer", "QuantizerOutput", "CodebookUsage"], "vqkit.nn.quantize"),
     **dict.fromkeys(["FSQ", "LFQ"], "vqkit.nn.scalar"),
     **dict.fromkeys(["ResidualVQ"], "vqkit.nn.residual"),
-    **dict.fromkeys(["VQVAE", "VQVAE2", "VQVAEConfig", "VQVAE2Config", "VQVAEOutput", "build_model",
+    **dict.fromkeys(["VQVAE", "VQVAE2", "VQVAEConfig", "VQVAE2Config", "VQVAEOutput", "CodeMap", "build_model",
                      "level_names", "with_quantizer"], "vqkit.nn.vqvae"),
     **dict.fromkeys(["GaussianVAE", "VAEConfig", "VAEOutput", "gaussian_kl"], "vqkit.nn.vae"),
     **dict.fromkeys(["PRESETS", "preset"], "vqkit.nn.presets"),

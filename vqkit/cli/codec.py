@@ -10,7 +10,6 @@ from vqkit.cli.common import checkpoint_arg
 from vqkit.codec.codec import Codec
 from vqkit.errors import UsageError
 from vqkit.fsutil import atomic_write_text
-from vqkit.nn.vqvae import level_names
 
 
 def _qualities(text: str) -> list[int]:
@@ -46,7 +45,7 @@ def cmd_compress(args) -> None:
             print("  progressive: " + ", ".join(
                 f"{name} {s.length} bytes (preview from the levels down to it: {result.prefix_bytes(i + 1)} "
                 f"bytes, {8 * result.prefix_bytes(i + 1) / (h.height * h.width):.4f} bpp)"
-                for i, (name, s) in enumerate(zip(level_names(len(h.levels)), h.segments))))
+                for i, (name, s) in enumerate(zip((m.name for m in codec.model.config.code_maps()), h.segments))))
 
 
 def cmd_decompress(args) -> None:
@@ -56,8 +55,8 @@ def cmd_decompress(args) -> None:
     for path in args.files:
         target = out if single else out / (Path(path).stem + ".png")
         image, levels = codec.decompress_file(path, target, args.levels)
-        total = codec.model.num_levels
-        preview = "" if levels == total else f", a preview from the top {levels} of its {total} levels"
+        total = codec.model.num_maps
+        preview = "" if levels == total else f", a preview from the top {levels} of its {total} levels (code maps)"
         print(f"wrote {target}: {image.shape[2]}x{image.shape[1]}{preview}")
 
 
@@ -74,8 +73,8 @@ def cmd_rd(args) -> None:
 
 
 def add_parsers(sub) -> None:
-    prior_help = ("prior run fitted to RUN's codes, one per level, top-first (repeat); the codes are "
-                  "entropy-coded with the priors' conditionals")
+    prior_help = ("prior run fitted to RUN's codes, one per level (and residual stage), top-first (repeat); "
+                  "the codes are entropy-coded with the priors' conditionals")
     cp = sub.add_parser("compress", help="images to .vq files: codes entropy-coded with the priors")
     cp.add_argument("run", type=Path, help="stage-1 run folder")
     cp.add_argument("images", nargs="+", help="image files (any size)")
@@ -91,9 +90,9 @@ def add_parsers(sub) -> None:
     dp.add_argument("--prior", type=Path, action="append", default=[],
                     help="the prior runs the files were made with, top-first (repeat)")
     dp.add_argument("--levels", type=int, metavar="N",
-                    help="read only the top N levels' bytes of a progressive (hierarchy's) file and decode "
-                         "a preview from them; default: every level (or those a file cut at the end of a "
-                         "level holds)")
+                    help="read only the top N levels' bytes of a progressive file (a hierarchy's, or a residual "
+                         "model's, whose stages count as levels) and decode a preview from them; default: every "
+                         "level (or those a file cut at the end of a level holds)")
     dp.add_argument("-o", "--out", required=True, help="a .png file for one file, else a folder")
     checkpoint_arg(dp)
     dp.set_defaults(func=cmd_decompress)

@@ -153,8 +153,9 @@ def add_parsers(sub) -> None:
                                        "and decode them to images")
     sm.add_argument("runs", nargs="+", type=Path, metavar="PRIOR",
                     help="prior run folder written by vqkit train-prior; for a VQ-VAE-2 one per level, "
-                         "top-first (TOP [MIDDLE] BOTTOM), each lower one conditioned on the levels above; "
-                         "or a Gaussian VAE run, which samples its own prior N(0, I)")
+                         "top-first (TOP [MIDDLE] BOTTOM), each lower one conditioned on the levels above (a "
+                         "residual level: one per stage, each conditioned on the stages above); or a Gaussian "
+                         "VAE run, which samples its own prior N(0, I)")
     sm.add_argument("-n", type=int, default=64)
     sm.add_argument("-o", "--out", required=True, type=Path, help="PNG grid")
     sm.add_argument("--class", dest="class_",

@@ -30,7 +30,7 @@ from vqkit.nn.nets import TrunkConfig
 from vqkit.nn.presets import PRESETS, preset
 from vqkit.nn.quantizers import parse_quantizer
 from vqkit.nn.vae import GaussianVAE, VAEConfig
-from vqkit.nn.vqvae import StageOneConfig, VQVAE2Config, VQVAEConfig, level_names, with_quantizer
+from vqkit.nn.vqvae import StageOneConfig, VQVAE2Config, VQVAEConfig, with_quantizer
 from vqkit.precision import PRECISIONS
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes, read_maps, save_maps
@@ -151,9 +151,9 @@ def cmd_encode(args) -> None:
     images = _images_from_args(args, args.run)
     batches = [model.encode(to_model(images[i:i + 256])) for i in range(0, len(images), 256)]
     maps = [torch.cat(level) for level in zip(*batches)]
-    save_maps(maps, args.out, model.config.codebook_sizes)
-    shapes = ", ".join(f"{name} {m.shape[1]}x{m.shape[2]}, K = {k}" for name, m, k in
-                       zip(level_names(len(maps)), maps, model.config.codebook_sizes))
+    save_maps(maps, args.out, model.config)
+    shapes = ", ".join(f"{code_map.name} {m.shape[1]}x{m.shape[2]}, K = {code_map.codebook_size}"
+                       for code_map, m in zip(model.config.code_maps(), maps))
     print(f"wrote {args.out}: {len(maps[0])} images' code maps ({shapes})")
 
 
@@ -180,7 +180,7 @@ def cmd_extract(args) -> None:
                          overwrite=args.overwrite, flip=args.flip, source=source, workers=args.workers)
     mirrored = " and their mirror images" if args.flip else ""
     print(f"wrote {args.out}: {sets[0].images} images{mirrored} from {data.spec} ({args.split}), one code set "
-          "per level, top-first:")
+          "per code map (level, or residual stage), top-first:")
     for codes in sets:
         h, w = codes.shape
         print(f"  {codes.path}: {len(codes)} code maps of {h} x {w}, K = {codes.codebook_size}")
@@ -199,8 +199,9 @@ def add_parsers(sub) -> None:
     t.add_argument("--quantizer", action="append", metavar="SPEC",
                    help="the model's quantizer instead of the preset's or config's: vq[:cosine,rotation,"
                         "factor_dim=D], fsq:LEVELS (e.g. fsq:8,5,5,5, K = 1000), lfq:BITS[,entropy_weight=W] "
-                        "(K = 2**BITS), or a JSON object; FSQ and LFQ set the codebook size. Once for every "
-                        "level, or repeated for one per level, top-first")
+                        "(K = 2**BITS), residual:STAGES[,shared,quantize_dropout,cosine] (STAGES "
+                        "code maps of K codes each), or a JSON object; FSQ and LFQ set the codebook size. Once "
+                        "for every level, or repeated for one per level, top-first")
     add_config_args(t, VQVAEConfig, exclude=[f.name for f in dataclasses.fields(VQVAEConfig)
                                              if f.name not in _DECODER_OPTIONS],
                     choices={"likelihood": LIKELIHOODS}, unset=dict.fromkeys(_DECODER_OPTIONS, "the model's"))

@@ -32,6 +32,10 @@ number per level), into its own segment of the file, so the top ``N`` levels' by
 without the rest: ``decompress(data, levels=N)`` is a preview decoded from those levels alone
 (``VQVAE.decode_levels``), and all levels give exactly the reconstruction of a whole decode.
 
+The "levels" of a file are the model's code maps (``VQVAEConfig.code_maps``): a residual level's
+stages are coded as levels of one resolution, stage s's prior conditioned on the stages above it,
+each in a segment of its own, so a preview of the first stages decodes the sum of those stages.
+
 The container (header, checksums, limits) is ``vqkit.codec.format``; uniform mode's packing is
 ``vqkit.codec.packing``.
 """
@@ -52,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vqkit.codec.format import MAX_PIXELS, MODES, Header, Segment, parse, read_vq
+from vqkit.codec.format import MAX_LEVELS, MAX_PIXELS, MODES, Header, Segment, parse, read_vq
 from vqkit.codec.packing import pack_uniform, unpack_uniform
 from vqkit.data.datasets import from_model, to_model
 from vqkit.data.images import load_image, save_png
@@ -127,8 +131,12 @@ class Codec:
         self.model = model.eval()
         self.chain = chain
         config = model.config
+        code_maps = config.code_maps()
+        if len(code_maps) > MAX_LEVELS:
+            raise CodecError(f"the model has {len(code_maps)} code maps (levels and residual stages), but a .vq "
+                             f"file holds at most {MAX_LEVELS}")
         self.stride = config.total_stride
-        self.radices = list(config.codebook_sizes)
+        self.radices = [m.codebook_size for m in code_maps]
         stage1 = {"fingerprint": stage1_fingerprint, "config": config.to_dict()}
         self.fingerprints = {"uniform": _hash({"stage1": stage1})}
         self.tile = None
@@ -158,7 +166,7 @@ class Codec:
         return cls(model, fingerprint, chain, [link.fingerprint for link in chain])
 
     def _tile_of(self, chain: list[LevelPrior]) -> tuple[int, int]:
-        strides = self.model.config.level_strides()
+        strides = [m.stride for m in self.model.config.code_maps()]
         tiles = {(link.prior.config.height * strides[level], link.prior.config.width * strides[level])
                  for level, link in enumerate(chain)}
         for link in chain:
@@ -209,7 +217,7 @@ class Codec:
     def decode(self, codes: Sequence[torch.Tensor], height: int, width: int) -> torch.Tensor:
         """Code maps of every level, or of the top levels only (a preview, ``decode_levels``),
         -> the uint8 image (C, height, width), cropped from the padded decoding."""
-        if len(codes) == self.model.num_levels:
+        if len(codes) == self.model.num_maps:
             return decode_codes(self.model, [m[None] for m in codes])[0, :, :height, :width]
         device = self.model.device
         preview = self.model.decode_levels([m[None].to(device) for m in codes], len(codes))
@@ -238,7 +246,7 @@ class Codec:
         """A ``.vq`` file -> its header and the code maps of its top ``levels`` levels (None:
         every level, or those a file cut at the end of a level holds), checked against this
         codec. A version-1 file decodes whole and gives its top ``levels`` maps."""
-        header, segments = parse(data, name, levels)
+        header, segments = parse(data, name, levels, [m.name for m in self.model.config.code_maps()])
         self._check_header(header, name)
         n = header.padded_height // header.tile_height * (header.padded_width // header.tile_width)
         codes: list[torch.Tensor] = []
@@ -274,7 +282,7 @@ class Codec:
         if h.channels != self.model.config.in_channels or \
                 (h.padded_height, h.padded_width, h.tile_height, h.tile_width) != expected:
             raise CodecError(f"{name}: corrupt header: sizes do not fit the model")
-        shapes = self.model.config.latent_shapes(h.padded_height, h.padded_width)
+        shapes = self.model.config.map_shapes(h.padded_height, h.padded_width)
         if [(lh, lw) for lh, lw, _ in h.levels] != [tuple(s) for s in shapes] or \
                 [k for _, _, k in h.levels] != self.radices:
             raise CodecError(f"{name}: corrupt header: code maps {h.levels} do not fit the model")

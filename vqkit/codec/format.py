@@ -9,7 +9,7 @@ still a usable file. Layout (little-endian)::
     magic      8 bytes  89 'VQK' 0d 0a 1a 0a
     version    u8       2
     mode       u8       0 uniform, 1 prior
-    levels     u8       L
+    levels     u8       L, the model's code maps (levels; a residual level's stages one each)
     channels   u8       1 or 3
     fingerprint 32 bytes sha256 of the stage-1 (and, in prior mode, the priors') weights and configs
     height, width, padded_height, padded_width, tile_height, tile_width   u32 each
@@ -123,11 +123,14 @@ def header_size(levels: int, version: int = FORMAT_VERSION) -> int:
     return _FIXED.size + levels * _LEVEL.size + CRC.size
 
 
-def _level_label(level: int, levels: int) -> str:
+def _level_label(level: int, levels: int, names: list[str] | None = None) -> str:
+    if names is not None and len(names) == levels:
+        return f"level {level} ({names[level]})" if levels > 1 else "level 0"
     return f"level {level} ({level_names(levels)[level]})" if levels > 1 else "level 0"
 
 
-def parse(data: bytes, name: str = "<bytes>", levels: int | None = None) -> tuple[Header, list[bytes]]:
+def parse(data: bytes, name: str = "<bytes>", levels: int | None = None,
+          names: list[str] | None = None) -> tuple[Header, list[bytes]]:
     """Check a ``.vq`` file and split it into its header and the segments of its top levels.
 
     Needs no model: magic, version, header checksum, field ranges, lengths and the checksum of
@@ -136,7 +139,9 @@ def parse(data: bytes, name: str = "<bytes>", levels: int | None = None) -> tupl
     file cut at the end of a level, every level it holds in full: a preview. A file cut inside a
     level that is asked for (a torn level) is refused. A version-1 file holds all its levels in
     one segment, returned whole whatever ``levels`` asks. Raises CodecError naming ``name`` and
-    the first problem found, UsageError for a ``levels`` the file cannot have.
+    the first problem found, UsageError for a ``levels`` the file cannot have. ``names``, the
+    code maps' names of the model the file is for (``CodeMap.name``), label its levels in the
+    messages; without them the labels are a hierarchy's (``level_names``).
     """
     if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
         raise CodecError(f"{name}: not a .vq file (it does not start with the vqkit magic bytes)")
@@ -172,7 +177,7 @@ def parse(data: bytes, name: str = "<bytes>", levels: int | None = None) -> tupl
     _check_fields(header, name)
     if version == 1:
         return header, [_whole_v1(data, header, name)]
-    return header, _segments(data, header, name, levels)
+    return header, _segments(data, header, name, levels, names)
 
 
 def _whole_v1(data: bytes, header: Header, name: str) -> bytes:
@@ -190,7 +195,8 @@ def _whole_v1(data: bytes, header: Header, name: str) -> bytes:
     return payload
 
 
-def _segments(data: bytes, header: Header, name: str, levels: int | None) -> list[bytes]:
+def _segments(data: bytes, header: Header, name: str, levels: int | None,
+              names: list[str] | None) -> list[bytes]:
     count = len(header.levels)
     offset = header_size(count)
     out: list[bytes] = []
@@ -199,14 +205,14 @@ def _segments(data: bytes, header: Header, name: str, levels: int | None) -> lis
         if len(data) < end:
             if levels is None and len(data) == offset:
                 break  # cut at the end of a level: a preview of the levels above
-            label = _level_label(level, count)
+            label = _level_label(level, count, names)
             hint = (f"; its first {level} level(s) are complete: decode those alone (levels={level})"
                     if level else "; no level is complete")
             raise CodecError(f"{name}: truncated inside {label}: the file holds {len(data) - offset} of its "
                              f"{segment.length} bytes{hint}")
         chunk = data[offset:end]
         if zlib.crc32(chunk) != segment.crc:
-            raise CodecError(f"{name}: corrupt payload: {_level_label(level, count)} fails its checksum")
+            raise CodecError(f"{name}: corrupt payload: {_level_label(level, count, names)} fails its checksum")
         out.append(chunk)
         offset = end
     if not out:

@@ -3,7 +3,8 @@ each lower level, then the original, with every view's PSNR.
 
 A prefix is decoded by ``VQVAE.decode_levels``: with the learned absent inputs of a model
 trained with ``prefix_training`` (its reconstruction from those levels), else with zeros for the
-missing maps (a view the decoder never saw in training). Drawn with Pillow only.
+missing maps (a view the decoder never saw in training). The "levels" are the model's code maps:
+a residual level's stages are added one by one, as levels are. Drawn with Pillow only.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vqkit.data.datasets import from_model, to_model
 from vqkit.inspect.figures import rgb_image
-from vqkit.nn.vqvae import VQVAE, level_names
+from vqkit.nn.vqvae import VQVAE
 
 
 @dataclass
@@ -41,17 +42,17 @@ def levels_view(model: VQVAE, images: torch.Tensor, batch_size: int = 64) -> Lev
     model.eval()
     device = model.device
     try:
-        views: list[list[torch.Tensor]] = [[] for _ in range(model.num_levels)]
+        views: list[list[torch.Tensor]] = [[] for _ in range(model.num_maps)]
         for start in range(0, len(images), batch_size):
             x = to_model(images[start:start + batch_size]).to(device)
             codes = model.encode(x)
-            for upto in range(1, model.num_levels + 1):
+            for upto in range(1, model.num_maps + 1):
                 views[upto - 1].append(from_model(model.decode_levels(codes, upto).cpu()))
     finally:
         model.train(was_training)
     stacked = [torch.cat(v) for v in views]
     psnr = [_psnr(images, v) for v in stacked]
-    return LevelsView(level_names(model.num_levels), images, stacked, psnr)
+    return LevelsView([m.name for m in model.config.code_maps()], images, stacked, psnr)
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -76,13 +76,14 @@ class Report:
         return [s.id for s in self.sections]
 
 
-_LEVEL_SUFFIX = re.compile(r"^(.*?)_(top|bottom|middle\d*)$")
+# A level's name, with a residual stage's index after it (``_top.1``, ``_codes.0``).
+_LEVEL_SUFFIX = re.compile(r"^(.*?)_((?:top|bottom|middle\d*)(?:\.\d+)?|codes\.\d+)$")
 
 
 def curves_figure(curves: Curves, title: str) -> Figure:
     """Small multiples, one panel per logged quantity; a quantity logged per level (tag suffix
-    ``_top``, ``_middle``, ``_bottom``) draws one line per level in its panel. Losses and
-    perplexities are drawn on a log scale when positive."""
+    ``_top``, ``_middle``, ``_bottom``; ``_top.0`` for a residual stage) draws one line per level
+    in its panel. Losses and perplexities are drawn on a log scale when positive."""
     panels: dict[str, list[tuple[str, list[int], list[float]]]] = {}
     for tag, (steps, values) in curves.series.items():
         match = _LEVEL_SUFFIX.match(tag)
@@ -316,7 +317,7 @@ def _prior_samples(run: Path, config: dict, sid: str, n: int = 16) -> Section:
     labels = torch.arange(n) % prior.config.num_classes if prior.config.num_classes else None
     codes = prior_codes(prior, n, labels, seed=0)
     images = model.decode_levels([codes], 1)
-    what = ("decoded from the top level alone (the lower levels zeroed)" if model.num_levels > 1
+    what = ("decoded from the top level alone (the lower levels zeroed)" if model.num_maps > 1
             else "decoded by the stage-1 model")
     grid = make_grid(from_model(images), nrow=8)
     text = f"{n} code maps drawn from the prior (seed 0" + (", labels 0, 1, ... in turn" if labels is not None

@@ -2,7 +2,8 @@
 
 The discrete latents of VQ-VAE (van den Oord et al. 2017) and VQ-VAE-2 (Razavi et al. 2019)
 are words a person can look at. One streaming pass over a dataset (``inspect_model``) gathers,
-for every level (top-first, as in ``vqkit.nn.vqvae2``):
+for every code map (top-first, as in ``vqkit.nn.vqvae``: the levels, a residual level's stages
+each one, whose "z_e" is the residual that the stages before it left):
 
 * ``counts`` (K,): how often each code is the nearest one (eq. 1) over the whole dataset; it
   is the bincount of the maps ``VQVAE.encode`` returns, and gives the used and
@@ -41,7 +42,7 @@ from tqdm import tqdm
 from vqkit.data.datasets import ImageSet, from_model, to_model
 from vqkit.errors import UsageError
 from vqkit.nn.quantize import perplexity
-from vqkit.nn.vqvae import VQVAE, level_names
+from vqkit.nn.vqvae import VQVAE
 from vqkit.runs import checkpoint as ckpt
 
 # Grey that pads crops where they leave the image: visibly "outside", not a pixel value.
@@ -179,9 +180,9 @@ def inspect_model(model: VQVAE, dataset: ImageSet, *, batch_size: int = 256,
     if n == 0:
         raise UsageError(f"{dataset.spec}: no images to inspect")
     device = next(model.parameters()).device
-    quantizers = list(model.quantizers)
-    sizes = model.config.codebook_sizes
-    shapes = model.config.latent_shapes(dataset.height, dataset.width)
+    code_maps = model.config.code_maps()
+    sizes = [m.codebook_size for m in code_maps]
+    shapes = model.config.map_shapes(dataset.height, dataset.width)
     strides = [dataset.height // h for h, _ in shapes]
     crops = [3 * s for s in strides]
     counts = [torch.zeros(k, dtype=torch.long) for k in sizes]
@@ -191,11 +192,9 @@ def inspect_model(model: VQVAE, dataset: ImageSet, *, batch_size: int = 256,
     try:
         for start in tqdm(range(0, n, batch_size), desc="inspect", disable=not progress, leave=False):
             images, _ = dataset.batch(torch.arange(start, min(start + batch_size, n)))
-            for level, (quantizer, z_e) in enumerate(zip(quantizers, model.encode_levels(to_model(images).to(device)))):
-                codes = quantizer.encode(z_e)
-                # Distance to the chosen code vector: how typical this use of the code is.
-                dist = (z_e.float() - quantizer.lookup(codes)).square().sum(1).cpu()
-                codes = codes.cpu()
+            # Distance to the chosen code vector: how typical this use of the code is.
+            for level, (codes, dist) in enumerate(model.encode_maps(to_model(images).to(device))):
+                codes, dist = codes.cpu(), dist.cpu()
                 counts[level] += torch.bincount(codes.flatten(), minlength=sizes[level])
                 banks[level].update(codes, dist, images, strides[level])
                 if start < maps:
@@ -203,11 +202,10 @@ def inspect_model(model: VQVAE, dataset: ImageSet, *, batch_size: int = 256,
         decoded = _decode_filled(model, shapes, counts, device, batch_size)
     finally:
         model.train(was_training)
-    levels = [LevelInspection(name=name, stride=s, crop=c, counts=cnt, exemplars=bank.crops,
-                              exemplar_dist=bank.dist, codebook=q.code_vectors().cpu(),
-                              decoded=dec, maps=torch.cat(fm))
-              for name, s, c, cnt, bank, q, dec, fm in zip(level_names(len(sizes)), strides, crops, counts,
-                                                           banks, quantizers, decoded, first_maps)]
+    levels = [LevelInspection(name=m.name, stride=s, crop=c, counts=cnt, exemplars=bank.crops,
+                              exemplar_dist=bank.dist, codebook=vectors.cpu(), decoded=dec, maps=torch.cat(fm))
+              for m, s, c, cnt, bank, vectors, dec, fm in zip(code_maps, strides, crops, counts, banks,
+                                                              model.map_code_vectors(), decoded, first_maps)]
     return Inspection(data=dataset.spec, split=split, num_images=n, images=first_images, levels=levels,
                       step=checkpoint.step if checkpoint else None,
                       fingerprint=checkpoint.state.get("fingerprint") if checkpoint else None)

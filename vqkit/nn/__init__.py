@@ -1,6 +1,6 @@
-"""The models, in pure torch (they know nothing of files): the quantizers (VQ, FSQ, LFQ), the encoder and
-decoder stacks, the likelihoods p(x | z_q) (the autoregressive PixelCNN decoder among them), the VQ-VAE
-of any number of levels, the Gaussian VAE beside it and their presets."""
+"""The models, in pure torch (they know nothing of files): the quantizers (VQ, FSQ, LFQ, residual VQ),
+the encoder and decoder stacks, the likelihoods p(x | z_q) (the autoregressive PixelCNN decoder among
+them), the VQ-VAE of any number of levels, the Gaussian VAE beside it and their presets."""
 
 from vqkit.nn.likelihood import (
     GaussianLikelihood,
@@ -18,6 +18,7 @@ from vqkit.nn.vae import GaussianVAE, VAEConfig, VAEOutput
 from vqkit.nn.vqvae import (
     VQVAE,
     VQVAE2,
+    CodeMap,
     VQVAE2Config,
     VQVAEConfig,
     VQVAEOutput,
@@ -26,7 +27,8 @@ from vqkit.nn.vqvae import (
     with_quantizer,
 )
 
-__all__ = ["FSQ", "LFQ", "Quantizer", "ResidualVQ", "with_quantizer", "GaussianVAE", "VAEConfig", "VAEOutput",
+__all__ = ["FSQ", "LFQ", "CodeMap", "Quantizer", "ResidualVQ", "with_quantizer", "GaussianVAE", "VAEConfig",
+           "VAEOutput",
            "CodebookUsage", "GaussianLikelihood", "LikelihoodOutput", "LogisticMixtureLikelihood", "PRESETS",
            "PixelCNNLikelihood", "make_likelihood",
            "PRESET_IMAGE_SIZE", "QuantizerOutput", "VQVAE", "VQVAE2", "VQVAE2Config", "VQVAEConfig", "VQVAEOutput",

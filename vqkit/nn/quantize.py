@@ -637,7 +637,9 @@ class CodebookUsage:
         self.counts = torch.zeros(codebook_size, dtype=torch.long)
 
     def update(self, codes: torch.Tensor) -> None:
-        self.counts += torch.bincount(codes.flatten().cpu(), minlength=len(self.counts))
+        """Count ``codes``; -1 (a residual stage that quantize dropout left out of the pass) is no code."""
+        codes = codes.flatten().cpu()
+        self.counts += torch.bincount(codes[codes >= 0], minlength=len(self.counts))
 
     @property
     def used(self) -> int:

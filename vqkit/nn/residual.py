@@ -16,8 +16,9 @@ takes any prefix ``codes[..., :n]`` (1 <= n <= S) and returns ``sum_{s < n} q_s`
 (the same n for the whole batch; under sync rank 0 draws it for the group, so every process makes
 the same stages' collectives), and the codes of the stages left out are -1.
 
-Downstream of the layer (model configs, code sets, priors, the codec) codes have no depth axis yet:
-residual VQ is a layer for a user's own model, not a ``"quantizer"`` kind.
+In a model config it is the ``"residual"`` quantizer kind (``vqkit.nn.quantizers``): the model
+splits the depth axis into S code maps of one resolution, stage 0 first, which code sets, priors
+(stage s conditioned on the stages above it) and the codec take like a hierarchy's levels.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class ResidualVQ(nn.Module):
         quantize_dropout: in training, quantize with the first n stages only, n uniform in 1..S.
         channel_dim: the axis of ``z_e`` that holds the D channels.
         **options: the stages' other ``VectorQuantizer`` arguments (``beta``, ``ema``,
-            ``kmeans_init``, ``restart_after``, ``sync``, ``cosine``, ...).
+            ``kmeans_init``, ``restart_after``, ``sync``, ``cosine``; not ``factor_dim`` or ``rotation``).
     """
 
     def __init__(self, stages: int, codebook_size: int, dim: int, shared: bool = False,
@@ -51,6 +52,9 @@ class ResidualVQ(nn.Module):
             raise UsageError(f"stages must be a positive integer, got {stages!r}")
         if options.get("factor_dim") is not None:
             raise UsageError("residual stages quantize the residual in z_e's own space: factor_dim does not apply")
+        if options.get("rotation"):
+            raise UsageError("the stages' vectors reach z_q through one straight-through estimator over their sum, "
+                             "so a stage's rotation trick would change no gradient: rotation does not apply")
         self.num_stages = stages
         self.codebook_size = codebook_size
         self.dim = dim
@@ -132,13 +136,15 @@ class ResidualVQ(nn.Module):
         shape = z_e.shape[:axis] + z_e.shape[axis + 1:]
         return torch.stack(codes, -1).reshape(*shape, self.num_stages)
 
-    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+    def lookup(self, codes: torch.Tensor, without: int | None = None) -> torch.Tensor:
         """``sum_{s < n} q_s`` for codes ``(..., n)`` of the first n stages (1 <= n <= S), float32,
-        with the channel axis put back at ``channel_dim``: any prefix decodes."""
+        with the channel axis put back at ``channel_dim``: any prefix decodes. ``without``
+        leaves stage ``without``'s vectors out of the sum (zeros when it is the only stage)."""
         if codes.dim() < 1 or not 1 <= codes.shape[-1] <= self.num_stages:
             raise UsageError(f"codes must end in a depth axis of 1..{self.num_stages} stages, got shape "
                              f"{tuple(codes.shape)}")
-        vectors = sum(self.stage(s).lookup(codes[..., s]) for s in range(codes.shape[-1]))  # (..., D)
+        vectors = sum(self.stage(s).lookup(codes[..., s]) * (s != without)
+                      for s in range(codes.shape[-1]))  # (..., D)
         ndim = codes.dim()
         return vectors.movedim(-1, self.channel_dim % ndim)
 

@@ -50,6 +50,16 @@ every level, or a list of one per level, top-first, e.g. ``{"kind": "fsq", "leve
 5]}``; each level's quantizer takes and gives D channels, so the rest of the model is the same.
 Left out (None), it is the VQ above, and the config's dict has no ``quantizer`` entry, as before
 the field existed, so that older runs and the fingerprints of their codec files are unchanged.
+
+Code maps. What the model encodes to and decodes from is a list of **code maps**, top-first
+(``config.code_maps()``): one per level, except that a residual level (``{"kind": "residual",
+"stages": S}``, ``vqkit.nn.residual``) gives S maps of its own resolution, stage 0 first, each of
+the level's codebook size. ``encode``, ``decode``, ``decode_levels`` and ``decode_without`` and
+the outputs' ``codes``, ``perplexity`` and ``usage`` are per map; without a residual level maps
+and levels are the same. A prefix of maps that ends inside a residual level decodes that level
+from the sum of its first stages (what quantize dropout trains it to do) and the levels below it
+as missing. Everything downstream (code sets, priors, sampling, the codec) works on maps, so
+stage s's prior is conditioned on the maps above it, as a lower level's prior is.
 """
 
 from __future__ import annotations
@@ -67,7 +77,8 @@ from vqkit.nn.likelihood import GaussianLikelihood, LikelihoodOutput, make_likel
 from vqkit.nn.nets import Decoder, Encoder, ImageModel, TrunkConfig
 from vqkit.nn.pretrained import PretrainedMixin
 from vqkit.nn.quantize import QuantizerOutput
-from vqkit.nn.quantizers import DEFAULT, build_quantizer, canonical_spec, spec_codebook_size
+from vqkit.nn.quantizers import DEFAULT, build_quantizer, canonical_spec, spec_codebook_size, spec_stages
+from vqkit.nn.residual import ResidualVQ
 from vqkit.nn.vae import GaussianVAE, VAEConfig
 
 
@@ -92,7 +103,7 @@ class _Levels:
         return [2 ** sum(self.strides[level:]) for level in range(self.num_levels)]
 
     def latent_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
-        """The (h, w) of every code map, top-first, for an image of (height, width); a
+        """The (h, w) of every level's code map(s), top-first, for an image of (height, width); a
         ``ConfigError`` if the image is not divisible by the total stride."""
         stride = self.total_stride
         if height % stride or width % stride:
@@ -135,6 +146,29 @@ class _Network(_Levels, TrunkConfig):
     def level_quantizers(self) -> list[dict]:
         """The canonical quantizer spec of every level, top-first."""
         return _level_specs(self.quantizer, self.num_levels)
+
+    def code_maps(self) -> list[CodeMap]:
+        """The model's code maps, top-first (a residual level's stages in order; see the module
+        docstring)."""
+        names = level_names(self.num_levels)
+        maps = []
+        for level, (spec, k, stride) in enumerate(zip(self.level_quantizers(), self.codebook_sizes,
+                                                      self.level_strides())):
+            stages = spec_stages(spec)
+            for stage in range(stages) if spec["kind"] == "residual" else [None]:
+                name = names[level] if stage is None else f"{names[level]}.{stage}"
+                maps.append(CodeMap(name, level, stage, k, stride))
+        return maps
+
+    @property
+    def num_maps(self) -> int:
+        return len(self.code_maps())
+
+    def map_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The (h, w) of every code map, top-first, for an image of (height, width) (a
+        ``ConfigError`` if the image is not divisible by the total stride)."""
+        shapes = self.latent_shapes(height, width)
+        return [shapes[m.level] for m in self.code_maps()]
 
     def _check_quantizer(self) -> None:
         """Makes ``quantizer`` canonical (None when every level is the default VQ, one spec when
@@ -252,6 +286,19 @@ class VQVAE2Config(_Network, JsonConfig):
 StageOneConfig = VQVAEConfig | VQVAE2Config
 
 
+@dataclass(frozen=True)
+class CodeMap:
+    """One code map of a model: its ``name`` (the level's, e.g. ``"top"``; ``"top.1"`` for stage 1
+    of a residual level), its ``level`` (top-first), its residual ``stage`` (None for a level of
+    one map), its codebook size and its ``stride``, image pixels per code along a side."""
+
+    name: str
+    level: int
+    stage: int | None
+    codebook_size: int
+    stride: int
+
+
 def _level_specs(quantizer, levels: int) -> list[dict]:
     """Canonical specs, one per level, of a config's ``quantizer`` (None, a spec or a list)."""
     if quantizer is None:
@@ -287,8 +334,9 @@ class VQVAEOutput:
     autoregressive ``pixelcnn`` likelihood, the teacher-forced mixture mean: each subpixel's
     mean given the true subpixels before it, so not an image the model could decode from the
     codes alone; ``decode`` samples one); ``nll`` -log p(x|z_q)
-    in nats per image (B,); ``codes`` (B, h_l, w_l) int64, ``perplexity`` and ``usage`` (this
-    batch only) one per level, top-first.
+    in nats per image (B,); ``codes`` (B, h_m, w_m) int64, ``perplexity`` and ``usage`` (this
+    batch only) one per code map, top-first (in training, a residual stage that quantize dropout
+    left out has codes -1, usage 0 and perplexity 1).
 
     With prefix training, in training mode: ``prefix_losses`` holds the reconstruction loss of
     each prefix, keyed by its number of levels; ``recon_loss`` is their sum.
@@ -365,10 +413,37 @@ class VQVAE(nn.Module, ImageModel, PretrainedMixin):
         self.likelihood = make_likelihood(c)
         self.decoder = Decoder(levels * d, c.hidden, c.res_hidden, c.num_res_blocks, c.strides[-1],
                                self.likelihood.decoder_channels)
+        self.maps = c.code_maps()
         self.prefix_training = getattr(c, "prefix_training", "off")
         self.absent = nn.ParameterList(
             nn.Parameter(torch.zeros(1, d, 1, 1)) for _ in range(1, levels if self.prefix_training != "off" else 1))
         self._register_load_state_dict_pre_hook(_rename_legacy_keys)
+
+    @property
+    def num_maps(self) -> int:
+        return len(self.maps)
+
+    def _per_map(self, level: int, value: torch.Tensor) -> list[torch.Tensor]:
+        """A level's codes (a residual level's (..., S)) or statistics ((S,)) as one entry per map."""
+        return list(value.unbind(-1)) if isinstance(self.quantizers[level], ResidualVQ) else [value]
+
+    def _lookup(self, level: int, maps: Sequence[torch.Tensor], without: int | None = None) -> torch.Tensor:
+        """z_q (B, D, h_l, w_l) of ``level`` from its code maps (a residual level's first n
+        stages, 1 <= n <= S), leaving out stage ``without`` (of a residual level)."""
+        quantizer = self.quantizers[level]
+        if isinstance(quantizer, ResidualVQ):
+            return quantizer.lookup(torch.stack(list(maps), -1), without)
+        return quantizer.lookup(maps[0])
+
+    def _by_level(self, maps: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """A prefix of the code maps grouped by level, top-first (the last group may hold only the
+        first stages of a residual level)."""
+        groups: list[list[torch.Tensor]] = []
+        for m, codes in zip(self.maps, maps):
+            if m.level == len(groups):
+                groups.append([])
+            groups[-1].append(codes)
+        return groups
 
     def _top_down(self, x: torch.Tensor, quantize: _QuantizeFn):
         """Encoder features bottom-up, then z_e and z_q of each level top-down (Algorithm 1).
@@ -398,14 +473,14 @@ class VQVAE(nn.Module, ImageModel, PretrainedMixin):
         prefix training, zeros (B, D, h_l, w_l) through its upsampler."""
         levels = self.num_levels
         b, d = z_qs[0].shape[:2]
-        h, w = self._shapes_below(z_qs[0][:, 0])[-1][1:]
+        h, w = self._level_shapes(z_qs[0][:, 0])[-1][1:]
         maps = []
         for level in range(levels):
             if level >= upto and self.absent:
                 maps.append(self.absent[level - 1].expand(b, d, h, w))
                 continue
             z_q = z_qs[level] if level < upto else \
-                torch.zeros(b, d, *self._shapes_below(z_qs[0][:, 0])[level][1:], device=z_qs[0].device)
+                torch.zeros(b, d, *self._level_shapes(z_qs[0][:, 0])[level][1:], device=z_qs[0].device)
             maps.append(self.upsamplers[level](z_q) if level < levels - 1 else z_q)
         return torch.cat(maps, 1)
 
@@ -447,93 +522,141 @@ class VQVAE(nn.Module, ImageModel, PretrainedMixin):
         vq_loss = torch.stack([q.loss for q in qs]).sum()
         return VQVAEOutput(loss=recon_loss + vq_loss, recon_loss=recon_loss, vq_loss=vq_loss,
                            commitment_loss=torch.stack([q.commitment_loss for q in qs]).sum(),
-                           nll=rec.nll, x_hat=rec.mean, codes=[q.codes for q in qs],
-                           perplexity=[q.perplexity for q in qs], usage=[q.usage for q in qs],
+                           nll=rec.nll, x_hat=rec.mean, codes=self._maps_of(qs, "codes"),
+                           perplexity=self._maps_of(qs, "perplexity"), usage=self._maps_of(qs, "usage"),
                            prefix_losses=prefix_losses)
+
+    def _maps_of(self, outs: list[QuantizerOutput], name: str) -> list[torch.Tensor]:
+        """The levels' quantizer outputs' field ``name``, one entry per code map."""
+        return [v for level, out in enumerate(outs) for v in self._per_map(level, getattr(out, name))]
 
     @torch.no_grad()
     def encode_levels(self, x: torch.Tensor, codes: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
         """Pre-quantization ``z_e`` of every level (B, D, h_l, w_l), top-first.
 
-        ``codes``, if given, fixes the codes of the top ``len(codes)`` levels instead of
-        quantizing their z_e, so the lower levels' z_e show what they are conditioned on.
+        ``codes``, if given, fixes the top ``len(codes)`` code maps (whole levels) instead of
+        quantizing their levels' z_e, so the lower levels' z_e show what they are conditioned on.
         Touches no codebook statistics.
         """
         self._check_input(x)
-        if len(codes) > self.num_levels:
-            raise UsageError(f"got {len(codes)} code maps for a {self.num_levels}-level model")
+        if len(codes) > self.num_maps:
+            raise UsageError(f"got {len(codes)} code maps for a model of {self.num_maps}")
+        if codes and len(codes) < self.num_maps and self.maps[len(codes)].level == self.maps[len(codes) - 1].level:
+            raise UsageError(f"the {len(codes)} code maps given end inside level {self.maps[len(codes)].level}: "
+                             "give all the stages of a residual level")
+        groups = self._by_level(codes)
 
         def quantize(level: int, z_e: torch.Tensor):
             quantizer = self.quantizers[level]
-            if level < len(codes):
-                if codes[level].shape != z_e.shape[:1] + z_e.shape[2:]:
-                    raise UsageError(f"level {level} codes have shape {tuple(codes[level].shape)}, "
-                                     f"expected {(z_e.shape[0], *z_e.shape[2:])} (codes are top-first)")
-                return quantizer.lookup(codes[level]), None
+            if level < len(groups):
+                for c in groups[level]:
+                    if c.shape != z_e.shape[:1] + z_e.shape[2:]:
+                        raise UsageError(f"level {level} codes have shape {tuple(c.shape)}, "
+                                         f"expected {(z_e.shape[0], *z_e.shape[2:])} (codes are top-first)")
+                return self._lookup(level, groups[level]), None
             return quantizer.lookup(quantizer.encode(z_e)), None
 
         return self._top_down(x, quantize)[0]
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Images (B, C, H, W) in [-1, 1] -> codes (B, h_l, w_l) int64, one map per level, top-first."""
+        """Images (B, C, H, W) in [-1, 1] -> codes (B, h_m, w_m) int64, one per code map, top-first."""
         self._check_input(x)
         codes: list[torch.Tensor] = []
 
         def quantize(level: int, z_e: torch.Tensor):
             quantizer = self.quantizers[level]
-            codes.append(quantizer.encode(z_e))
-            return quantizer.lookup(codes[-1]), None
+            level_codes = quantizer.encode(z_e)
+            codes.extend(self._per_map(level, level_codes))
+            return quantizer.lookup(level_codes), None
 
         self._top_down(x, quantize)
         return codes
 
     @torch.no_grad()
+    def encode_maps(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per code map, top-first: its codes (B, h_m, w_m) int64 and the squared distance
+        (B, h_m, w_m) float32 from the vector it quantized to the chosen code's: a level's z_e,
+        or, for stage s of a residual level, the residual that the stages before it left."""
+        out = []
+        for quantizer, z_e in zip(self.quantizers, self.encode_levels(x)):
+            if not isinstance(quantizer, ResidualVQ):
+                codes = quantizer.encode(z_e)
+                out.append((codes, (z_e.float() - quantizer.lookup(codes)).square().sum(1)))
+                continue
+            residual = z_e.float().movedim(1, -1)  # (B, h, w, D): the stages take channels last
+            for s in range(quantizer.num_stages):
+                codes = quantizer.stage(s).encode(residual)
+                vectors = quantizer.stage(s).lookup(codes)
+                out.append((codes, (residual - vectors).square().sum(-1)))
+                residual = residual - vectors
+        return out
+
+    def map_code_vectors(self) -> list[torch.Tensor]:
+        """The code vectors (K, D) of every code map's quantizer, top-first (a residual level's
+        stages each their own, or its one shared codebook)."""
+        vectors = []
+        for quantizer in self.quantizers:
+            if isinstance(quantizer, ResidualVQ):
+                vectors += [quantizer.stage(s).code_vectors() for s in range(quantizer.num_stages)]
+            else:
+                vectors.append(quantizer.code_vectors())
+        return vectors
+
+    @torch.no_grad()
     def decode(self, codes: Sequence[torch.Tensor], generator: torch.Generator | None = None,
                temperature: float = 1.0) -> torch.Tensor:
-        """Codes of every level, top-first (a list of (B, h_l, w_l)) -> images (B, C, H, W) in
+        """Codes of every code map, top-first (a list of (B, h_m, w_m)) -> images (B, C, H, W) in
         [-1, 1]: the expected image of a factorised likelihood; with the ``pixelcnn`` likelihood
         a sample of p(x | z) drawn with ``generator`` (default: seeded 0, so that the same codes
         decode to the same image) and ``temperature`` (``PixelCNNLikelihood.reconstruct``)."""
-        if not isinstance(codes, torch.Tensor) and len(codes) != self.num_levels:
-            raise UsageError(f"expected {self.num_levels} code maps (top-first), got {len(codes)}")
-        return self.decode_levels(codes, self.num_levels, generator, temperature)
+        if not isinstance(codes, torch.Tensor) and len(codes) != self.num_maps:
+            raise UsageError(f"expected {self.num_maps} code maps (top-first), got {len(codes)}")
+        return self.decode_levels(codes, self.num_maps, generator, temperature)
 
     def _given_levels(self, codes: Sequence[torch.Tensor | None], upto: int) -> list[torch.Tensor]:
         """The first ``upto`` code maps of ``codes``, checked against each other and the strides."""
-        levels = self.num_levels
+        maps = self.num_maps
         if isinstance(codes, torch.Tensor):
             raise TypeError(f"codes must be a list of code maps, one per level, top-first; got a tensor of "
                             f"shape {tuple(codes.shape)} (a one-level model takes [codes])")
-        if not 1 <= upto <= levels:
-            raise UsageError(f"upto must be in 1..{levels}, got {upto}")
-        if len(codes) > levels:
-            raise UsageError(f"got {len(codes)} code maps for a {levels}-level model (top-first)")
+        if not 1 <= upto <= maps:
+            raise UsageError(f"upto must be in 1..{maps}, got {upto}")
+        if len(codes) > maps:
+            raise UsageError(f"got {len(codes)} code maps for a model of {maps} (top-first)")
         given = list(codes)[:upto]
+        # Without a residual level, maps are levels: the messages say so.
+        what = "level" if maps == self.num_levels else "code map"
         if len(given) < upto or any(c is None for c in given):
-            missing = next(level for level in range(upto) if level >= len(given) or given[level] is None)
-            raise UsageError(f"level {missing} is missing: adding levels can only be decoded in order, so "
-                             f"decoding {upto} level(s) needs the codes of levels 0..{upto - 1} (top-first)")
+            missing = next(i for i in range(upto) if i >= len(given) or given[i] is None)
+            raise UsageError(f"{what} {missing} is missing: adding {what}s can only be decoded in order, so "
+                             f"decoding {upto} {what}(s) needs the codes of {what}s 0..{upto - 1} (top-first)")
         top = given[0]
         if top.dim() != 3:
             raise UsageError(f"expected codes (B, h, w), got {tuple(top.shape)} for the top level")
-        for level, (c, expected) in enumerate(zip(given, self._shapes_below(top))):
+        for i, (c, expected) in enumerate(zip(given, self._shapes_below(top))):
             if tuple(c.shape) != expected:
-                raise UsageError(f"level {level} codes have shape {tuple(c.shape)}, expected {expected} "
-                                 "from the top map: codes are top-first, and adding levels can only be decoded "
+                raise UsageError(f"{what} {i} codes have shape {tuple(c.shape)}, expected {expected} "
+                                 f"from the top map: codes are top-first, and adding {what}s can only be decoded "
                                  "in order")
         return given
 
-    def _shapes_below(self, top: torch.Tensor) -> list[tuple[int, int, int]]:
+    def _level_shapes(self, top: torch.Tensor) -> list[tuple[int, int, int]]:
         """(B, h_l, w_l) of every level's codes, top-first, given the top level's codes."""
         top_stride = self.config.total_stride
         return [(top.shape[0], top.shape[1] * top_stride // s, top.shape[2] * top_stride // s)
                 for s in self.config.level_strides()]
 
+    def _shapes_below(self, top: torch.Tensor) -> list[tuple[int, int, int]]:
+        """(B, h_m, w_m) of every code map, top-first, given the top map."""
+        levels = self._level_shapes(top)
+        return [levels[m.level] for m in self.maps]
+
     @torch.no_grad()
     def decode_levels(self, codes: Sequence[torch.Tensor | None], upto: int,
                       generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
-        """The view of VQ-VAE-2's Figure 3: the image decoded from the top ``upto`` levels only.
+        """The view of VQ-VAE-2's Figure 3: the image decoded from the top ``upto`` code maps only
+        (levels, but for a residual level's stages, each one map; see the module docstring).
 
         ``codes`` is top-first; entries from index ``upto`` on may be missing or None and are
         ignored. A model trained with ``prefix_training`` decodes the missing maps as the learned
@@ -541,37 +664,45 @@ class VQVAE(nn.Module, ImageModel, PretrainedMixin):
         Without, the quantized maps of the lower levels are replaced by zeros: a zero input adds
         nothing through the first (linear) layers they feed, so the image shows what the given
         levels carry, but the decoder never saw zeros there in training, so this is a view of
-        the hierarchy, not a sample of the model. ``upto = L`` is ``decode``; ``generator`` and
-        ``temperature`` are as there.
+        the hierarchy, not a sample of the model. ``upto = num_maps`` is ``decode``; ``generator``
+        and ``temperature`` are as there.
         """
         given = self._given_levels(codes, upto)
-        z_qs = [self.quantizers[level].lookup(c) for level, c in enumerate(given)]
-        return self.likelihood.reconstruct(self._decode_z_q(z_qs, upto), generator, temperature).clamp(-1, 1)
+        z_qs = [self._lookup(level, group) for level, group in enumerate(self._by_level(given))]
+        return self.likelihood.reconstruct(self._decode_z_q(z_qs, len(z_qs)), generator, temperature).clamp(-1, 1)
+
+    def quantized(self, codes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The quantized maps z_q (B, D, h_l, w_l) of every level, top-first, from the codes of
+        every code map (``encode``'s): a residual level's the sum of its stages' vectors."""
+        given = self._given_levels(codes, self.num_maps)
+        return [self._lookup(level, group) for level, group in enumerate(self._by_level(given))]
 
     @torch.no_grad()
     def nll(self, x: torch.Tensor, codes: Sequence[torch.Tensor]) -> torch.Tensor:
         """-log p(x | codes) in nats per image (B,): images (B, C, H, W) in [-1, 1] under the
-        decoder given the codes of every level, top-first (their own, or another image's)."""
-        given = self._given_levels(codes, self.num_levels)
-        z_qs = [self.quantizers[level].lookup(c) for level, c in enumerate(given)]
-        return self.likelihood(self._decode_z_q(z_qs), x).nll
+        decoder given the codes of every code map, top-first (their own, or another image's)."""
+        return self.likelihood(self._decode_z_q(self.quantized(codes)), x).nll
 
     @torch.no_grad()
     def decode_without(self, codes: Sequence[torch.Tensor], level: int,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decode every level but ``level``, whose quantized map is replaced by zeros (which
-        no training ever showed the decoder there, prefix training included).
+        """Decode every code map but map ``level``, whose vectors are replaced by zeros (which
+        no training ever showed the decoder there, prefix training included): a level's
+        quantized map, or one stage's share of a residual level's sum.
 
-        The gap between this and ``decode`` is what that level adds to the reconstruction
+        The gap between this and ``decode`` is what that map adds to the reconstruction
         (for the top level: the full model against the lower levels alone). Like
         ``decode_levels`` it is a view of the model, not a sample of it (with the ``pixelcnn``
         likelihood, drawn with ``generator``).
         """
-        given = self._given_levels(codes, self.num_levels)
-        if not 0 <= level < self.num_levels:
-            raise UsageError(f"level must be in 0..{self.num_levels - 1}, got {level}")
-        z_qs = [self.quantizers[i].lookup(c) for i, c in enumerate(given)]
-        z_qs[level] = torch.zeros_like(z_qs[level])
+        given = self._given_levels(codes, self.num_maps)
+        if not 0 <= level < self.num_maps:
+            raise UsageError(f"level must be in 0..{self.num_maps - 1}, got {level}")
+        left_out = self.maps[level]
+        z_qs = [self._lookup(i, group, left_out.stage if i == left_out.level else None)
+                for i, group in enumerate(self._by_level(given))]
+        if left_out.stage is None:
+            z_qs[left_out.level] = torch.zeros_like(z_qs[left_out.level])
         return self.likelihood.reconstruct(self._decode_z_q(z_qs), generator).clamp(-1, 1)
 
 

@@ -24,7 +24,9 @@ delete), never a set that looks complete.
 A VQ-VAE-2 (``extract_levels``) gives one such set per level, in sub-folders named after the
 levels (``CODES/top``, ``CODES/bottom``, ...) with the same images in the same order, beside a
 ``manifest.json`` of kind ``vqkit-code-levels`` that lists them; the whole folder is written
-and renamed the same way.
+and renamed the same way. The sets are those of the model's code maps (``VQVAEConfig.code_maps``),
+so a residual level gives one set per stage (``CODES/top.0``, ``CODES/top.1``, ...; for a
+one-level model ``CODES/codes.0``, ...), and a set's ``level_index`` is its map's place, top-first.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from vqkit.fsutil import (
     move_folder_into_place,
     read_npy,
 )
-from vqkit.nn.vqvae import VQVAE, StageOneConfig, level_names
+from vqkit.nn.vqvae import VQVAE, StageOneConfig
 
 FORMAT_VERSION = 1
 KIND = "vqkit-codes"
@@ -128,11 +130,12 @@ def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, ba
                   limit: int | None = None, progress: bool = True, overwrite: bool = False,
                   flip: bool = False, source: dict, workers: int | None = None) -> list[CodeSet]:
     """VQ-VAE-2 Algorithm 2, lines 1-7: encode the first ``limit`` images of ``dataset`` (all by
-    default) once and store every level's code maps. Returns the sets top-first.
+    default) once and store every code map. Returns the sets top-first.
 
-    One level gives one code set at ``out``; several give one ordinary code set per level in
-    ``out/<level name>/`` (``top``, [``middle``], ``bottom``, see ``level_names``), each
-    manifest adding ``level`` (its name) and ``level_index`` (0 for the top) to ``source``,
+    One code map gives one code set at ``out``; several (levels, or a residual level's stages)
+    give one ordinary code set per map in ``out/<map name>/`` (``top``, [``middle``], ``bottom``,
+    see ``level_names``; ``top.0``, ``top.1`` for stages), each manifest adding ``level`` (its
+    name) and ``level_index`` (0 for the top map) to ``source``,
     beside ``out/manifest.json`` (kind ``vqkit-code-levels``) that lists them. Map ``i`` of every
     level is image ``i``: a lower level's prior trains on its maps with the maps of the levels
     above as conditioning.
@@ -149,8 +152,8 @@ def extract_codes(model: VQVAE, dataset: ImageSet, out: str | os.PathLike, *, ba
     folder is written under a temporary name and renamed into place once, so a killed
     extraction leaves no set that looks complete.
     """
-    levels = model.config.num_levels
-    names = level_names(levels) if levels > 1 else None
+    maps = model.config.code_maps()
+    names = [m.name for m in maps] if len(maps) > 1 else None
     _extract(model, dataset, Path(out), names, batch_size=batch_size, limit=limit, progress=progress,
              overwrite=overwrite, flip=flip, source=source, workers=workers)
     return [load_codes(Path(out) / name) for name in names] if names else [load_codes(out)]
@@ -172,10 +175,10 @@ def _extract(model: VQVAE, dataset: ImageSet, out: Path, names: list[str] | None
         raise UsageError(f"{dataset.spec}: images have {dataset.channels} channels but the model "
                          f"expects {config.in_channels}")
     try:
-        shapes = config.latent_shapes(dataset.height, dataset.width)
+        shapes = config.map_shapes(dataset.height, dataset.width)
     except VqkitError as e:
         raise UsageError(f"{dataset.spec}: {e}") from None
-    sizes = config.codebook_sizes
+    sizes = [m.codebook_size for m in config.code_maps()]
     count = 2 * n if flip else n
     folders = [Path()] if names is None else [Path(name) for name in names]
     # Serialise now: a provenance that is not JSON must fail before the long encoding pass.
@@ -214,7 +217,7 @@ def _extract(model: VQVAE, dataset: ImageSet, out: Path, names: list[str] | None
                 stop = start + len(images)
                 for offset, mirrored in passes:
                     x = to_model(images.flip(-1) if mirrored else images).to(device)
-                    # One encoder pass gives every level's map of the same images.
+                    # One encoder pass gives every code map of the same images.
                     for array, level_maps in zip(codes, model.encode(x)):
                         array[offset + start:offset + stop] = level_maps.cpu().numpy()
                     # Unlabelled folders give label 0 for every image; -1 says "no label".
@@ -337,20 +340,25 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def save_maps(maps: list[torch.Tensor], path: str | os.PathLike, codebook_sizes: list[int]) -> None:
-    """Code maps (one (N, h_l, w_l) tensor per level, top-first) as ``vqkit encode`` writes
-    them: one level as one ``.npy`` file at ``path``; several as a folder of ``<level name>.npy``
-    files (``top.npy``, [``middle.npy``], ``bottom.npy``). Written under a temporary name and
-    renamed into place; an existing folder is replaced only if it holds nothing but such files."""
+def save_maps(maps: list[torch.Tensor], path: str | os.PathLike, config: StageOneConfig) -> None:
+    """Code maps (one (N, h_m, w_m) tensor per code map of a model of ``config``, top-first) as
+    ``vqkit encode`` writes them: one map as one ``.npy`` file at ``path``; several as a folder
+    of ``<map name>.npy`` files (``top.npy``, [``middle.npy``], ``bottom.npy``; ``codes.0.npy``,
+    ``codes.1.npy`` for a residual level's stages). Written under a temporary name and renamed
+    into place; an existing folder is replaced only if it holds nothing but such files."""
+    code_maps = config.code_maps()
+    if len(maps) != len(code_maps):
+        raise UsageError(f"got {len(maps)} code maps for a model of {len(code_maps)}")
+    codebook_sizes = [m.codebook_size for m in code_maps]
     if len(maps) == 1:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, maps[0].cpu().numpy().astype(code_dtype(codebook_sizes[0])))
         return
     out = Path(path)
-    names = [f"{name}.npy" for name in level_names(len(maps))]
+    names = [f"{m.name}.npy" for m in code_maps]
     if out.exists() and (not out.is_dir() or any(p.name not in names for p in out.iterdir())):
-        raise CodeStoreError(f"{out}: exists and is not a folder of level code maps ({', '.join(names)}); "
+        raise CodeStoreError(f"{out}: exists and is not a folder of code maps ({', '.join(names)}); "
                              "refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -381,28 +389,30 @@ def _read_map_file(path: Path, codebook_size: int) -> torch.Tensor:
 
 def read_maps(path: str | os.PathLike, config: StageOneConfig) -> list[torch.Tensor]:
     """The maps ``save_maps`` wrote for a model of ``config``, top-first, int64, each checked to
-    lie in [0, K_l) and to have the shape the model's strides give it beside the bottom map, so
+    lie in [0, K_m) and to have the shape the model's strides give it beside the bottom map, so
     that maps of another model or mixed-up files are refused by name."""
     path = Path(path)
-    if config.num_levels == 1:
-        return [_read_map_file(path, config.codebook_sizes[0])]
-    names = level_names(config.num_levels)
+    code_maps = config.code_maps()
+    if len(code_maps) == 1:
+        return [_read_map_file(path, code_maps[0].codebook_size)]
+    names = [m.name for m in code_maps]
     if not path.is_dir():
-        raise CodeStoreError(f"{path}: a VQ-VAE-2's codes are a folder of "
+        what = "A VQ-VAE-2's" if config.num_levels > 1 else "This model's"
+        raise CodeStoreError(f"{path}: {what} codes are a folder of "
                              f"{', '.join(n + '.npy' for n in names)} (written by vqkit encode)")
-    maps = [_read_map_file(path / f"{name}.npy", k) for name, k in zip(names, config.codebook_sizes)]
-    scale = 2 ** config.strides[-1]
+    maps = [_read_map_file(path / f"{m.name}.npy", m.codebook_size) for m in code_maps]
+    scale = code_maps[-1].stride
     h, w = maps[-1].shape[1:]
     try:
-        expected = config.latent_shapes(h * scale, w * scale)
+        expected = config.map_shapes(h * scale, w * scale)
     except VqkitError:
-        raise CodeStoreError(f"{path / 'bottom.npy'}: a {h}x{w} bottom map does not fit the model's "
+        raise CodeStoreError(f"{path / (names[-1] + '.npy')}: a {h}x{w} bottom map does not fit the model's "
                              f"strides {config.strides} (top-first)") from None
     for name, codes, shape in zip(names, maps, expected):
         if len(codes) != len(maps[-1]) or tuple(codes.shape[1:]) != tuple(shape):
             raise CodeStoreError(f"{path / (name + '.npy')}: {len(codes)} maps of {tuple(codes.shape[1:])}, "
-                                 f"but the bottom level's {len(maps[-1])} maps of {tuple(maps[-1].shape[1:])} "
-                                 f"need {len(maps[-1])} maps of {tuple(shape)} at this level")
+                                 f"but the bottom map's {len(maps[-1])} maps of {tuple(maps[-1].shape[1:])} "
+                                 f"need {len(maps[-1])} maps of {tuple(shape)} here")
     return maps
 
 

@@ -31,7 +31,6 @@ from vqkit.nn.pretrained import (
     check_target,
     config_text,
 )
-from vqkit.nn.vqvae import level_names
 from vqkit.prior import PriorConfig, build_prior
 from vqkit.runs import checkpoint as ckpt
 
@@ -194,18 +193,22 @@ def _stage1_body(run: Path, out: Path, model, config: dict, checkpoint: ckpt.Che
     c = model.config
     train = config.get("train", {})
     name = MODEL_NAMES[model.model_type]
-    levels = c.num_levels
-    names = level_names(levels)
+    code_maps = c.code_maps()
+    levels = len(code_maps)  # code maps: levels, or a residual level's stages
+    names = [m.name for m in code_maps]
     shape = _image_shape(train, c.in_channels)
     maps = None
     if shape is not None:
         try:
-            maps = c.latent_shapes(shape[1], shape[2])
+            maps = c.map_shapes(shape[1], shape[2])
         except ValueError:
             maps = None
-    strides = c.level_strides()
+    strides = [m.stride for m in code_maps]
     size = f"{shape[1]}x{shape[2]}" if shape else "unknown"
-    text = [f"# {name}{f' ({levels} levels)' if levels > 1 else ''} image tokenizer, trained with vqkit\n",
+    residual = levels > c.num_levels
+    what = f"{c.num_levels} level{'s' if c.num_levels > 1 else ''}, {levels} code maps" if residual \
+        else f"{levels} levels"
+    text = [f"# {name}{f' ({what})' if levels > 1 else ''} image tokenizer, trained with vqkit\n",
             f"A {name} (vector-quantized autoencoder) that turns {size} images with {c.in_channels} "
             f"channel{'s' if c.in_channels > 1 else ''} into {'maps' if levels > 1 else 'a map'} of discrete "
             f"codes{' (top-first)' if levels > 1 else ''} and decodes them back. Exported by `vqkit export` "
@@ -216,10 +219,12 @@ def _stage1_body(run: Path, out: Path, model, config: dict, checkpoint: ckpt.Che
                               *_schedule_rows(checkpoint, train)]),
             "## Architecture\n",
             f"Levels top-first{f', for {size} images' if maps else ''}; the reduction factor is the number "
-            "of image values (channels x height x width) per code.\n"]
+            "of image values (channels x height x width) per code."
+            + (" A residual level's stages (`NAME.0`, `NAME.1`, ...) are one code map each, of its resolution, "
+               "quantizing what the stages before them left." if residual else "") + "\n"]
     rows = []
     for level in range(levels):
-        k = c.codebook_sizes[level]
+        k = code_maps[level].codebook_size
         if maps:
             h, w = maps[level]
             reduction = shape[0] * shape[1] * shape[2] / (h * w)
@@ -232,7 +237,10 @@ def _stage1_body(run: Path, out: Path, model, config: dict, checkpoint: ckpt.Che
                 f"block{'s' if c.num_res_blocks != 1 else ''} per stack, "
                 f"{LIKELIHOOD_NAMES.get(c.likelihood, c.likelihood)} "
                 f"likelihood, {'EMA' if c.ema else 'gradient-trained'} codebook{'s' if levels > 1 else ''}. "
-                f"Everything needed to rebuild it is in `{CONFIG_NAME}`.\n")
+                + (f"Quantizer: `{json.dumps(c.quantizer)}` "
+                   f"({'per level, top-first' if isinstance(c.quantizer, list) else 'every level'}). "
+                   if c.quantizer is not None else "")
+                + f"Everything needed to rebuild it is in `{CONFIG_NAME}`.\n")
     text.append("## Evaluation\n")
     if record is None:
         text.append(_no_eval(run))
@@ -256,7 +264,7 @@ def _stage1_body(run: Path, out: Path, model, config: dict, checkpoint: ckpt.Che
     module, klass = USAGE_IMPORTS[model.model_type]
     h, w = shape[1:] if shape else (8 * strides[0],) * 2
     batch = 4
-    code_shapes = ", ".join(f"({batch}, {a}, {b})" for a, b in c.latent_shapes(h, w))
+    code_shapes = ", ".join(f"({batch}, {a}, {b})" for a, b in c.map_shapes(h, w))
     text.append("## Usage\n\nWith vqkit installed:\n\n```python\n"
                 "import torch\n"
                 f"from {module} import {klass}\n\n"
@@ -264,7 +272,8 @@ def _stage1_body(run: Path, out: Path, model, config: dict, checkpoint: ckpt.Che
                 "\"owner/name\"\n"
                 f"images = torch.rand({batch}, {c.in_channels}, {h}, {w}) * 2 - 1  # a batch (B, C, H, W) "
                 "scaled to [-1, 1]\n"
-                f"codes = model.encode(images)  # one map per level, top-first: [{code_shapes}] int64\n"
+                f"codes = model.encode(images)  # one map per {'code map' if residual else 'level'}, top-first: "
+                f"[{code_shapes}] int64\n"
                 f"decoded = model.decode(codes)  # ({batch}, {c.in_channels}, {h}, {w}) in [-1, 1]\n"
                 "```\n\n"
                 "`vqkit.data.images.load_image` reads image files and `vqkit.data.datasets.to_model` scales "

@@ -3,7 +3,9 @@
 For a VQ-VAE-2 (Razavi et al. 2019, Algorithm 2, sampling) the codes come from a chain of priors, one
 per level, **top-first**: the top map is drawn from the top prior, then each lower level's map
 from its prior conditioned on the maps already drawn for the levels above, and the stage-1
-decoder turns all levels into images.
+decoder turns all levels into images. The chain's links are the model's code maps
+(``VQVAEConfig.code_maps``): a residual level's stages each have a prior, stage s's conditioned
+on the maps above it (the stages before it, and the levels above), as a lower level's is.
 
 Classifier-based rejection sampling (Razavi et al. 2019, section 3.3; ``reject_codes``) draws
 class-conditional samples and keeps those that an image classifier (``vqkit.nn.classifier``)
@@ -21,7 +23,7 @@ import torch
 from vqkit.data.datasets import from_model, to_model
 from vqkit.errors import UsageError
 from vqkit.nn.classifier import Classifier
-from vqkit.nn.vqvae import VQVAE, level_names
+from vqkit.nn.vqvae import VQVAE
 from vqkit.prior import Prior
 from vqkit.prior.sampling import sample
 from vqkit.runs import checkpoint as ckpt
@@ -76,7 +78,7 @@ class LevelPrior:
 
 
 def check_chain(chain: list[LevelPrior], model: VQVAE | None = None) -> VQVAE:
-    """Check that ``chain`` is one prior per level of one stage-1 model, top-first, each
+    """Check that ``chain`` is one prior per code map of one stage-1 model, top-first, each
     conditioned on maps the priors above it draw; return that model (loaded from the run the
     priors name and checked by fingerprint, unless the caller gives the model it loaded and
     checked itself). Raises CheckpointError naming the prior run that does not fit."""
@@ -84,12 +86,15 @@ def check_chain(chain: list[LevelPrior], model: VQVAE | None = None) -> VQVAE:
         raise UsageError("give at least one prior run")
     first = chain[0]
     model = model if model is not None else stage1_of(first.run_config, first.run)
-    levels = model.config.num_levels
-    names = level_names(levels)
+    code_maps = model.config.code_maps()
+    levels = len(code_maps)
+    names = [m.name for m in code_maps]
     if len(chain) != levels:
+        what = "level" if levels == model.config.num_levels else "code map (level or residual stage)"
         raise ckpt.CheckpointError(
-            f"{first.source.get('run')}: the stage-1 model has {levels} level(s) ({', '.join(names)}), "
-            f"so sampling needs one prior per level, top-first; got {len(chain)} prior run(s)")
+            f"{first.source.get('run')}: the stage-1 model has {levels} {what.split(' (')[0]}(s) "
+            f"({', '.join(names)}), so sampling needs one prior per {what}, top-first; got {len(chain)} "
+            "prior run(s)")
     classes = {link.prior.config.num_classes for link in chain} - {None}
     for index, link in enumerate(chain):
         where = f"{Path(link.run) / 'config.json'}"
@@ -103,10 +108,10 @@ def check_chain(chain: list[LevelPrior], model: VQVAE | None = None) -> VQVAE:
                 f"{index + 1}, the place of level {names[index]!r}; give the priors top-first "
                 f"({', '.join(names)})")
         c = link.prior.config
-        if c.codebook_size != model.config.codebook_sizes[index]:
+        if c.codebook_size != code_maps[index].codebook_size:
             raise ckpt.CheckpointError(f"{where}: the prior draws K={c.codebook_size} codes but level "
                                        f"{names[index]!r} of the stage-1 model has K="
-                                       f"{model.config.codebook_sizes[index]}")
+                                       f"{code_maps[index].codebook_size}")
         if any(not 0 <= j < index for j in link.cond_levels):
             raise ckpt.CheckpointError(f"{where}: conditioned on levels {link.cond_levels}, which are not "
                                        f"all above level {names[index]!r}; give the priors top-first "

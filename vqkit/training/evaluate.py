@@ -14,6 +14,10 @@ What each level brings: ``psnr_gain`` is the PSNR of its prefix less that of the
 guess, ``psnr_mean_colour``); ``gain_share`` is that gain over the full model's gain over the
 mean colour, so the shares of the levels sum to 1.
 
+The "levels" of these figures are the model's code maps (``VQVAEConfig.code_maps``): a residual
+level reports each of its stages as one, with the PSNR of the maps down to that stage (the sum
+of its first stages) and without that stage's share of the sum.
+
 With an autoregressive likelihood (``pixelcnn``) a reconstruction is a sample, drawn pixel by
 pixel (``VQVAE.decode_levels``, one seeded generator for the whole evaluation), which costs
 about one decoder pass per pixel row and position; so the reconstruction figures (MSE, PSNR,
@@ -44,7 +48,7 @@ from vqkit.data.loader import iter_batches
 from vqkit.errors import UsageError
 from vqkit.nn.likelihood import bits_per_dim
 from vqkit.nn.quantize import CodebookUsage
-from vqkit.nn.vqvae import VQVAE, level_names
+from vqkit.nn.vqvae import VQVAE
 
 # Images whose reconstructions an evaluation samples by default with an autoregressive likelihood:
 # at one thread, a CIFAR-10 batch of 256 takes about 6 s with the default PixelCNN sizes (README).
@@ -152,8 +156,9 @@ def evaluate(model: VQVAE, dataset: ImageSet, batch_size: int = 256, limit: int 
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n == 0:
         raise UsageError(f"{dataset.spec}: no images to evaluate")
-    sizes = model.config.codebook_sizes
-    num_levels = len(sizes)
+    code_maps = model.config.code_maps()
+    sizes = [m.codebook_size for m in code_maps]
+    num_levels = len(sizes)  # code maps: levels, or a residual level's stages
     usage = [CodebookUsage(k) for k in sizes]
     level_sq_err = [0.0] * num_levels  # decoding the levels 0..l only; the last is the full model
     level_ms_ssim = [0.0] * num_levels
@@ -217,7 +222,7 @@ def evaluate(model: VQVAE, dataset: ImageSet, batch_size: int = 256, limit: int 
                           psnr_gain=gain, gain_share=gain / total_gain if total_gain else 0.0,
                           ms_ssim_upto=ssim / recon_n if window is not None else None)
               for name, shape, u, psnr, err_without, gain, ssim in zip(
-                  level_names(num_levels), shapes, usage, psnrs, without_sq_err, gains, level_ms_ssim)]
+                  [m.name for m in code_maps], shapes, usage, psnrs, without_sq_err, gains, level_ms_ssim)]
     return EvalResult(
         images=n, mse=level_sq_err[-1] / values, psnr=_psnr(level_sq_err[-1], values),
         nll_bits_per_dim=mean_nll / (subpixels * math.log(2)),

@@ -86,7 +86,7 @@ def _swapped(latents):
 def _measure(model: VQVAE | GaussianVAE, x: torch.Tensor, stats: _LatentStats) -> None:
     latents = model.encode(x)  # a VAE's posterior means; a VQ model's codes, top-first
     means = latents if isinstance(model, GaussianVAE) else \
-        torch.cat([q.lookup(c).flatten(1) for q, c in zip(model.quantizers, latents)], 1)
+        torch.cat([z_q.flatten(1) for z_q in model.quantized(latents)], 1)
     stats.add(means, model.nll(x, latents), model.nll(x, _swapped(latents)), x[0].numel())
 
 

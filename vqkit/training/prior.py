@@ -9,7 +9,9 @@ VQ-VAE-2 (Algorithm 2) fits one prior per level: the top prior as above, and eac
 prior conditioned on the code maps of the levels above it (``cond_codes``: code sets that
 ``vqkit extract`` wrote for the same images, given **top-first**, e.g. ``[CODES/top]`` for the
 bottom prior of two levels, ``[CODES/top, CODES/middle]`` for that of three). Batch ``i`` of
-the conditioning sets is taken at the same indices as the prior's own maps.
+the conditioning sets is taken at the same indices as the prior's own maps. A residual level's
+stages are code maps of their own (``VQVAEConfig.code_maps``), each with a prior conditioned on
+the maps above it, e.g. ``[CODES/codes.0]`` for stage 1 of a one-level residual model.
 
 Under ``torchrun`` the prior trains data-parallel as stage 1 does (``vqkit.distributed``,
 ``train.batch_indices``): ``batch_size`` per process, the global batch sharded between them.

@@ -83,8 +83,9 @@ def train(run_dir: str | Path, model_config: StageOneConfig | VAEConfig, config:
     per_epoch = max(len(dataset) // (config.batch_size * distributed.world_size()), 1)
     vae = isinstance(model_config, VAEConfig)
     names = level_names(model_config.num_levels)
-    suffixes = [""] if len(names) == 1 else [f"_{name}" for name in names]
-    epoch_usage = [] if vae else [CodebookUsage(k) for k in model_config.codebook_sizes]
+    code_maps = [] if vae else model_config.code_maps()
+    suffixes = [""] if len(code_maps) <= 1 else [f"_{m.name}" for m in code_maps]
+    epoch_usage = [CodebookUsage(m.codebook_size) for m in code_maps]
     per_prefix = getattr(model_config, "prefix_training", "off") == "loss"
 
     batches = StepBatches(dataset, step_indices(len(dataset), config.batch_size, config.seed), config.steps,
@@ -112,7 +113,7 @@ def train(run_dir: str | Path, model_config: StageOneConfig | VAEConfig, config:
                 distributed.all_reduce_sum(counter.counts)
                 board.scalars({f"train/epoch_codes_used{suffix}": counter.used,
                                f"train/epoch_perplexity{suffix}": counter.perplexity}, step)
-            epoch_usage = [CodebookUsage(k) for k in model_config.codebook_sizes]
+            epoch_usage = [CodebookUsage(m.codebook_size) for m in code_maps]
         if step % config.image_every == 0 and board.enabled:
             board.image("reconstructions", _comparison_grid(model, fixed_images, placement), step)
 
