@@ -142,6 +142,25 @@ def test_dead_code_restart_reseeds_exactly_the_unused_codes(ema):
     assert q.unused_steps.tolist() == [0] * 8
 
 
+def test_restarts_take_distinct_rows_of_the_batch():
+    torch.manual_seed(0)
+    q = _quantizer(restart_after=1)
+    with torch.no_grad():
+        q.codebook.copy_(torch.arange(8).float().unsqueeze(1).repeat(1, 3) * 10)
+    # Six distinct vectors near codes 0 and 1 leave six codes dead: each must take its own row
+    # (drawn with replacement, all six would differ with probability 6! / 6^6 = 1.5%).
+    z = torch.cat([torch.zeros(3, 3) + torch.arange(3).unsqueeze(1) * 0.1,
+                   torch.zeros(3, 3) + 10 + torch.arange(3).unsqueeze(1) * 0.1])
+    q(z.t().reshape(1, 3, 2, 3))
+    restarted = q.codebook.detach()[2:]
+    assert sorted(map(tuple, restarted.tolist())) == sorted(map(tuple, z.tolist()))
+    # Fewer rows than dead codes: every code still restarts, on rows of the batch.
+    q = _quantizer(restart_after=1)
+    one = torch.full((1, 3, 1, 1), 0.5)
+    q(one)
+    assert int((q.codebook.detach() == 0.5).all(1).sum()) == 7
+
+
 def test_no_restart_before_the_threshold():
     q = _quantizer(restart_after=3)
     z_e = torch.zeros(1, 3, 2, 2) + q.codebook.detach()[0].view(1, 3, 1, 1)

@@ -564,10 +564,11 @@ class VectorQuantizer(Quantizer):
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor) -> None:
-        """Codes unused for ``restart_after`` steps take random vectors of this batch's z_e
-        (the global batch's, chosen by rank 0, under sync: ``counts`` are then global too, so
-        every process finds the same dead codes); with EMA their running statistics restart
-        as if that vector had been seen once. With no vectors anywhere, the dead codes wait."""
+        """Codes unused for ``restart_after`` steps take random vectors of this batch's z_e,
+        distinct rows while there are enough (the global batch's, chosen by rank 0, under sync:
+        ``counts`` are then global too, so every process finds the same dead codes); with EMA
+        their running statistics restart as if that vector had been seen once. With no vectors
+        anywhere, the dead codes wait."""
         self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
         dead = torch.nonzero(self.unused_steps >= self.restart_after).squeeze(1)
         if dead.numel() == 0:
@@ -575,7 +576,13 @@ class VectorQuantizer(Quantizer):
         sizes = self._batch_sizes(flat)
         if sum(sizes) == 0:
             return
-        picks = torch.randint(sum(sizes), (dead.numel(),), device=flat.device)
+        n, m = sum(sizes), dead.numel()
+        # Distinct rows where the batch has enough: two codes restarted on one vector tie, the
+        # search gives it to the lower index, and the other is dead again on arrival. Drawn with
+        # replacement, m picks of n rows repeat m - n (1 - exp(-m / n)) of them: a fifth at
+        # m = n / 2, which large codebooks reach (K = 16,384 on CIFAR-10's 16,384-vector batches).
+        picks = torch.randperm(n, device=flat.device)[:m] if n >= m else \
+            torch.randint(n, (m,), device=flat.device)
         fresh = self._rows(flat, picks, sizes)
         if self.ema:
             self.ema_count[dead] = 1.0
