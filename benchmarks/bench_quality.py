@@ -32,7 +32,6 @@ from vqkit.nn.presets import preset
 from vqkit.nn.quantizers import parse_quantizer
 from vqkit.nn.vqvae import VQVAE2Config, with_quantizer
 from vqkit.runs.checkpoint import load_model, read_model_config
-from vqkit.training import loop
 from vqkit.training.evaluate import evaluate
 from vqkit.training.stage1 import TrainConfig, train
 
@@ -63,7 +62,7 @@ def main() -> None:
     if out.exists() and args.out:
         shutil.rmtree(out)
     config = TrainConfig(data=args.data, steps=10**9, batch_size=args.batch_size, lr=args.lr,
-                         seed=args.seed, time_budget=args.budget, checkpoint_every=10**9,
+                         seed=args.seed, time_budget=args.budget, clock=args.clock, checkpoint_every=10**9,
                        image_size=args.image_size)
     model_config = read_model_config(args.config) if args.config else preset(args.preset)
     if args.prefix_training:
@@ -75,8 +74,6 @@ def main() -> None:
     if args.quantizer:
         specs = [parse_quantizer(text) for text in args.quantizer]
         model_config = with_quantizer(model_config, specs[0] if len(specs) == 1 else specs)
-    if args.clock == "cpu":
-        loop.budget_clock = time.process_time
     wall = time.monotonic()
     result = train(out, model_config, config, progress=False)
     wall = time.monotonic() - wall

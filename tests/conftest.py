@@ -33,6 +33,17 @@ TINY = VQVAEConfig(in_channels=1, downsample=2, codebook_size=16, **TINY_NET)
 TINY2 = VQVAE2Config(in_channels=1, strides=[1, 1], codebook_sizes=[8, 16], restart_after=2, **TINY_NET)
 
 
+def cli_ok(capsys, argv: list) -> str:
+    """Run ``vqkit ARGV`` in this process; its stdout, after asserting that it exited 0 (else
+    the failure is its stderr)."""
+    from vqkit.cli.main import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
 @pytest.fixture
 def data_spec() -> str:
     """The embedded sample's data-set spec, ``fashion-mnist:<sample_dir()>``."""

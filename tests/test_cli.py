@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_ok
 from PIL import Image
 
 from vqkit.cli.main import main
@@ -18,12 +19,6 @@ from vqkit.runs import checkpoint as ckpt
 
 DATA = f"fashion-mnist:{sample_dir()}"
 
-
-def _ok(capsys, argv: list[str]) -> str:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return out
 
 
 def _fails(capsys, argv: list[str], *needles: str) -> str:
@@ -59,7 +54,7 @@ def test_train_writes_a_loadable_run(run):
 
 
 def test_eval_json(run, capsys):
-    out = _ok(capsys, ["eval", run, "--limit", "64", "--json"])
+    out = cli_ok(capsys, ["eval", run, "--limit", "64", "--json"])
     result = json.loads(out)
     for key in ("mse", "psnr", "bits_per_dim", "codes_used", "perplexity"):
         assert key in result
@@ -72,13 +67,13 @@ def test_eval_json(run, capsys):
 
 
 def test_eval_text(run, capsys):
-    out = _ok(capsys, ["eval", run, "--limit", "16"])
+    out = cli_ok(capsys, ["eval", run, "--limit", "16"])
     assert "16 images" in out and "PSNR" in out
 
 
 def test_reconstruct_grid(run, capsys, tmp_path):
     grid = tmp_path / "grid.png"
-    _ok(capsys, ["reconstruct", run, "-n", "4", "-o", grid])
+    cli_ok(capsys, ["reconstruct", run, "-n", "4", "-o", grid])
     with Image.open(grid) as img:
         assert img.format == "PNG"
         assert img.size == (4 * (28 + 2) + 2, 2 * (28 + 2) + 2)  # (width, height)
@@ -92,7 +87,7 @@ def test_reconstruct_grid(run, capsys, tmp_path):
 
 def test_encode_then_decode(run, capsys, tmp_path):
     codes_path = tmp_path / "codes.npy"
-    _ok(capsys, ["encode", run, "--data", DATA, "--limit", "5", "-o", codes_path])
+    cli_ok(capsys, ["encode", run, "--data", DATA, "--limit", "5", "-o", codes_path])
     codes = np.load(codes_path, allow_pickle=False)
     assert codes.shape == (5, 7, 7) and codes.dtype == np.uint16
 
@@ -103,7 +98,7 @@ def test_encode_then_decode(run, capsys, tmp_path):
     expected = from_model(model.decode([expected_codes]))
 
     grid = tmp_path / "out.png"
-    _ok(capsys, ["decode", run, codes_path, "-o", grid])
+    cli_ok(capsys, ["decode", run, codes_path, "-o", grid])
     with Image.open(grid) as img:
         pixels = np.array(img)
     assert pixels.shape == (30 + 2, 5 * 30 + 2)
@@ -111,7 +106,7 @@ def test_encode_then_decode(run, capsys, tmp_path):
         assert np.array_equal(pixels[2:30, 2 + 30 * i:30 + 30 * i], expected[i, 0].numpy())
 
     folder = tmp_path / "dir"
-    _ok(capsys, ["decode", run, codes_path, "-o", f"{folder}/"])
+    cli_ok(capsys, ["decode", run, codes_path, "-o", f"{folder}/"])
     files = sorted(folder.iterdir())
     assert [f.name for f in files] == [f"{i:06d}.png" for i in range(5)]
     for i, f in enumerate(files):
@@ -127,7 +122,7 @@ def test_encode_image_files(run, capsys, tmp_path):
         Image.fromarray(test.images[i, 0].numpy()).save(p)
         paths.append(p)
     out = tmp_path / "codes.npy"
-    _ok(capsys, ["encode", run, *paths, "-o", out])
+    cli_ok(capsys, ["encode", run, *paths, "-o", out])
     model, _ = ckpt.load_model(run)
     assert np.array_equal(np.load(out), model.encode(to_model(test.images[:2]))[0].numpy())
 

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import DATA
+from conftest import DATA, cli_ok
 
 from vqkit.cli.main import main
 from vqkit.codec.codec import Codec
@@ -21,12 +21,6 @@ from vqkit.runs.codes import load_codes
 PRIOR = ["--steps", "3", "--batch-size", "8", "--channels", "8", "--layers", "1", "--no-tensorboard"]
 
 
-def _ok(capsys, argv) -> str:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return out
-
 
 @pytest.mark.parametrize("spec, kind, k", [
     ("vq:cosine,rotation,factor_dim=4", "vq", 128),
@@ -35,7 +29,7 @@ def _ok(capsys, argv) -> str:
 ], ids=["vq-options", "fsq", "lfq"])
 def test_train_with_a_quantizer_then_every_command_on_its_codes(spec, kind, k, tmp_path, capsys):
     run = tmp_path / "run"
-    _ok(capsys, ["train", "--preset", "demo", "--quantizer", spec, "--steps", "3", "--batch-size", "16",
+    cli_ok(capsys, ["train", "--preset", "demo", "--quantizer", spec, "--steps", "3", "--batch-size", "16",
                  "--no-tensorboard", "-o", run, "--data", DATA])
     model_json = ckpt.read_config(run)["model"]
     assert model_json["codebook_size"] == k and model_json["quantizer"]["kind"] == spec.split(":")[0]
@@ -43,20 +37,20 @@ def test_train_with_a_quantizer_then_every_command_on_its_codes(spec, kind, k, t
     quantizer = model.quantizers[0]
     assert quantizer.codebook_size == k and (kind == "vq" or isinstance(quantizer, kind))
 
-    record = json.loads(_ok(capsys, ["eval", run, "--limit", "16", "--json"]))
+    record = json.loads(cli_ok(capsys, ["eval", run, "--limit", "16", "--json"]))
     assert record["codebook_size"] == k and 1 <= record["codes_used"] <= k and 0 < record["mse"] < 1
 
     codes_dir = tmp_path / "codes"
-    _ok(capsys, ["extract", run, "--limit", "24", "-o", codes_dir])
+    cli_ok(capsys, ["extract", run, "--limit", "24", "-o", codes_dir])
     codes = load_codes(codes_dir)
     assert codes.codebook_size == k and codes.shape == (7, 7)
     maps = codes.batch(torch.arange(len(codes)))[0]
     assert 0 <= int(maps.min()) and int(maps.max()) < k
 
     prior = tmp_path / "prior"
-    _ok(capsys, ["train-prior", codes_dir, "--arch", "pixelcnn", *PRIOR, "-o", prior])
+    cli_ok(capsys, ["train-prior", codes_dir, "--arch", "pixelcnn", *PRIOR, "-o", prior])
     grid = tmp_path / "samples.png"
-    _ok(capsys, ["sample", prior, "-n", "2", "-o", grid])
+    cli_ok(capsys, ["sample", prior, "-n", "2", "-o", grid])
     assert grid.exists()
 
     image = tmp_path / "in.png"
@@ -65,11 +59,11 @@ def test_train_with_a_quantizer_then_every_command_on_its_codes(spec, kind, k, t
     for name, compress, decompress, priors in [("uniform", ["--uniform"], [], []),
                                                ("prior", ["--prior", prior], ["--prior", prior], [prior])]:
         vq_file, back = tmp_path / f"{name}.vq", tmp_path / f"{name}.png"
-        _ok(capsys, ["compress", run, image, *compress, "-o", vq_file])
-        _ok(capsys, ["decompress", run, vq_file, *decompress, "-o", back])
+        cli_ok(capsys, ["compress", run, image, *compress, "-o", vq_file])
+        cli_ok(capsys, ["decompress", run, vq_file, *decompress, "-o", back])
         assert torch.equal(load_image(back, None, 1), Codec.load(run, priors).reconstruct(original, name))
 
-    out = _ok(capsys, ["inspect", run, "--limit", "16", "-o", tmp_path / "inspect"])
+    out = cli_ok(capsys, ["inspect", run, "--limit", "16", "-o", tmp_path / "inspect"])
     assert f"/{k} codes used" in out
     counts = json.loads((tmp_path / "inspect" / "inspect.json").read_text())
     assert counts["levels"][0]["codebook_size"] == k

@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import torch
-from conftest import DATA
+from conftest import DATA, cli_ok
 
 from vqkit.cli.main import main
 from vqkit.codec.codec import Codec
@@ -23,35 +23,29 @@ from vqkit.runs.codes import load_codes
 PRIOR = ["--steps", "3", "--batch-size", "8", "--channels", "8", "--layers", "1", "--no-tensorboard"]
 
 
-def _ok(capsys, argv) -> str:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return out
-
 
 def test_residual_codes_through_every_command(tmp_path, capsys):
     run = tmp_path / "run"
-    _ok(capsys, ["train", "--preset", "demo", "--quantizer", "residual:2", "--steps", "3",
+    cli_ok(capsys, ["train", "--preset", "demo", "--quantizer", "residual:2", "--steps", "3",
                  "--batch-size", "16", "--no-tensorboard", "-o", run, "--data", DATA])
     model_json = ckpt.read_config(run)["model"]
     assert model_json["quantizer"] == {"kind": "residual", "stages": 2} and model_json["codebook_size"] == 128
     model, _ = ckpt.load_model(run)
     assert isinstance(model.quantizers[0], ResidualVQ) and model.num_maps == 2
 
-    record = json.loads(_ok(capsys, ["eval", run, "--limit", "16", "--json"]))
+    record = json.loads(cli_ok(capsys, ["eval", run, "--limit", "16", "--json"]))
     assert [lv["name"] for lv in record["levels"]] == ["codes.0", "codes.1"]
     assert record["codebook_size"] == 256 and all(lv["codebook_size"] == 128 for lv in record["levels"])
     # The ELBO's latent term counts log2 K bits for each stage's 7x7 codes.
     assert abs(record["bits_per_dim"] - (record["nll_bits_per_dim"] + 2 * 49 * 7 / 784)) < 1e-9
 
     encoded = tmp_path / "encoded"
-    _ok(capsys, ["encode", run, "--data", DATA, "--split", "train", "--limit", "5", "-o", encoded])
+    cli_ok(capsys, ["encode", run, "--data", DATA, "--split", "train", "--limit", "5", "-o", encoded])
     assert sorted(p.name for p in encoded.iterdir()) == ["codes.0.npy", "codes.1.npy"]
-    _ok(capsys, ["decode", run, encoded, "-o", tmp_path / "decoded.png"])
+    cli_ok(capsys, ["decode", run, encoded, "-o", tmp_path / "decoded.png"])
 
     codes_dir = tmp_path / "codes"
-    _ok(capsys, ["extract", run, "--limit", "24", "-o", codes_dir])
+    cli_ok(capsys, ["extract", run, "--limit", "24", "-o", codes_dir])
     stage0, stage1 = load_codes(codes_dir / "codes.0"), load_codes(codes_dir / "codes.1")
     assert stage0.shape == stage1.shape == (7, 7) and stage0.codebook_size == 128
     assert stage1.manifest["source"]["level_index"] == 1
@@ -60,12 +54,12 @@ def test_residual_codes_through_every_command(tmp_path, capsys):
         assert torch.equal(encoded_maps, stage.batch(torch.arange(5))[0])
 
     top, lower = tmp_path / "prior0", tmp_path / "prior1"
-    _ok(capsys, ["train-prior", codes_dir / "codes.0", "--arch", "pixelcnn", *PRIOR, "-o", top])
-    _ok(capsys, ["train-prior", codes_dir / "codes.1", "--cond", codes_dir / "codes.0", "--arch", "pixelcnn",
+    cli_ok(capsys, ["train-prior", codes_dir / "codes.0", "--arch", "pixelcnn", *PRIOR, "-o", top])
+    cli_ok(capsys, ["train-prior", codes_dir / "codes.1", "--cond", codes_dir / "codes.0", "--arch", "pixelcnn",
                  *PRIOR, "-o", lower])
     assert ckpt.read_config(lower, kind="prior")["source"]["cond_levels"] == ["codes.0"]
     grid = tmp_path / "samples.png"
-    _ok(capsys, ["sample", top, lower, "-n", "2", "-o", grid])
+    cli_ok(capsys, ["sample", top, lower, "-n", "2", "-o", grid])
     assert grid.exists()
     assert main(["sample", str(top), "-o", str(grid)]) == 2
     assert "one prior per code map" in capsys.readouterr().err
@@ -76,14 +70,14 @@ def test_residual_codes_through_every_command(tmp_path, capsys):
     for name, flags, priors in [("uniform", ["--uniform"], []), ("prior", ["--prior", top, "--prior", lower],
                                                                  [top, lower])]:
         vq_file, back = tmp_path / f"{name}.vq", tmp_path / f"{name}.png"
-        out = _ok(capsys, ["compress", run, image, *flags, "-o", vq_file])
+        out = cli_ok(capsys, ["compress", run, image, *flags, "-o", vq_file])
         assert "progressive: codes.0" in out
         codec = Codec.load(run, priors)
         decode_flags = [f for f in flags if f != "--uniform"]
-        _ok(capsys, ["decompress", run, vq_file, *decode_flags, "-o", back])
+        cli_ok(capsys, ["decompress", run, vq_file, *decode_flags, "-o", back])
         assert torch.equal(load_image(back, None, 1), codec.reconstruct(original, name))
         # The first stage's bytes alone: the image decoded from stage 0.
-        _ok(capsys, ["decompress", run, vq_file, *decode_flags, "--levels", "1", "-o", tmp_path / "preview.png"])
+        cli_ok(capsys, ["decompress", run, vq_file, *decode_flags, "--levels", "1", "-o", tmp_path / "preview.png"])
         header, codes = codec.decompress_codes(vq_file.read_bytes())
         assert [(h, w) for h, w, _ in header.levels] == [(7, 7), (7, 7)]
         preview = from_model(model.decode_levels([codes[0][None]], 1))[0]
@@ -91,12 +85,12 @@ def test_residual_codes_through_every_command(tmp_path, capsys):
         assert not torch.equal(preview, load_image(back, None, 1))
     assert torch.equal(codes[0], model.encode(to_model(original[None].float()))[0][0])
 
-    out = _ok(capsys, ["inspect", run, "--limit", "16", "-o", tmp_path / "inspect"])
+    out = cli_ok(capsys, ["inspect", run, "--limit", "16", "-o", tmp_path / "inspect"])
     assert "codes.1" in out
     inspection = json.loads((tmp_path / "inspect" / "inspect.json").read_text())
     assert [lv["name"] for lv in inspection["levels"]] == ["codes.0", "codes.1"]
 
-    _ok(capsys, ["export", run, "-o", tmp_path / "export"])
+    cli_ok(capsys, ["export", run, "-o", tmp_path / "export"])
     card = (tmp_path / "export" / "README.md").read_text()
     assert "1 level, 2 code maps" in card and "| codes.1 | 7x7 | 128 |" in card
     assert "Quantizer: `{\"kind\": \"residual\", \"stages\": 2}` (every level)" in card

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import DATA
+from conftest import DATA, cli_ok
 
 from vqkit.cli.main import main
 from vqkit.codec.codec import Codec
@@ -279,29 +279,23 @@ def test_config_errors(fields, needle):
         VQVAEConfig(**fields)
 
 
-def _ok(capsys, argv) -> str:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return out
-
 
 def test_train_eval_and_codec_from_the_command_line(tmp_path, capsys):
     run = tmp_path / "run"
-    _ok(capsys, ["train", "--preset", "demo", "--likelihood", "pixelcnn", "--pixelcnn-layers", "2",
+    cli_ok(capsys, ["train", "--preset", "demo", "--likelihood", "pixelcnn", "--pixelcnn-layers", "2",
                  "--pixelcnn-channels", "8", "--steps", "2", "--batch-size", "8", "--no-tensorboard",
                  "-o", run, "--data", DATA])
     model_json = ckpt.read_config(run)["model"]
     assert model_json["likelihood"] == "pixelcnn" and model_json["pixelcnn_layers"] == 2
-    record = json.loads(_ok(capsys, ["eval", run, "--limit", "12", "--recon-limit", "5", "--batch-size", "4",
+    record = json.loads(cli_ok(capsys, ["eval", run, "--limit", "12", "--recon-limit", "5", "--batch-size", "4",
                                      "--json"]))
     assert record["images"] == 12 and record["reconstructed"] == 5
     assert 0 < record["nll_bits_per_dim"] < record["bits_per_dim"] < 9 and 0 < record["mse"] < 1
     image = tmp_path / "in.png"
     save_png((torch.rand(1, 28, 28) * 255).to(torch.uint8), image)
     vq_file, back = tmp_path / "x.vq", tmp_path / "back.png"
-    _ok(capsys, ["compress", run, image, "--uniform", "-o", vq_file])
-    _ok(capsys, ["decompress", run, vq_file, "-o", back])
+    cli_ok(capsys, ["compress", run, image, "--uniform", "-o", vq_file])
+    cli_ok(capsys, ["decompress", run, vq_file, "-o", back])
     expected = Codec.load(run, []).reconstruct(load_image(image, None, 1), "uniform")
     assert torch.equal(load_image(back, None, 1), expected)
     code = main(["train", "--preset", "demo", "--pixelcnn-layers", "2", "--steps", "1", "-o", str(tmp_path / "bad"),

@@ -6,7 +6,12 @@ import sys
 from pathlib import Path
 
 from vqkit import distributed
+from vqkit.precision import PRECISIONS
 from vqkit.runs import checkpoint as ckpt
+from vqkit.training.loop import CLOCKS
+
+# The values the fields of every training run (RunConfig) take.
+RUN_CHOICES = {"precision": PRECISIONS, "clock": tuple(CLOCKS)}
 
 DATA_HELP = ("dataset as KIND:DIR with KIND one of mnist, fashion-mnist, cifar10, folder, prepared "
              "(a set made by vqkit prepare; e.g. cifar10:../shared/data/cifar10)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vqkit.cli.args import add_config_args, config_from_args
-from vqkit.cli.common import run_and_data
+from vqkit.cli.common import RUN_CHOICES, run_and_data
 from vqkit.inspect.collapse import DECODERS, CollapseSettings
 
 
@@ -69,7 +69,7 @@ def add_parsers(sub) -> None:
     co = sub.add_parser("collapse", help="posterior collapse, shown: a Gaussian VAE and a VQ-VAE with the same conv "
                                          "decoder and with the same PixelCNN decoder, trained for the same budget "
                                          "and measured (table, collapse.json, collapse.png, samples.png)")
-    add_config_args(co, CollapseSettings, exclude=["decoders"])
+    add_config_args(co, CollapseSettings, exclude=["decoders"], choices={"clock": RUN_CHOICES["clock"]})
     co.add_argument("--decoder", action="append", choices=tuple(DECODERS),
                     help="compare only this decoder (repeat for several; default: all): conv, an independent "
                          "logistic mixture per subpixel; pixelcnn, autoregressive over subpixels")

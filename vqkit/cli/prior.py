@@ -9,10 +9,9 @@ import torch
 
 from vqkit import distributed
 from vqkit.cli.args import add_config_args, config_args, config_from_args
-from vqkit.cli.common import checkpoint_arg, distributed_args
+from vqkit.cli.common import RUN_CHOICES, checkpoint_arg, distributed_args
 from vqkit.data.images import make_grid, save_png, side_by_side
 from vqkit.errors import UsageError
-from vqkit.precision import PRECISIONS
 from vqkit.prior import PriorConfig
 from vqkit.prior.config import ARCHS
 from vqkit.runs import checkpoint as ckpt
@@ -139,7 +138,7 @@ def add_parsers(sub) -> None:
     tp.add_argument("-o", "--out", required=True, type=Path, help="prior run folder")
     add_config_args(tp, PriorTrainConfig, positional=["codes"],
                     flags={"cond_codes": "--cond", "val_cond_codes": "--val-cond"},
-                    choices={"precision": PRECISIONS})
+                    choices=RUN_CHOICES)
     model = tp.add_argument_group("the prior's model (with --resume, the run's own)")
     add_config_args(model, PriorConfig, exclude=_FROM_DATA, choices={"arch": ARCHS},
                     unset=dict.fromkeys(SIZED_BY_MAPS, "by the number of training maps, printed when training starts"))

@@ -7,11 +7,10 @@ from pathlib import Path
 
 from vqkit import distributed
 from vqkit.cli.args import add_config_args, config_args, config_from_args, field_help
-from vqkit.cli.common import DATA_HELP, checkpoint_arg, distributed_args
+from vqkit.cli.common import DATA_HELP, RUN_CHOICES, checkpoint_arg, distributed_args
 from vqkit.data.datasets import load_dataset
 from vqkit.inspect.score import ScoreSettings, score_chain, table
 from vqkit.nn.classifier import ClassifierConfig
-from vqkit.precision import PRECISIONS
 from vqkit.runs import checkpoint as ckpt
 from vqkit.training.classifier import (
     SCHEDULES,
@@ -71,7 +70,7 @@ def add_parsers(sub) -> None:
     tc = sub.add_parser("train-classifier", help="train the image classifier that vqkit score and "
                                                   "vqkit sample --reject use, on a data set's training split")
     tc.add_argument("-o", "--out", required=True, type=Path, help="classifier run folder")
-    add_config_args(tc, ClassifierTrainConfig, choices={"precision": PRECISIONS, "schedule": SCHEDULES})
+    add_config_args(tc, ClassifierTrainConfig, choices={**RUN_CHOICES, "schedule": SCHEDULES})
     model = tc.add_argument_group("the classifier's model (with --resume, the run's own)")
     add_config_args(model, ClassifierConfig, exclude=(*_FROM_DATA, "widths"))
     model.add_argument("--widths", type=int, nargs="+", metavar="W",

@@ -12,6 +12,7 @@ from vqkit import distributed
 from vqkit.cli.args import add_config_args, config_args, config_from_args
 from vqkit.cli.common import (
     DATA_HELP,
+    RUN_CHOICES,
     SPLITS,
     checkpoint_arg,
     distributed_args,
@@ -31,7 +32,6 @@ from vqkit.nn.presets import PRESETS, preset
 from vqkit.nn.quantizers import parse_quantizer
 from vqkit.nn.vae import GaussianVAE, VAEConfig
 from vqkit.nn.vqvae import StageOneConfig, VQVAE2Config, VQVAEConfig, with_quantizer
-from vqkit.precision import PRECISIONS
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes, read_maps, save_maps
 from vqkit.runs.generate import decode_codes
@@ -206,7 +206,7 @@ def add_parsers(sub) -> None:
                                              if f.name not in _DECODER_OPTIONS],
                     choices={"likelihood": LIKELIHOODS}, unset=dict.fromkeys(_DECODER_OPTIONS, "the model's"))
     t.add_argument("-o", "--out", required=True, type=Path, help="run folder")
-    add_config_args(t, TrainConfig, choices={"precision": PRECISIONS})
+    add_config_args(t, TrainConfig, choices=RUN_CHOICES)
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     t.add_argument("--no-tensorboard", action="store_true")
     distributed_args(t)

@@ -64,6 +64,8 @@ class CollapseSettings:
         data: the images, as KIND:DIR; grey images get the ``mnist`` and ``vae-mnist`` trunks,
             colour ones ``cifar10`` and ``vae-cifar10``.
         budget: training seconds per model.
+        clock: what budget counts: "wall" seconds, or "cpu", this process's CPU seconds (so that on a
+            shared machine every model gets the same CPU, whatever else runs).
         steps: at most this many training steps per model.
         batch_size: images per training step.
         lr: Adam's learning rate.
@@ -76,6 +78,7 @@ class CollapseSettings:
 
     data: str
     budget: float = 120.0
+    clock: str = "wall"
     steps: int = 100_000
     batch_size: int = 32
     lr: float = 1e-3
@@ -172,6 +175,7 @@ def _train_or_reuse(folder: Path, config, settings: CollapseSettings, dataset: I
             raise UsageError(f"{folder} holds a run of another model configuration; choose another -o or remove it")
         return ckpt.latest_checkpoint(folder).step
     train_config = TrainConfig(data=settings.data, steps=settings.steps, time_budget=settings.budget,
+                               clock=settings.clock,
                                batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed,
                                checkpoint_every=10**9, log_every=10)
     return train(folder, config, train_config, dataset=dataset, progress=progress).step

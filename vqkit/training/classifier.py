@@ -153,7 +153,7 @@ def train_classifier(run_dir: str | Path, model_config: ClassifierConfig, config
 
     with batches:
         return run_loop(run_dir, model, run.optimizer, run.step, steps=config.steps,
-                        time_budget=config.time_budget, checkpoint_every=config.checkpoint_every,
+                        time_budget=config.time_budget, clock=config.clock, checkpoint_every=config.checkpoint_every,
                         log_every=config.log_every, step_fn=step_fn, board=run.board, progress=progress,
                         desc="train-classifier")
 

@@ -26,9 +26,9 @@ from vqkit import distributed
 from vqkit.errors import VqkitError
 from vqkit.runs import checkpoint as ckpt
 
-# The seconds a time budget counts: wall time. A benchmark comparing runs on a shared machine
-# may set it to ``time.process_time`` (this process's CPU seconds), which other jobs slow less.
-budget_clock: Callable[[], float] = time.monotonic
+# The seconds a time budget can count (``RunConfig.clock``): wall time, or this process's CPU
+# seconds (all its threads), which other jobs on a shared machine slow less.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.monotonic, "cpu": time.process_time}
 
 
 class TrainingError(VqkitError, RuntimeError):
@@ -166,12 +166,14 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
              steps: int, time_budget: float | None, checkpoint_every: int, log_every: int,
              step_fn: Callable[[int], StepOutput], board: TensorBoard, progress: bool = True,
              after_step: Callable[[int, StepOutput], None] | None = None,
-             validation: Validation | None = None, desc: str = "train") -> TrainResult:
+             validation: Validation | None = None, desc: str = "train", clock: str = "wall") -> TrainResult:
     """Run ``step_fn`` from ``step`` up to ``steps`` (or until ``time_budget`` seconds), with
     a checkpoint every ``checkpoint_every`` steps and at the end. ``after_step`` runs on every
     process (it may all-reduce); ``board`` should be enabled on rank 0 only. With
     ``validation``, the model is measured on held-out data as it says, the best checkpoint is
-    kept as ``best`` and training stops early when it stops improving."""
+    kept as ``best`` and training stops early when it stops improving. ``clock`` (one of
+    ``CLOCKS``) is what ``time_budget`` counts."""
+    budget_clock = CLOCKS[clock]
     start_time = budget_clock()
     stopped_by_time = stopped_early = False
     last_saved = step
@@ -200,7 +202,7 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
 
     try:
         while step < steps:
-            if _time_is_up(start_time, time_budget):
+            if _time_is_up(budget_clock, start_time, time_budget):
                 stopped_by_time = True
                 break
             if tracker is not None and tracker.exhausted:
@@ -218,7 +220,7 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
             optimizer.step()
             step += 1
             if time_budget is not None:
-                _fit_bar_to_budget(bar, step, steps, start_step, start_time, time_budget)
+                _fit_bar_to_budget(bar, step, steps, start_step, budget_clock() - start_time, time_budget)
             bar.update(1)
             if after_step is not None:
                 after_step(step, out)
@@ -249,18 +251,17 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
                        best_step=best[0] if best else None, best_value=best[1] if best else None)
 
 
-def _fit_bar_to_budget(bar: tqdm, step: int, steps: int, start_step: int, start_time: float,
+def _fit_bar_to_budget(bar: tqdm, step: int, steps: int, start_step: int, elapsed: float,
                        time_budget: float) -> None:
     """Let the bar's total be the step the time budget will reach at the pace so far (or
     ``steps``, if sooner), so that its estimate of the time left is the budget's, not what
     ``steps`` would take."""
-    elapsed = budget_clock() - start_time
     pace = elapsed / max(step - start_step, 1)
     reachable = step + int(max(time_budget - elapsed, 0.0) / pace) if pace > 0 else steps
     bar.total = min(steps, max(reachable, step))
 
 
-def _time_is_up(start_time: float, time_budget: float | None) -> bool:
+def _time_is_up(budget_clock: Callable[[], float], start_time: float, time_budget: float | None) -> bool:
     """Whether the budget is spent; in data-parallel training rank 0's clock decides for all,
     so that every process runs the same number of steps."""
     if time_budget is None:

@@ -303,7 +303,7 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
         "bits_per_code", lambda: evaluate_prior(prior, val_codes, eval_idx, cond=val_cond).bits_per_code,
         every=config.eval_every, patience=config.patience)
     return run_loop(run_dir, prior, run.optimizer, run.step, steps=config.steps, time_budget=config.time_budget,
-                    checkpoint_every=config.checkpoint_every, log_every=config.log_every,
+                    clock=config.clock, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
                     step_fn=step_fn, board=board, progress=progress, validation=validation,
                     desc="train-prior")
 

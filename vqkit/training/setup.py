@@ -25,7 +25,7 @@ from vqkit import distributed, precision
 from vqkit.config import JsonConfig
 from vqkit.errors import ConfigError
 from vqkit.runs import checkpoint as ckpt
-from vqkit.training.loop import TensorBoard, TrainingError
+from vqkit.training.loop import CLOCKS, TensorBoard, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,9 @@ class RunConfig(precision.PlacementConfig):
         lr: Adam's learning rate.
         seed: seeds the initialisation and, with the step, the data order.
         time_budget: stop after this many seconds (and save).
+        clock: what time_budget counts: "wall" seconds, or "cpu", this process's CPU seconds
+            (all its threads), which other jobs on a shared machine slow less: fair budgets for
+            runs compared there.
         checkpoint_every: save a checkpoint every this many steps.
         log_every: log the training scalars every this many steps.
     """
@@ -53,6 +56,7 @@ class RunConfig(precision.PlacementConfig):
     lr: float = 2e-4
     seed: int = 0
     time_budget: float | None = None
+    clock: str = "wall"
     checkpoint_every: int = 1000
     log_every: int = 50
 
@@ -60,6 +64,8 @@ class RunConfig(precision.PlacementConfig):
         super().__post_init__()
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("steps must be >= 0, batch_size >= 1 and lr > 0")
+        if self.clock not in CLOCKS:
+            raise ConfigError(f"clock must be one of {', '.join(CLOCKS)}, got {self.clock!r}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ConfigError(f"time_budget must be positive seconds, got {self.time_budget}")
         small = [name for name in self.intervals if getattr(self, name) < 1]
