@@ -340,9 +340,9 @@ def _prior_sections(run: Path, prefix: str, title: str) -> list[Section]:
 
 
 def _vae_samples(run: Path, n: int = 16) -> Section:
-    grid = make_grid(vae_samples(run, n, seed=0), nrow=8)
+    samples = vae_samples(run, n, seed=0)
     return Section("samples", "Samples", _p(f"{n} samples: z ~ N(0, I), decoded")
-                   + _img(_png_of(grid, grid.shape[-1] // 8), "samples of the VAE"))
+                   + _img(_png_of(make_grid(samples, nrow=8), samples.shape[-1]), "samples of the VAE"))
 
 
 def _collapse_sections(folder: Path) -> list[Section]:

@@ -178,11 +178,6 @@ class GaussianVAE(nn.Module, ImageModel, PretrainedMixin):
         """-log p(x | z) in nats per image (B,), for images (B, C, H, W) and latents (B, D, h, w)."""
         return self.likelihood(self.decoder(z), x).nll
 
-    def latent_size(self, height: int, width: int) -> int:
-        """Latents per image of (height, width): D * h * w."""
-        h, w = self.config.latent_shape(height, width)
-        return self.config.code_dim * h * w
-
     @torch.no_grad()
     def sample(self, n: int, height: int, width: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` images (n, C, height, width) in [-1, 1] decoded from ``z ~ N(0, I)`` (ancestral

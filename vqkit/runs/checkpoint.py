@@ -301,12 +301,12 @@ def load_model(run_dir: Path, device: str | torch.device = "cpu",
     ``kinds`` are the run kinds the caller can use: by default the VQ models, whose latents are
     codes; pass ``STAGE1_KINDS`` to take a Gaussian VAE run (a ``GaussianVAE``) too.
     """
-    kind = read_config(run_dir).get("kind")
-    if kind not in kinds:
-        raise CheckpointError(f"{Path(run_dir) / 'config.json'}: this is a {kind!r} run (a Gaussian VAE, whose "
-                              "latents are continuous, not codes); this needs a "
+    config = model_config_of(run_dir)
+    if config.kind not in kinds:
+        raise CheckpointError(f"{Path(run_dir) / 'config.json'}: this is a {config.kind!r} run (a Gaussian VAE, "
+                              "whose latents are continuous, not codes); this needs a "
                               f"{' or '.join(repr(k) for k in kinds)} run")
-    model = build_model(model_config_of(run_dir))
+    model = build_model(config)
     ckpt = load_latest_weights(run_dir, model)
     return model.to(device).eval(), ckpt
 
