@@ -177,3 +177,22 @@ def test_exact_log_prob_is_the_log_of_the_masses_in_both_tails(mean, log_scale):
     torch.testing.assert_close(exact[held], reference[held].log(), rtol=1e-7, atol=1e-7)
     # In float32, with scales near e^-7 the edges' rounding (1e-7 near 1, times 1/scale) moves a mass by 1e-5.
     torch.testing.assert_close(exact.exp().float(), masses, rtol=0, atol=2e-5)
+
+
+def test_gaussian_nll_is_computed_once_when_read_with_the_variance_of_its_step(monkeypatch):
+    """Training never reads the Gaussian's NLL, so its forward must not pay for it; read
+    later, it is the NLL under the variance of that forward, not of a later step."""
+    import vqkit.nn.likelihood as likelihood
+
+    calls = []
+    real = likelihood.discretized_gaussian_log_prob
+    monkeypatch.setattr(likelihood, "discretized_gaussian_log_prob", lambda *a: calls.append(1) or real(*a))
+    lik = GaussianLikelihood(channels=1, decay=0.5)
+    x = torch.zeros(2, 1, 3, 3)
+    first = lik(torch.full_like(x, 0.1), x)
+    lik(torch.full_like(x, 0.5), x)  # moves the variance
+    assert calls == []
+    nll = first.nll
+    assert torch.equal(first.nll, nll) and calls == [1]
+    expected = -real(x, torch.full_like(x, 0.1), torch.full((1, 1, 1, 1), 0.5 * math.log(0.01))).flatten(1).sum(1)
+    torch.testing.assert_close(nll, expected)

@@ -130,8 +130,8 @@ class PixelCNNLikelihood(nn.Module):
         nll = -self._cumulative(out, xc)[..., -1].flatten(1).sum(1)
         log_pi, means, _, coeffs = self._split(out)
         mean = (log_pi.exp()[..., None] * self._coupled(means, coeffs, xc)).sum(-2)  # (B, H, W, C)
-        return LikelihoodOutput(loss=nll.mean() / x[0].numel(), nll=nll.detach(),
-                                mean=mean.clamp(-1, 1).permute(0, 3, 1, 2))
+        return LikelihoodOutput(loss=nll.mean() / x[0].numel(), mean=mean.clamp(-1, 1).permute(0, 3, 1, 2),
+                                compute_nll=nll.detach)
 
     def value_log_probs(self, out: torch.Tensor, x: torch.Tensor, c: int) -> torch.Tensor:
         """Head output (n, M * per_mixture) at one pixel and the pixel's subpixels x (n, C), of

@@ -333,10 +333,11 @@ class VQVAEOutput:
     levels; ``x_hat`` the expected reconstruction (B, C, H, W) in [-1, 1] (with the
     autoregressive ``pixelcnn`` likelihood, the teacher-forced mixture mean: each subpixel's
     mean given the true subpixels before it, so not an image the model could decode from the
-    codes alone; ``decode`` samples one); ``nll`` -log p(x|z_q)
-    in nats per image (B,); ``codes`` (B, h_m, w_m) int64, ``perplexity`` and ``usage`` (this
-    batch only) one per code map, top-first (in training, a residual stage that quantize dropout
-    left out has codes -1, usage 0 and perplexity 1).
+    codes alone; ``decode`` samples one); ``nll`` -log p(x|z_q) in nats per image (B,),
+    computed when first read (``likelihood``, the ``LikelihoodOutput``); ``codes`` (B, h_m, w_m)
+    int64, ``perplexity`` and ``usage`` (this batch only) one per code map, top-first (in
+    training, a residual stage that quantize dropout left out has codes -1, usage 0 and
+    perplexity 1).
 
     With prefix training, in training mode: ``prefix_losses`` holds the reconstruction loss of
     each prefix, keyed by its number of levels; ``recon_loss`` is their sum.
@@ -346,12 +347,16 @@ class VQVAEOutput:
     recon_loss: torch.Tensor
     vq_loss: torch.Tensor
     commitment_loss: torch.Tensor
-    nll: torch.Tensor
+    likelihood: LikelihoodOutput = field(repr=False)
     x_hat: torch.Tensor
     codes: list[torch.Tensor]
     perplexity: list[torch.Tensor]
     usage: list[torch.Tensor]
     prefix_losses: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def nll(self) -> torch.Tensor:
+        return self.likelihood.nll
 
 
 def _upsampler(channels: int, steps: int) -> nn.Sequential:
@@ -522,7 +527,7 @@ class VQVAE(nn.Module, ImageModel, PretrainedMixin):
         vq_loss = torch.stack([q.loss for q in qs]).sum()
         return VQVAEOutput(loss=recon_loss + vq_loss, recon_loss=recon_loss, vq_loss=vq_loss,
                            commitment_loss=torch.stack([q.commitment_loss for q in qs]).sum(),
-                           nll=rec.nll, x_hat=rec.mean, codes=self._maps_of(qs, "codes"),
+                           likelihood=rec, x_hat=rec.mean, codes=self._maps_of(qs, "codes"),
                            perplexity=self._maps_of(qs, "perplexity"), usage=self._maps_of(qs, "usage"),
                            prefix_losses=prefix_losses)
 
