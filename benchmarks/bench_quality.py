@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--config", type=Path, help="model config JSON instead of a preset")
     p.add_argument("--prefix-training", choices=VQVAE2Config.PREFIX_TRAINING,
                    help="(hierarchies) override the model's prefix_training")
+    p.add_argument("--prefix-share", type=float, help="(hierarchies) override the model's prefix_share")
     p.add_argument("--budget", type=float, default=600.0, help="training seconds")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=64)
@@ -67,6 +68,8 @@ def main() -> None:
     model_config = read_model_config(args.config) if args.config else preset(args.preset)
     if args.prefix_training:
         model_config = dataclasses.replace(model_config, prefix_training=args.prefix_training)
+    if args.prefix_share:
+        model_config = dataclasses.replace(model_config, prefix_share=args.prefix_share)
     if args.codebook_size:
         sizes = {"codebook_sizes": [args.codebook_size] * model_config.num_levels} \
             if isinstance(model_config, VQVAE2Config) else {"codebook_size": args.codebook_size}

@@ -149,7 +149,39 @@ def test_cli_train_takes_prefix_training_for_a_hierarchy_only(tmp_path, tiny2, t
     assert ckpt.model_config_of(tmp_path / "run").prefix_training == "off"
     assert main(["train", "--config", str(tmp_path / "one.json"), "--prefix-training", "loss", *common,
                  "-o", str(tmp_path / "one")]) == 2
-    assert "--prefix-training applies to a hierarchy" in capsys.readouterr().err
+    assert "--prefix-training and --prefix-share apply to a hierarchy" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "two.json"), "--prefix-share", "0.25", *common,
+                 "-o", str(tmp_path / "share")]) == 0
+    assert ckpt.model_config_of(tmp_path / "share").prefix_share == 0.25
+
+
+def test_prefix_share_trains_the_prefixes_of_the_first_images_only():
+    """With share s the proper prefixes' losses are those of the first ceil(s * B) images;
+    the full model's loss still covers the whole batch."""
+    x = _images(4)
+    whole = _model("loss")(x)
+    model = _model("loss", prefix_share=0.4)  # ceil(0.4 * 4) = 2 images
+    out = model(x)
+    torch.testing.assert_close(out.prefix_losses[3], whole.prefix_losses[3])
+    with torch.no_grad():
+        z = [q.lookup(c[:2]) for q, c in zip(model.quantizers, out.codes)]
+        for upto in (1, 2):
+            maps = [model.upsamplers[level](z[level]) for level in range(upto)]
+            maps += [model.absent[level - 1].expand(2, 4, 8, 8) for level in range(upto, 3)]
+            expected = (model.decoder(torch.cat(maps, 1)) - x[:2]).square().mean()
+            torch.testing.assert_close(out.prefix_losses[upto], expected)
+    out.loss.backward()
+    assert all(a.grad.abs().sum() > 0 for a in model.absent)
+
+
+def test_prefix_share_is_saved_unless_whole_and_checked():
+    config = dataclasses.replace(preset("cifar10-2level"), prefix_share=1.0)
+    assert "prefix_share" not in config.to_dict()  # earlier runs' fingerprints are unchanged
+    half = dataclasses.replace(config, prefix_share=0.5)
+    assert half.to_dict()["prefix_share"] == 0.5 and VQVAE2Config.from_dict(half.to_dict()) == half
+    for bad in (0, 1.5, -0.1, "half", True):
+        with pytest.raises(ValueError, match="prefix_share must be a number in"):
+            VQVAE2Config(prefix_share=bad)
 
 
 def test_levels_view_is_figure_3_from_decode_levels():

@@ -51,21 +51,23 @@ def _model_config(args) -> StageOneConfig | VAEConfig:
         config = ckpt.model_config_of(args.out)
     else:
         config = preset(args.preset or "cifar10")
-    if isinstance(config, VAEConfig) and (args.quantizer or args.prefix_training):
-        raise UsageError("--quantizer and --prefix-training apply to VQ models; this is a Gaussian VAE, "
-                         "which has no quantizer and one level")
+    prefix = {name: value for name, value in (("prefix_training", args.prefix_training),
+                                               ("prefix_share", args.prefix_share)) if value is not None}
+    if isinstance(config, VAEConfig) and (args.quantizer or prefix):
+        raise UsageError("--quantizer and --prefix-training/--prefix-share apply to VQ models; this is a "
+                         "Gaussian VAE, which has no quantizer and one level")
     if args.quantizer:
         specs = [parse_quantizer(text) for text in args.quantizer]
         config = with_quantizer(config, specs[0] if len(specs) == 1 else specs)
     decoder = {name: value for name, value in config_args(VQVAEConfig, args).items() if value is not None}
     if decoder:
         config = type(config).from_dict({**config.to_dict(), **decoder})
-    if args.prefix_training is None:
+    if not prefix:
         return config
     if not isinstance(config, VQVAE2Config):
-        raise UsageError("--prefix-training applies to a hierarchy (a VQ-VAE-2 preset or config); this model "
-                         "has one level")
-    return dataclasses.replace(config, prefix_training=args.prefix_training)
+        raise UsageError("--prefix-training and --prefix-share apply to a hierarchy (a VQ-VAE-2 preset or "
+                         "config); this model has one level")
+    return dataclasses.replace(config, **prefix)
 
 
 def cmd_train(args) -> None:
@@ -196,6 +198,9 @@ def add_parsers(sub) -> None:
                    help="(hierarchies) override the model's prefix_training: 'loss' (the hierarchical presets' "
                         "default), a reconstruction loss per prefix of levels, so that the top levels alone "
                         "decode to an image; 'off', every level every batch, as before")
+    t.add_argument("--prefix-share", type=float, metavar="SHARE",
+                   help="(hierarchies, with the per-prefix loss) override the model's prefix_share: the share "
+                        "of each batch whose prefixes are decoded and trained too, in (0, 1]")
     t.add_argument("--quantizer", action="append", metavar="SPEC",
                    help="the model's quantizer instead of the preset's or config's: vq[:cosine,rotation,"
                         "factor_dim=D], fsq:LEVELS (e.g. fsq:8,5,5,5, K = 1000), lfq:BITS[,entropy_weight=W] "

@@ -64,6 +64,7 @@ stage s's prior is conditioned on the maps above it, as a lower level's prior is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -241,6 +242,10 @@ class VQVAE2Config(_Network, JsonConfig):
             module docstring): ``"off"`` (every batch decodes all levels; a prefix decodes with
             zeros for the missing maps) or ``"loss"`` (a reconstruction loss per prefix, missing
             maps as learned absent inputs).
+        prefix_share: with ``"loss"``, the share of each batch whose proper prefixes are decoded
+            and trained too (its first ``ceil(share * B)`` images; batches are shuffled). The
+            prefix passes are most of a step's cost, and a share of them teaches the decoder
+            the absent inputs nearly as well (README).
     """
 
     label: ClassVar[str] = "VQ-VAE-2 config"
@@ -251,13 +256,16 @@ class VQVAE2Config(_Network, JsonConfig):
     strides: list[int] = field(default_factory=lambda: [1, 2])
     codebook_sizes: list[int] = field(default_factory=lambda: [512, 512])
     prefix_training: str = "off"
+    prefix_share: float = 1.0
 
     def to_dict(self) -> dict:
         data = super().to_dict()
-        # Absent at its old default, so that the config.json and the codec fingerprints (a hash
-        # of this dict) of runs made before the field existed stay what they were.
+        # Absent at their old defaults, so that the config.json and the codec fingerprints (a
+        # hash of this dict) of runs made before the fields existed stay what they were.
         if data["prefix_training"] == "off":
             del data["prefix_training"]
+        if data["prefix_share"] == 1.0:
+            del data["prefix_share"]
         return data
 
     def __post_init__(self):
@@ -280,6 +288,10 @@ class VQVAE2Config(_Network, JsonConfig):
         if self.prefix_training not in self.PREFIX_TRAINING:
             raise ConfigError(f"prefix_training must be one of {', '.join(map(repr, self.PREFIX_TRAINING))}, "
                               f"got {self.prefix_training!r}")
+        if isinstance(self.prefix_share, bool) or not isinstance(self.prefix_share, (int, float)) \
+                or not 0 < self.prefix_share <= 1:
+            raise ConfigError(f"prefix_share must be a number in (0, 1], got {self.prefix_share!r}")
+        self.prefix_share = float(self.prefix_share)
         self._check_quantizer()
 
 
@@ -420,6 +432,7 @@ class VQVAE(nn.Module, ImageModel, PretrainedMixin):
                                self.likelihood.decoder_channels)
         self.maps = c.code_maps()
         self.prefix_training = getattr(c, "prefix_training", "off")
+        self.prefix_share = getattr(c, "prefix_share", 1.0)
         self.absent = nn.ParameterList(
             nn.Parameter(torch.zeros(1, d, 1, 1)) for _ in range(1, levels if self.prefix_training != "off" else 1))
         self._register_load_state_dict_pre_hook(_rename_legacy_keys)
@@ -513,12 +526,15 @@ class VQVAE(nn.Module, ImageModel, PretrainedMixin):
         levels = self.num_levels
         prefix_losses: dict[int, torch.Tensor] = {}
         if self.training and self.prefix_training == "loss":
-            # Every prefix through the shared decoder in one batch, the full model's first.
-            params = self.decoder(torch.cat([self._decoder_input(z_qs, upto)
-                                             for upto in range(levels, 0, -1)]))  # (L*B, *, H, W)
-            full, *shorter = params.split(x.shape[0])
+            # Every prefix of the first n images through the shared decoder in one batch, after
+            # the full model's decoding of them all.
+            n = math.ceil(self.prefix_share * x.shape[0])
+            params = self.decoder(torch.cat([self._decoder_input(z_qs, levels)] + [
+                self._decoder_input([z_q[:n] for z_q in z_qs], upto)
+                for upto in range(levels - 1, 0, -1)]))  # (B + (L-1)*n, *, H, W)
+            full, *shorter = params.split([x.shape[0]] + [n] * (levels - 1))
             rec: LikelihoodOutput = self.likelihood(full, x)
-            prefix_losses = {levels - i: self._recon_loss(p, x) for i, p in enumerate(shorter, 1)}
+            prefix_losses = {levels - i: self._recon_loss(p, x[:n]) for i, p in enumerate(shorter, 1)}
             recon_loss = rec.loss + torch.stack(list(prefix_losses.values())).sum()
             prefix_losses[levels] = rec.loss
         else:
