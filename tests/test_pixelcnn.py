@@ -227,9 +227,10 @@ def test_vqvae_with_the_pixelcnn_likelihood_trains_encodes_decodes_and_saves(tmp
     _check_model(model, torch.rand(2, 3, 8, 8) * 2 - 1, tmp_path)
 
 
-def test_vqvae2_with_the_pixelcnn_likelihood_and_prefix_training(tmp_path):
+@pytest.mark.parametrize("mode", ["decoders", "loss"])
+def test_vqvae2_with_the_pixelcnn_likelihood_and_prefix_training(tmp_path, mode):
     torch.manual_seed(0)
-    model = VQVAE2(VQVAE2Config(in_channels=1, strides=[1, 1], codebook_sizes=[8, 16], prefix_training="loss",
+    model = VQVAE2(VQVAE2Config(in_channels=1, strides=[1, 1], codebook_sizes=[8, 16], prefix_training=mode,
                                 **TINY))
     x = torch.rand(2, 1, 8, 8) * 2 - 1
     out = model(x)

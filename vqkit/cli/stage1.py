@@ -195,11 +195,12 @@ def add_parsers(sub) -> None:
                    help="model preset (default cifar10; with --resume, the run's own model)")
     g.add_argument("--config", help="model config JSON (the 'model' part of a run's config.json)")
     t.add_argument("--prefix-training", choices=VQVAE2Config.PREFIX_TRAINING,
-                   help="(hierarchies) override the model's prefix_training: 'loss' (the hierarchical presets' "
-                        "default), a reconstruction loss per prefix of levels, so that the top levels alone "
-                        "decode to an image; 'off', every level every batch, as before")
+                   help="(hierarchies) override the model's prefix_training, how the top levels learn to decode "
+                        "to an image alone: 'decoders', a reconstruction loss per prefix of levels through a light "
+                        "decoder of its own; 'loss', the same through the shared decoder; 'off', every level "
+                        "every batch, as before")
     t.add_argument("--prefix-share", type=float, metavar="SHARE",
-                   help="(hierarchies, with the per-prefix loss) override the model's prefix_share: the share "
+                   help="(hierarchies, with prefix training) override the model's prefix_share: the share "
                         "of each batch whose prefixes are decoded and trained too, in (0, 1]")
     t.add_argument("--quantizer", action="append", metavar="SPEC",
                    help="the model's quantizer instead of the preset's or config's: vq[:cosine,rotation,"

@@ -1,9 +1,9 @@
 """VQ-VAE-2's Figure 3 from any run: each image decoded from the top level alone, then adding
 each lower level, then the original, with every view's PSNR.
 
-A prefix is decoded by ``VQVAE.decode_levels``: with the learned absent inputs of a model
-trained with ``prefix_training`` (its reconstruction from those levels), else with zeros for the
-missing maps (a view the decoder never saw in training). The "levels" are the model's code maps:
+A prefix is decoded by ``VQVAE.decode_levels``: as a model trained with ``prefix_training``
+learned to (its reconstruction from those levels), else with zeros for the missing maps (a view
+the decoder never saw in training). The "levels" are the model's code maps:
 a residual level's stages are added one by one, as levels are. Drawn with Pillow only.
 """
 

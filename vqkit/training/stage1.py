@@ -86,7 +86,7 @@ def train(run_dir: str | Path, model_config: StageOneConfig | VAEConfig, config:
     code_maps = [] if vae else model_config.code_maps()
     suffixes = [""] if len(code_maps) <= 1 else [f"_{m.name}" for m in code_maps]
     epoch_usage = [CodebookUsage(m.codebook_size) for m in code_maps]
-    per_prefix = getattr(model_config, "prefix_training", "off") == "loss"
+    per_prefix = getattr(model_config, "prefix_training", "off") != "off"
 
     batches = StepBatches(dataset, step_indices(len(dataset), config.batch_size, config.seed), config.steps,
                           config.workers, placement.device)
