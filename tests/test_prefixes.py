@@ -39,7 +39,7 @@ def test_config_field_is_left_out_of_the_dict_at_its_old_default():
     assert "prefix_training" not in old  # config.json and codec fingerprints of earlier runs are unchanged
     assert VQVAE2Config.from_dict(old).prefix_training == "off"
     on = preset("cifar10-2level")  # the hierarchical presets train every prefix
-    assert on.to_dict()["prefix_training"] == "loss" and VQVAE2Config.from_dict(on.to_dict()) == on
+    assert on.to_dict()["prefix_training"] == "decoders" and VQVAE2Config.from_dict(on.to_dict()) == on
     with pytest.raises(ValueError, match="prefix_training must be one of 'off', 'decoders', 'loss'"):
         VQVAE2Config(prefix_training="sometimes")
 
