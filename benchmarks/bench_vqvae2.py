@@ -59,7 +59,7 @@ K, N_SAMPLES = 512, 8
 
 def _like_the_peer():
     """vqvae2-256 trained as the peer trains: every level every batch, no per-prefix losses
-    (the preset's prefix_training would cost vqkit about 1.6x a step)."""
+    (the preset's prefix decoders cost vqkit about 1.05x a step: 446 against 426 ms, batch 4, 1 thread)."""
     return dataclasses.replace(preset("vqvae2-256"), prefix_training="off")
 
 
