@@ -522,14 +522,13 @@ class VQVAE(nn.Module, ImageModel, PretrainedMixin):
         a proper prefix through its own decoder where the model has them, else the shared one."""
         upto = self.num_levels if upto is None else upto
         if upto < self.num_levels and self.prefix_decoders:
-            return self._prefix_decode(z_qs, upto)
+            return self._prefix_decode([self.upsamplers[level](z_qs[level]) for level in range(upto)], upto)
         return self.decoder(self._decoder_input(z_qs, upto))
 
-    def _prefix_decode(self, z_qs: list[torch.Tensor], upto: int) -> torch.Tensor:
-        """The light decoder of the top ``upto < L`` levels on their upsampled maps
-        (B, upto*D, h_{L-1}, w_{L-1}) -> likelihood parameters (B, *, H, W)."""
-        return self.prefix_decoders[upto - 1](torch.cat([self.upsamplers[level](z_qs[level])
-                                                         for level in range(upto)], 1))
+    def _prefix_decode(self, upsampled: list[torch.Tensor], upto: int) -> torch.Tensor:
+        """The light decoder of the top ``upto < L`` levels on their upsampled maps (at least
+        ``upto`` of them, each (B, D, h_{L-1}, w_{L-1})) -> likelihood parameters (B, *, H, W)."""
+        return self.prefix_decoders[upto - 1](torch.cat(upsampled[:upto], 1))
 
     def _recon_loss(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The training loss of a prefix's reconstruction, leaving the likelihood's running
@@ -552,11 +551,12 @@ class VQVAE(nn.Module, ImageModel, PretrainedMixin):
         prefix_losses: dict[int, torch.Tensor] = {}
         n = math.ceil(self.prefix_share * x.shape[0])  # the images whose prefixes train too
         if self.training and self.prefix_training == "decoders":
-            rec = self.likelihood(self._decode_z_q(z_qs), x)
-            prefix_losses = {upto: self._recon_loss(self._prefix_decode([z_q[:n] for z_q in z_qs], upto), x[:n])
+            # Each level above the bottom upsampled once, for the full decoder and the prefixes'.
+            upsampled = [self.upsamplers[level](z_q) for level, z_q in enumerate(z_qs[:-1])]
+            rec = self.likelihood(self.decoder(torch.cat([*upsampled, z_qs[-1]], 1)), x)
+            first = [u[:n] for u in upsampled]
+            prefix_losses = {upto: self._recon_loss(self._prefix_decode(first, upto), x[:n])
                              for upto in range(levels - 1, 0, -1)}
-            recon_loss = rec.loss + torch.stack(list(prefix_losses.values())).sum()
-            prefix_losses[levels] = rec.loss
         elif self.training and self.prefix_training == "loss":
             # Every prefix of the first n images through the shared decoder in one batch, after
             # the full model's decoding of them all.
@@ -566,11 +566,11 @@ class VQVAE(nn.Module, ImageModel, PretrainedMixin):
             full, *shorter = params.split([x.shape[0]] + [n] * (levels - 1))
             rec: LikelihoodOutput = self.likelihood(full, x)
             prefix_losses = {levels - i: self._recon_loss(p, x[:n]) for i, p in enumerate(shorter, 1)}
-            recon_loss = rec.loss + torch.stack(list(prefix_losses.values())).sum()
-            prefix_losses[levels] = rec.loss
         else:
             rec = self.likelihood(self._decode_z_q(z_qs), x)
-            recon_loss = rec.loss
+        recon_loss = rec.loss + sum(prefix_losses.values())
+        if prefix_losses:
+            prefix_losses[levels] = rec.loss
         vq_loss = torch.stack([q.loss for q in qs]).sum()
         return VQVAEOutput(loss=recon_loss + vq_loss, recon_loss=recon_loss, vq_loss=vq_loss,
                            commitment_loss=torch.stack([q.commitment_loss for q in qs]).sum(),
