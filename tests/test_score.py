@@ -12,7 +12,7 @@ from score_setup import TINY_CLASSIFIER, build
 
 from vqkit.cli.main import main
 from vqkit.errors import UsageError
-from vqkit.inspect.score import ScoreSettings, feature_scores, score_chain, table
+from vqkit.inspect.score import ScoreSettings, feature_scores, per_class_accuracy, score_chain, table
 from vqkit.runs import checkpoint as ckpt
 from vqkit.training.classifier import ClassifierTrainConfig, train_classifier
 
@@ -62,6 +62,24 @@ def test_real_held_out_images_score_near_the_reference_and_samples_far(record):
     assert real["precision"] > 0.8 and real["recall"] > 0.8
     assert real["frechet_distance"] < 0.2 * uniform["frechet_distance"]
     assert real["cas_ratio"] == 1.0 and real["class_accuracy"] > 0.25
+
+
+def test_per_class_accuracy_counts_each_class_apart():
+    hits = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    labels = torch.tensor([0, 0, 2, 2, 3])
+    assert per_class_accuracy(hits, labels, 5) == [0.5, None, 1.0, 0.0, None]
+
+
+def test_rows_with_classes_carry_their_accuracy_by_class(record):
+    for row in record["rows"]:
+        per = row["class_accuracies"]
+        assert len(per) == 10
+        if row["name"] in ("prior", "uniform prior"):     # n / 10 samples drawn for every class
+            assert sum(per) / 10 == pytest.approx(row["class_accuracy"])
+    text = table(record).splitlines()
+    start = text.index("classifier accuracy by class:")
+    assert text[start + 1].split()[0] == "class" and len(text[start + 3:start + 13]) == 10
+    assert text[start + 3].startswith(record["class_names"][0])
 
 
 def test_cas_of_uniform_prior_samples_is_near_chance(record):

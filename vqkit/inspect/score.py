@@ -25,6 +25,10 @@ sets that collapse onto a few outlying real images: their large balls cover them
 2,000 reference images: 73% of uniform-prior samples lie in the balls of 23 real images, the 1%
 of largest radii), so read it beside recall and the Fréchet distance.
 
+Below the table, the classifier's accuracy by class for every row with classes: beside the
+real row, the reconstructions' column shows the classes that stage 1 loses and the prior's those
+that the prior loses (``class_accuracies`` in ``score.json``, by class index).
+
 ``sweep`` adds precision and recall over rejection thresholds, temperatures and top-k, the trade
 between quality and diversity, to ``score.json`` and ``score.png``.
 
@@ -120,6 +124,7 @@ class ScoreRow:
     name: str
     images: int
     class_accuracy: float | None = None
+    class_accuracies: list[float | None] | None = None   # per class index; None where no image has it
     cas: float | None = None
     cas_ratio: float | None = None
     frechet_distance: float | None = None
@@ -171,11 +176,21 @@ def _row(ctx: _Context, name: str, images: torch.Tensor, labels: torch.Tensor | 
     if labels is None:
         row.notes.append("no class accuracy or CAS: the images carry no class")
         return row
-    row.class_accuracy = float((probs.argmax(1) == labels).float().mean())
+    hits = (probs.argmax(1) == labels).float()
+    row.class_accuracy = float(hits.mean())
+    row.class_accuracies = per_class_accuracy(hits, labels, ctx.classifier.config.num_classes)
     if ctx.settings.cas:
         cas_images = images if cas_images is None else cas_images
         row.cas = ctx.cas(name, cas_images, labels if cas_labels is None else cas_labels)
     return row
+
+
+def per_class_accuracy(hits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
+    """The share of ``hits`` (N,), 1 where the classifier was right, among the images of each
+    class of ``labels`` (N,): a list of ``num_classes``, None for a class without images."""
+    counts = torch.bincount(labels, minlength=num_classes)
+    right = torch.bincount(labels, weights=hits, minlength=num_classes)
+    return [float(r / c) if c else None for r, c in zip(right.tolist(), counts.tolist())]
 
 
 def _stage1_data(chain: list[LevelPrior]) -> tuple[ImageSet, ImageSet]:
@@ -271,6 +286,7 @@ def score_chain(prior_runs: Sequence[str | Path], classifier_run: str | Path, ou
               "classifier": str(classifier_run.resolve()),
               "classifier_step": ckpt.latest_checkpoint(classifier_run).step,
               "data": test_set.spec, "reference": f"{n} real test images", "n": n, "k": settings.k,
+              "class_names": class_names,
               "settings": asdict(settings), "notes": notes,
               "rows": [asdict(row) for row in rows], "sweep": sweep}
     atomic_write_text(out / SCORE_FILE, json.dumps(record, indent=2) + "\n")
@@ -375,6 +391,15 @@ def _fmt(value: float | None, percent: bool = False) -> str:
     return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
 
 
+def _columns(head: list[str], lines: list[list[str]]) -> list[str]:
+    """A plain-text table: the head, a rule, the lines; the first column left-aligned."""
+    widths = [max(len(line[i]) for line in [head, *lines]) for i in range(len(head))]
+    text = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+            for line in [head, *lines]]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return text
+
+
 def table(record: dict) -> str:
     """The rows of a score record as a plain-text table (then the notes)."""
     head = ["images", "n", "classifier accuracy", "CAS", "CAS / real", "Fréchet distance", "precision", "recall",
@@ -382,15 +407,13 @@ def table(record: dict) -> str:
     lines = [[r["name"], str(r["images"]), _fmt(r["class_accuracy"], True), _fmt(r["cas"], True),
               _fmt(r["cas_ratio"], True), _fmt(r["frechet_distance"]), _fmt(r["precision"]), _fmt(r["recall"]),
               _fmt(r["acceptance"], True)] for r in record["rows"]]
-    widths = [max(len(row[i]) for row in [head, *lines]) for i in range(len(head))]
-    text = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-            for row in [head, *lines]]
-    text.insert(1, "  ".join("-" * w for w in widths))
+    text = _columns(head, lines)
     text.append(f"reference: {record['reference']} of {record['data']}; Fréchet distance, precision and recall "
                 f"(k={record['k']}) in the classifier's features")
     for r in record["rows"]:
         text += [f"{r['name']}: {note}" for note in r["notes"]]
     text += record["notes"]
+    text += _class_table(record)
     if record["sweep"]:
         text.append("sweep (precision / recall / Fréchet distance / classifier accuracy):")
         text += [f"  {p['family']} {p['value']:g}: {_fmt(p['precision'])} / {_fmt(p['recall'])} / "
@@ -399,6 +422,19 @@ def table(record: dict) -> str:
                  + (f" ({p['images']} images: the cap on draws was reached)" if p["images"] != record["n"] else "")
                  for p in record["sweep"]]
     return "\n".join(text)
+
+
+def _class_table(record: dict) -> list[str]:
+    """The classifier's accuracy by class (a line per class, a column per row with classes),
+    which tells the classes that stage 1 loses (reconstructions) from those the prior loses."""
+    rows = [r for r in record["rows"] if r.get("class_accuracies")]
+    if not rows:
+        return []
+    count = len(rows[0]["class_accuracies"])
+    names = record.get("class_names") or [str(i) for i in range(count)]
+    head = ["class", *(r["name"] for r in rows)]
+    lines = [[names[c], *(_fmt(r["class_accuracies"][c], True) for r in rows)] for c in range(count)]
+    return ["classifier accuracy by class:", *_columns(head, lines)]
 
 
 def score_figure(record: dict):
