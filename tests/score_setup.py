@@ -16,7 +16,7 @@ from vqkit.training.prior import PriorTrainConfig, prior_config_for, train_prior
 from vqkit.training.stage1 import TrainConfig, train
 
 # A classifier of a few thousand weights: 28x28 -> 14x14 -> 7x7, 16 features.
-TINY_CLASSIFIER = ClassifierConfig(in_channels=1, num_classes=10, widths=[8, 16], features=16, dropout=0.0)
+TINY_CLASSIFIER = ClassifierConfig(in_channels=1, num_classes=10, widths=[8, 16], depth=1, features=16, dropout=0.0)
 CLASSIFIER_STEPS = 150
 
 
