@@ -192,6 +192,7 @@ def test_config_round_trip_and_validation():
     ("vqvae2-256", [(32, 32), (64, 64)]),
     ("vqvae2-3level", [(32, 32), (64, 64), (128, 128)]),
     ("cifar10-2level", [(8, 8), (16, 16)]),
+    ("mnist-2level", [(7, 7), (14, 14)]),
     ("faces-3level", [(8, 8), (16, 16), (32, 32)]),
 ])
 def test_preset_code_map_shapes(name, shapes):
@@ -206,12 +207,12 @@ def test_vqvae2_256_preset_is_the_papers_two_level_model():
     assert c.ema and c.beta == 0.25
 
 
-@pytest.mark.parametrize("name", ["cifar10-2level", "faces-3level", "vqvae2-256"])
+@pytest.mark.parametrize("name", ["cifar10-2level", "mnist-2level", "faces-3level", "vqvae2-256"])
 def test_presets_run_at_their_native_size(name):
     torch.manual_seed(0)
     size = PRESET_IMAGE_SIZE[name]
     model = VQVAE2(preset(name))
-    x = torch.rand(1, 3, size, size) * 2 - 1
+    x = torch.rand(1, model.config.in_channels, size, size) * 2 - 1
     out = model(x)
     assert out.x_hat.shape == x.shape
     assert [tuple(c.shape[1:]) for c in out.codes] == model.config.latent_shapes(size, size)

@@ -48,6 +48,14 @@ PRESETS: dict[str, StageOneConfig | VAEConfig] = {
     "cifar10-2level": VQVAE2Config(in_channels=3, hidden=64, res_hidden=32, num_res_blocks=2,
                                    strides=[1, 1], code_dim=64, codebook_sizes=[512, 512],
                                    prefix_training="decoders"),
+    # 28x28 grey images -> 14x14 bottom, 7x7 top. On Fashion-MNIST (900 CPU s, 1 thread) it
+    # reconstructs at 32.3 dB, and its class-conditional samples (a 7x7 top prior, a 14x14 bottom
+    # prior given the top) were classified as their class more often than those of `mnist` (7x7,
+    # 24 dB: 82.7%) or of a one-level 14x14 model (31.1 dB, whose flat prior loses the global
+    # shape: 77.5%): 84.2% (README, "scores").
+    "mnist-2level": VQVAE2Config(in_channels=1, hidden=64, res_hidden=32, num_res_blocks=2,
+                                 strides=[1, 1], code_dim=32, codebook_sizes=[256, 256],
+                                 prefix_training="decoders"),
     # 128x128 faces -> 32x32 bottom, 16x16 middle, 8x8 top. The 1,800 training faces give a
     # CPU run a few hundred steps, so unused codes are restarted after 20 steps instead of 100:
     # with 100, a 600 s run left a quarter of the top codebook dead.
@@ -63,8 +71,8 @@ PRESETS: dict[str, StageOneConfig | VAEConfig] = {
 }
 
 PRESET_IMAGE_SIZE = {"cifar10-paper": 32, "cifar10": 32, "mnist": 28, "demo": 28, "vqvae2-256": 256,
-                     "vqvae2-3level": 1024, "cifar10-2level": 32, "faces-3level": 128, "vae-mnist": 28,
-                     "vae-cifar10": 32}
+                     "vqvae2-3level": 1024, "cifar10-2level": 32, "mnist-2level": 28, "faces-3level": 128,
+                     "vae-mnist": 28, "vae-cifar10": 32}
 
 
 def preset(name: str) -> StageOneConfig | VAEConfig:
