@@ -18,7 +18,7 @@ import torch
 from conftest import DATA, TINY2
 
 from vqkit.cli.main import main
-from vqkit.codec.codec import Codec, CodecError, _from_tiles, _to_tiles
+from vqkit.codec.codec import Codec, CodecError, _frequency_table, _from_tiles, _to_tiles, portable_probabilities
 from vqkit.codec.format import MAGIC, header_size, read_vq
 from vqkit.codec.packing import pack_uniform, uniform_payload_bytes, unpack_uniform
 from vqkit.data.datasets import to_model
@@ -83,13 +83,17 @@ def test_size_is_the_priors_ideal_code_length(codec):
     image = _image(60, 80, seed=1)
     compressed = codec.compress(image)
     # The ideal code length from the teacher-forced forward pass, tile by tile: the same
-    # conditionals as the incremental path, within float rounding.
+    # conditionals as the incremental path, within float rounding, made portable.
     top, bottom = (link.prior for link in codec.chain)
     maps = codec.encode(image)
     t, b = _to_tiles(maps[0], 7, 7), _to_tiles(maps[1], 14, 14)
     with torch.no_grad():
-        nll = (top.nll(t).sum() * 49 + bottom.nll(b, cond_codes=[t]).sum() * 196) / math.log(2)
-    assert compressed.ideal_bits == pytest.approx(float(nll), rel=1e-4)
+        logits = [top(t), bottom(b, cond_codes=[t])]
+    nll = 0.0
+    for logit, target in zip(logits, (t, b)):
+        probs = portable_probabilities(logit.permute(0, 2, 3, 1).reshape(-1, logit.shape[1]))
+        nll -= float(np.log2(probs[np.arange(len(probs)), target.flatten().numpy()]).sum())
+    assert compressed.ideal_bits == pytest.approx(nll, rel=1e-4)
     payload_bits = 8 * compressed.header.payload_length
     # The range coder's fixed-point probabilities cost a little, and the last 32-bit words of
     # each level's stream a few bytes.
@@ -349,8 +353,9 @@ def test_prior_mode_codes_with_the_priors_probabilities():
     assert uniform.header.payload_length == 56 * 56 * 4 // 8
     # The ideal code length under the prior: the map's histogram entropy, about a third of log2 16.
     counts = torch.bincount(codes.flatten(), minlength=16).double()
-    p = (counts + 0.05) / (counts.sum() + 16 * 0.05)
-    assert prior.ideal_bits == pytest.approx(float(-(counts * p.log2()).sum()), rel=1e-6)
+    p = portable_probabilities(torch.log((counts + 0.05) / counts.sum())[None])[0]
+    assert np.abs(p / ((counts + 0.05) / (counts.sum() + 16 * 0.05)).numpy() - 1).max() < 0.02
+    assert prior.ideal_bits == pytest.approx(float(-(counts.numpy() * np.log2(p)).sum()), rel=1e-6)
     assert prior.ideal_bits < 0.4 * 8 * uniform.header.payload_length
     payload_bits = 8 * prior.header.payload_length
     assert prior.ideal_bits - 8 <= payload_bits <= prior.ideal_bits + 64, \
@@ -441,3 +446,37 @@ def test_rd_plots_every_prefix_as_a_point_of_the_same_file(codec, tmp_path):
         assert top.bpp == pytest.approx(8 * compressed.prefix_bytes(1) / (30 * 45))
         assert top.psnr == pytest.approx(psnr(image, codec.decompress(compressed.data, levels=1)))
         assert top.bpp < points[(f"run {mode}", mode)].bpp
+
+
+def test_the_frequency_table_is_exp_in_integers():
+    table = _frequency_table()
+    assert len(table) == 32 * 64 + 1 and table[0] == 2 ** 24
+    assert table[64] == round(2 ** 24 * math.exp(-1)) and table[128] == round(2 ** 24 * math.exp(-2))
+    assert (np.diff(table) <= 0).all() and table.min() == 1
+
+
+def test_portable_probabilities_round_away_another_machines_float_noise():
+    torch.manual_seed(0)
+    logits = torch.randn(4096, 64, dtype=torch.float64) * 4
+    noisy = logits * (1 + 1e-13 * torch.randn_like(logits))  # another CPU's float64 arithmetic
+    assert not np.array_equal(logits.softmax(-1).numpy(), noisy.softmax(-1).numpy())
+    p = portable_probabilities(logits)
+    assert np.array_equal(p, portable_probabilities(noisy))
+    q = logits.softmax(-1).numpy()
+    # Within 2^-12 of the maximum the table's integers are exact to 0.02%; below, its 2^-24
+    # floor is the range coder's own resolution.
+    near = q > 2.0 ** -12 * q.max(-1, keepdims=True)
+    assert np.allclose(p.sum(-1), 1.0) and np.abs(p / q - 1)[near].max() < 0.02
+    # Far below the maximum every code keeps the smallest frequency, never zero.
+    assert (portable_probabilities(torch.tensor([[0.0, -1e4, -40.0]]))[0, 1:] > 0).all()
+
+
+def test_a_prior_mode_file_decodes_under_another_machines_float_noise(codec, monkeypatch):
+    import vqkit.codec.codec as codec_module
+    image = _image(60, 80, seed=3)
+    data = codec.compress(image).data
+    assert data[8] == 3  # a portable file
+    real = codec_module.portable_probabilities
+    monkeypatch.setattr(codec_module, "portable_probabilities",
+                        lambda logits: real(logits * (1 + 1e-12 * torch.randn_like(logits))))
+    assert torch.equal(codec.decompress(data), codec.reconstruct(image))

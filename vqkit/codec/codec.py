@@ -18,13 +18,24 @@ image at once and only the entropy model works tile by tile (tile ``k`` of a low
 conditioned on tile ``k`` of the levels above). Uniform mode pads to the model's total stride.
 The decoder crops back to the stored size.
 
-Determinism. The decoder must see bit for bit the probabilities the encoder used. Both run
-the same computation: the prior's incremental state (``Prior.incremental``), position by
-position over the same batch of tiles, on one torch thread (so no reduction is split
-differently between threads), then ``softmax`` in float64; ``constriction``'s
-``Categorical(perfect=False)`` turns those floats into integer frequencies by deterministic
-fixed-point arithmetic (every symbol keeps a nonzero frequency). A CRC of the codes in the
-header turns any disagreement (say, another CPU's float arithmetic) into an error.
+Determinism. The decoder must see bit for bit the probabilities the encoder used, on whatever
+CPU it runs: float arithmetic differs between CPU kinds (AVX2, AVX-512, AMX kernels sum in other
+orders), so a float32 prior's logits agree only to about 1e-6 between machines, and any
+difference in a frequency derails the range decoder. So the entropy model is the prior in
+float64 on one torch thread (the same reductions in the same order in every process), whose
+logits agree between machines to about 1e-13, made exact by rounding: each logit below its
+position's maximum is rounded to a multiple of 1/64 (``_LOGIT_STEPS``) and looked up in a table
+of integer frequencies ``round(2^24 exp(-d / 64))`` computed in decimal arithmetic (the same
+integers everywhere); the probabilities handed to ``constriction`` are those integers over
+their sum, which IEEE division gives bit for bit alike. A logit lands on the other side of a
+rounding boundary on another machine with a chance of about 1e-11 (twice its noise over the
+step), about once in 10^5 files of a few hundred codes of K = 512; the rounding moves each
+probability within 2^-12 of its position's largest by at most 1.6% and costs about 1e-5 bits
+per code on average (the table's 2^-24 floor is about the range coder's own resolution). ``constriction``'s
+``Categorical(perfect=False)`` turns the probabilities into its fixed-point frequencies by
+deterministic arithmetic (every symbol keeps a nonzero frequency). A CRC of the codes in the
+header turns any disagreement into an error. Files of format versions 1 and 2 were coded with
+the float32 prior's softmax and decode only where that arithmetic gives the same bits.
 
 Progressive files. Each level is coded on its own, top-first (prior mode: one range-coder
 stream per level, each level's conditionals given the maps above it; uniform mode: one mixed-radix
@@ -43,6 +54,9 @@ The container (header, checksums, limits) is ``vqkit.codec.format``; uniform mod
 from __future__ import annotations
 
 import contextlib
+import copy
+import decimal
+import functools
 import hashlib
 import json
 import math
@@ -56,7 +70,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vqkit.codec.format import MAX_LEVELS, MAX_PIXELS, MODES, Header, Segment, parse, read_vq
+from vqkit.codec.format import (
+    FORMAT_VERSION,
+    MAX_LEVELS,
+    MAX_PIXELS,
+    MODES,
+    PORTABLE_VERSION,
+    Header,
+    Segment,
+    parse,
+    read_vq,
+)
 from vqkit.codec.packing import pack_uniform, unpack_uniform
 from vqkit.data.datasets import from_model, to_model
 from vqkit.data.images import load_image, save_png
@@ -65,6 +89,37 @@ from vqkit.fsutil import atomic_write_bytes
 from vqkit.nn.vqvae import VQVAE
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.generate import LevelPrior, check_chain, decode_codes
+
+# Portable probabilities (see "Determinism"): logits are rounded to multiples of 1 / _LOGIT_STEPS
+# below their maximum; those more than _LOGIT_RANGE below it share the smallest frequency.
+_LOGIT_STEPS = 64
+_LOGIT_RANGE = 32
+_FREQUENCY_BITS = 24
+
+
+@functools.cache
+def _frequency_table() -> np.ndarray:
+    """``max(1, round(2^24 exp(-i / 64)))`` for i = 0 .. 2048, in decimal arithmetic, whose
+    results the decimal standard fixes on every platform (libm's exp may differ by an ulp): the
+    powers of one ``exp(-1 / 64)`` at 40 digits, rounded half to even."""
+    context = decimal.Context(prec=40, rounding=decimal.ROUND_HALF_EVEN)
+    step = context.exp(context.divide(decimal.Decimal(-1), decimal.Decimal(_LOGIT_STEPS)))
+    power, table = decimal.Decimal(2 ** _FREQUENCY_BITS), []
+    for _ in range(_LOGIT_RANGE * _LOGIT_STEPS + 1):
+        table.append(max(1, int(power.to_integral_value(context=context))))
+        power = context.multiply(power, step)
+    return np.array(table, dtype=np.int64)
+
+
+def portable_probabilities(logits: torch.Tensor) -> np.ndarray:
+    """Float64 logits (n, K) -> probabilities (n, K) that are the same bits on every machine
+    whose logits differ from these by rounding noise (about 1e-13): rounded logits looked up in
+    an integer table, over their sum."""
+    below = logits.double().numpy()
+    below = np.rint((below.max(-1, keepdims=True) - below) * _LOGIT_STEPS)
+    frequencies = _frequency_table()[np.minimum(below, _LOGIT_RANGE * _LOGIT_STEPS).astype(np.int64)]
+    # Sums of integers below 2^53 are exact, and one IEEE division per entry is correctly rounded.
+    return frequencies / frequencies.sum(-1, keepdims=True, dtype=np.int64)
 
 
 @contextlib.contextmanager
@@ -145,6 +200,7 @@ class Codec:
                 {"fingerprint": fp, "config": link.prior.config.to_dict()}
                 for fp, link in zip(prior_fingerprints, chain)]})
             self.tile = self._tile_of(chain)
+        self._entropy_priors = None
 
     @classmethod
     def load(cls, run: str | Path, priors: Sequence[str | Path] = (), which: str = ckpt.BEST) -> "Codec":
@@ -253,7 +309,7 @@ class Codec:
         for segment, payload, span in zip(header.segments, segments, header.segment_levels()):
             shapes = [header.levels[level][:2] for level in span]
             if header.mode == "prior":
-                maps = self._prior_decode(payload, n, codes, span, shapes, name)
+                maps = self._prior_decode(payload, n, codes, span, shapes, name, header.version)
             else:
                 flat = unpack_uniform(payload, [h * w for h, w in shapes], [self.radices[i] for i in span])
                 maps = [torch.from_numpy(c).reshape(h, w) for c, (h, w) in zip(flat, shapes)]
@@ -289,9 +345,23 @@ class Codec:
 
     # -- prior mode: range coding with the priors' conditionals --
 
-    def _states(self, maps_above: list[torch.Tensor], level: int, n: int):
+    def _states(self, maps_above: list[torch.Tensor], level: int, n: int, version: int):
+        """The incremental state of level ``level``'s entropy model for a file of ``version``:
+        the prior in float64 (portable versions) or as it is (the float32 softmax of versions 1, 2)."""
         link = self.chain[level]
-        return link.prior.incremental(n, cond_codes=[maps_above[j] for j in link.cond_levels])
+        prior = link.prior
+        if version >= PORTABLE_VERSION:
+            if self._entropy_priors is None:
+                self._entropy_priors = [copy.deepcopy(other.prior).double().cpu().eval() for other in self.chain]
+            prior = self._entropy_priors[level]
+        return prior.incremental(n, cond_codes=[maps_above[j].to(prior.device) for j in link.cond_levels])
+
+    @staticmethod
+    def _probabilities(state, i: int, j: int, version: int) -> np.ndarray:
+        logits = state.logits(i, j)
+        if version >= PORTABLE_VERSION:
+            return portable_probabilities(logits)
+        return logits.double().softmax(-1).cpu().numpy()
 
     def _tile_shapes(self) -> list[tuple[int, int]]:
         return [(link.prior.config.height, link.prior.config.width) for link in self.chain]
@@ -307,10 +377,10 @@ class Codec:
         with _one_thread():
             for level, t in enumerate(tiles):
                 encoder = constriction.stream.queue.RangeEncoder()
-                state = self._states(tiles, level, n)
+                state = self._states(tiles, level, n, FORMAT_VERSION)
                 for i in range(t.shape[1]):
                     for j in range(t.shape[2]):
-                        probs = state.logits(i, j).double().softmax(-1).numpy()
+                        probs = self._probabilities(state, i, j, FORMAT_VERSION)
                         symbols = t[:, i, j]
                         encoder.encode(symbols.numpy().astype(np.int32), family, probs)
                         bits -= float(np.log2(probs[np.arange(n), symbols.numpy()]).sum())
@@ -320,9 +390,9 @@ class Codec:
 
     @torch.no_grad()
     def _prior_decode(self, payload: bytes, n: int, above: list[torch.Tensor], span: range,
-                      shapes: list[tuple[int, int]], name: str) -> list[torch.Tensor]:
-        """The maps of the levels ``span`` from one range-coder stream, given the decoded maps
-        ``above`` of every level above them (top-first)."""
+                      shapes: list[tuple[int, int]], name: str, version: int) -> list[torch.Tensor]:
+        """The maps of the levels ``span`` from one range-coder stream of a file of format
+        ``version``, given the decoded maps ``above`` of every level above them (top-first)."""
         words = np.frombuffer(payload, "<u4").astype(np.uint32)
         family = constriction.stream.model.Categorical(perfect=False)
         tile_shapes = self._tile_shapes()
@@ -333,10 +403,10 @@ class Codec:
                 for level in span:
                     th, tw = tile_shapes[level]
                     t = torch.zeros(n, th, tw, dtype=torch.long)
-                    state = self._states(tiles, level, n)
+                    state = self._states(tiles, level, n, version)
                     for i in range(th):
                         for j in range(tw):
-                            probs = state.logits(i, j).double().softmax(-1).numpy()
+                            probs = self._probabilities(state, i, j, version)
                             t[:, i, j] = torch.from_numpy(decoder.decode(family, probs).astype(np.int64))
                             state.write(i, j, t[:, i, j])
                     tiles.append(t)

@@ -1,13 +1,14 @@
 """The ``.vq`` container: header layout, its checks, and reading a file (see ``vqkit.codec.codec``
 for what the payload holds and how it is coded).
 
-Version 2 (written since progressive files) is **progressive**: the levels' bytes follow the
-header top-first, each in its own segment whose length and CRC the header gives, so the first
-``N`` segments alone decode the top ``N`` levels (a preview), and a download cut after them is
-still a usable file. Layout (little-endian)::
+Version 3 (written since portable probabilities) is **progressive**: the levels' bytes follow
+the header top-first, each in its own segment whose length and CRC the header gives, so the
+first ``N`` segments alone decode the top ``N`` levels (a preview), and a download cut after
+them is still a usable file. Its prior-mode probabilities are portable across CPUs
+(``vqkit.codec.codec``, "Determinism"). Layout (little-endian)::
 
     magic      8 bytes  89 'VQK' 0d 0a 1a 0a
-    version    u8       2
+    version    u8       3
     mode       u8       0 uniform, 1 prior
     levels     u8       L, the model's code maps (levels; a residual level's stages one each)
     channels   u8       1 or 3
@@ -18,7 +19,9 @@ still a usable file. Layout (little-endian)::
     header_crc u32      CRC-32 of every byte above
     L segments          top-first, ``length`` bytes each
 
-Version 1 (still read) holds every level in one segment, its checksums after the level table
+Version 2 (still read) has version 3's layout, its prior-mode probabilities those of the
+prior's float32 arithmetic, which decode only on a CPU whose arithmetic gives the same bits.
+Version 1 (still read, float32 like version 2) holds every level in one segment, its checksums after the level table
 and after the payload::
 
     magic .. tile_width as above (version 1), then L x (h, w, K) u32 each,
@@ -42,8 +45,10 @@ from vqkit.errors import CodecError, UsageError
 from vqkit.nn.vqvae import level_names
 
 MAGIC = b"\x89VQK\r\n\x1a\n"
-FORMAT_VERSION = 2            # what this vqkit writes
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 3            # what this vqkit writes
+READ_VERSIONS = (1, 2, 3)
+# The first version whose prior-mode probabilities are portable (see vqkit.codec.codec).
+PORTABLE_VERSION = 3
 MODES = ("uniform", "prior")
 MAX_LEVELS = 8
 MAX_PIXELS = 1 << 26          # 64 megapixels: what a file may declare
@@ -58,7 +63,7 @@ CRC = struct.Struct("<I")
 
 @dataclass
 class Segment:
-    """The bytes of one or more levels (version 2: exactly one): their ``length``, the CRC-32 of
+    """The bytes of one or more levels (version 2 and later: exactly one): their ``length``, the CRC-32 of
     those bytes and the CRC-32 of the codes they decode to (int32, level after level)."""
 
     length: int
@@ -69,7 +74,7 @@ class Segment:
 @dataclass
 class Header:
     """The fields of a ``.vq`` header; ``levels`` holds (h, w, K) per level, top-first;
-    ``segments`` one ``Segment`` per level (version 2) or one for all levels (version 1)."""
+    ``segments`` one ``Segment`` per level (version 2 and later) or one for all levels (version 1)."""
 
     mode: str
     channels: int
@@ -85,7 +90,7 @@ class Header:
     version: int = FORMAT_VERSION
 
     def to_bytes(self) -> bytes:
-        """The version-2 header (this vqkit writes no other)."""
+        """The header of FORMAT_VERSION (this vqkit writes no other)."""
         if self.version != FORMAT_VERSION or len(self.segments) != len(self.levels):
             raise CodecError(f"only version {FORMAT_VERSION} headers, one segment per level, are written")
         head = _FIXED.pack(MAGIC, FORMAT_VERSION, MODES.index(self.mode), len(self.levels), self.channels,
@@ -162,9 +167,9 @@ def parse(data: bytes, name: str = "<bytes>", levels: int | None = None,
         raise CodecError(f"{name}: corrupt header (checksum mismatch)")
     if levels is not None and not 1 <= levels <= count:
         raise UsageError(f"{name}: levels must be in 1..{count} (the file holds {count} level(s)), got {levels}")
-    table = _LEVEL if version == 2 else _LEVEL_V1
+    table = _LEVEL if version >= 2 else _LEVEL_V1
     rows = [table.unpack_from(data, _FIXED.size + i * table.size) for i in range(count)]
-    if version == 2:
+    if version >= 2:
         segments = [Segment(*row[3:]) for row in rows]
     else:
         codes_crc, payload_length, _ = _TAIL_V1.unpack_from(data, size - _TAIL_V1.size)
@@ -260,7 +265,7 @@ def _segment_codes(h: Header):
 def read_vq(path: str | Path, levels: int | None = None) -> bytes:
     """The bytes of a ``.vq`` file; refuses one larger than any image the format allows could need.
 
-    With ``levels``, a progressive (version-2) file is read only as far as the end of its top
+    With ``levels``, a progressive (version 2 or later) file is read only as far as the end of its top
     ``levels`` levels' segments, as the header gives them; ``parse`` checks what was read.
     """
     path = Path(path)
@@ -270,7 +275,7 @@ def read_vq(path: str | Path, levels: int | None = None) -> bytes:
         raise CodecError(f"{path}: {size} bytes is larger than any .vq file can be ({limit})")
     with path.open("rb") as f:
         head = f.read(_FIXED.size)
-        if levels is None or len(head) < _FIXED.size or head[:len(MAGIC)] != MAGIC or head[8] != 2 \
+        if levels is None or len(head) < _FIXED.size or head[:len(MAGIC)] != MAGIC or head[8] < 2 \
                 or not 1 <= head[10] <= MAX_LEVELS:
             return head + f.read()
         table = f.read(head[10] * _LEVEL.size + CRC.size)
