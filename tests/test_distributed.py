@@ -70,14 +70,16 @@ def _prior(run: Path, codes_dir: Path, batch_size: int):
 
 
 def _spy_on_ranks(root: Path, rank: int) -> None:
-    """Save every rank's model at the end of each run (``root/RUN-rankR.safetensors``) and
-    count the codes restarted (``root/restarts-rankR.json``)."""
+    """Save every rank's model at the end of each run (``root/RUN-rankR.safetensors``; a prior's
+    averaged weights, which its checkpoints hold) and count the codes restarted
+    (``root/restarts-rankR.json``)."""
     for module in (train_module, train_prior_module):
         real_loop = module.run_loop
 
         def run_loop(run_dir, model, *args, _real=real_loop, **kwargs):
             result = _real(run_dir, model, *args, **kwargs)
-            weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+            saved = model if kwargs.get("average") is None else kwargs["average"].module
+            weights = {k: v.contiguous() for k, v in saved.state_dict().items()}
             save_file(weights, str(root / f"{Path(run_dir).name}-rank{rank}.safetensors"))
             return result
 

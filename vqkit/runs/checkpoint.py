@@ -8,8 +8,10 @@ Layout of a run folder::
                                      runs that measure one (priors; see ``validation.json``)
     validation.json                  every held-out measurement of the run: step and value
     checkpoints/step-00001000/
-        model.safetensors            weights and buffers (codebook, EMA statistics)
-        training.safetensors         optimizer tensors and RNG state, for resuming
+        model.safetensors            weights and buffers (codebook, EMA statistics); in a run
+                                     that averages its weights, the average (what commands use)
+        training.safetensors         optimizer tensors and RNG state, for resuming; in a run
+                                     that averages, also the trained weights ("trained.*")
         state.json                   step, optimizer hyperparameters, fingerprint, metrics
 
 A checkpoint is written into a temporary folder, renamed into place, and only then named in
@@ -45,6 +47,9 @@ LATEST, BEST = "latest", "best"
 VALIDATION_FILE = "validation.json"
 # Stage-1 run kinds.
 STAGE1_KINDS = tuple(CONFIGS)
+# The trained weights' prefix in training.safetensors when model.safetensors holds their
+# average (``vqkit.training.averaging``).
+TRAINED_PREFIX = "trained."
 
 
 class CheckpointError(VqkitError, ValueError):
@@ -164,9 +169,11 @@ def read_eval(run: str | Path) -> dict | None:
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    step: int, metrics: dict | None = None, *, best: bool = False) -> Path:
+                    step: int, metrics: dict | None = None, *, best: bool = False,
+                    trained: torch.nn.Module | None = None) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` (and with ``best``, ``best``) at
-    it, prune old ones."""
+    it, prune old ones. With ``trained``, ``model`` holds the averaged weights of the module
+    ``trained`` that the optimizer steps; those are saved for resuming."""
     root = Path(run_dir) / "checkpoints"
     name = f"step-{step:08d}"
     final = root / name
@@ -182,10 +189,13 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     save_file(weights, str(tmp / "model.safetensors"))
     opt_tensors, opt_json = _flatten_optimizer(optimizer.state_dict())
     opt_tensors["rng.torch"] = torch.get_rng_state()
+    if trained is not None:
+        opt_tensors.update({TRAINED_PREFIX + k: v.detach().contiguous().cpu()
+                            for k, v in trained.state_dict().items()})
     save_file(opt_tensors, str(tmp / "training.safetensors"))
     state = {"step": step, "fingerprint": fingerprint(tmp / "model.safetensors"),
              "training_fingerprint": fingerprint(tmp / "training.safetensors"),
-             "optimizer": opt_json, "metrics": metrics or {}}
+             "optimizer": opt_json, "metrics": metrics or {}, "averaged": trained is not None}
     (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     for f in tmp.iterdir():
         fsync_file(f)
@@ -361,14 +371,28 @@ def _load_state(model: torch.nn.Module, weights: dict, path: Path) -> None:
         raise CheckpointError(f"{path}: weights do not fit the model in config.json ({problem})")
 
 
-def load_training_state(run_dir: Path, model: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer) -> Checkpoint:
-    """Restore weights, optimizer state and RNG state of the latest checkpoint for resuming."""
+def load_training_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        averaged: torch.nn.Module | None = None) -> Checkpoint:
+    """Restore weights, optimizer state and RNG state of the latest checkpoint for resuming.
+
+    A checkpoint of a run that averages its weights (``state["averaged"]``) gives ``model`` its
+    trained weights and ``averaged`` (when given) the average; any other gives ``model`` its
+    weights and leaves ``averaged`` as it is."""
     ckpt = latest_checkpoint(run_dir)
     weights_path = ckpt.path / "model.safetensors"
-    _load_state(model, _load_tensors(weights_path, ckpt.state.get("fingerprint")), weights_path)
+    weights = _load_tensors(weights_path, ckpt.state.get("fingerprint"))
     training_path = ckpt.path / "training.safetensors"
     tensors = _load_tensors(training_path, ckpt.state.get("training_fingerprint"))
+    trained = {k[len(TRAINED_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(TRAINED_PREFIX)}
+    if ckpt.state.get("averaged"):
+        if not trained:
+            raise CheckpointError(f"{training_path}: the checkpoint averages its weights but holds no "
+                                  "trained weights to resume from")
+        _load_state(model, trained, training_path)
+        if averaged is not None:
+            _load_state(averaged, weights, weights_path)
+    else:
+        _load_state(model, weights, weights_path)
     try:
         torch.set_rng_state(tensors.pop("rng.torch"))
         optimizer.load_state_dict(_unflatten_optimizer(tensors, ckpt.state["optimizer"]))

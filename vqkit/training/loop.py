@@ -25,6 +25,7 @@ from tqdm import tqdm
 from vqkit import distributed
 from vqkit.errors import VqkitError
 from vqkit.runs import checkpoint as ckpt
+from vqkit.training.averaging import WeightAverage
 
 # The seconds a time budget can count (``RunConfig.clock``): wall time, or this process's CPU
 # seconds (all its threads), which other jobs on a shared machine slow less.
@@ -166,13 +167,16 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
              steps: int, time_budget: float | None, checkpoint_every: int, log_every: int,
              step_fn: Callable[[int], StepOutput], board: TensorBoard, progress: bool = True,
              after_step: Callable[[int, StepOutput], None] | None = None,
-             validation: Validation | None = None, desc: str = "train", clock: str = "wall") -> TrainResult:
+             validation: Validation | None = None, desc: str = "train", clock: str = "wall",
+             average: WeightAverage | None = None) -> TrainResult:
     """Run ``step_fn`` from ``step`` up to ``steps`` (or until ``time_budget`` seconds), with
     a checkpoint every ``checkpoint_every`` steps and at the end. ``after_step`` runs on every
     process (it may all-reduce); ``board`` should be enabled on rank 0 only. With
     ``validation``, the model is measured on held-out data as it says, the best checkpoint is
     kept as ``best`` and training stops early when it stops improving. ``clock`` (one of
-    ``CLOCKS``) is what ``time_budget`` counts."""
+    ``CLOCKS``) is what ``time_budget`` counts. With ``average`` (of ``model``'s weights), the
+    average is updated after every step and checkpoints save it as the run's weights, beside
+    the trained ones (the validation's ``measure`` should measure ``average.module``)."""
     budget_clock = CLOCKS[clock]
     start_time = budget_clock()
     stopped_by_time = stopped_early = False
@@ -184,6 +188,10 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     bar = tqdm(total=steps, initial=step, desc=desc, disable=not (progress and main), dynamic_ncols=True)
     start_step = step
     postfix: dict[str, str] = {}
+    saved, trained = (model, None) if average is None else (average.module, model)
+
+    def save(best: bool = False) -> None:
+        ckpt.save_checkpoint(run_dir, saved, optimizer, step, {"loss": loss_value}, best=best, trained=trained)
 
     def validate() -> None:
         nonlocal last_saved
@@ -196,7 +204,7 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
             if step == last_saved and (run_dir / ckpt.LATEST).exists():
                 ckpt.mark_best(run_dir, step)
             else:
-                ckpt.save_checkpoint(run_dir, model, optimizer, step, {"loss": loss_value}, best=True)
+                save(best=True)
         if improved:
             last_saved = step
 
@@ -218,6 +226,8 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
+            if average is not None:
+                average.update()
             step += 1
             if time_budget is not None:
                 _fit_bar_to_budget(bar, step, steps, start_step, budget_clock() - start_time, time_budget)
@@ -234,7 +244,7 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
                 validate()
             if step % checkpoint_every == 0 and step != last_saved:
                 if main:
-                    ckpt.save_checkpoint(run_dir, model, optimizer, step, {"loss": loss_value})
+                    save()
                 last_saved = step
         # The weights training ends with are measured too, unless they just were.
         if tracker is not None and step > start_step and (not tracker.history or tracker.history[-1][0] != step):
@@ -243,7 +253,7 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
         bar.close()
         board.close()
     if main and (step != last_saved or not (run_dir / ckpt.LATEST).exists()):
-        ckpt.save_checkpoint(run_dir, model, optimizer, step, {"loss": loss_value})
+        save()
     distributed.barrier()  # the final checkpoint exists when ``run_loop`` returns on any rank
     best = tracker.best if tracker is not None else None
     return TrainResult(step=step, seconds=budget_clock() - start_time, stopped_by_time=stopped_by_time,

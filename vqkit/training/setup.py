@@ -25,6 +25,7 @@ from vqkit import distributed, precision
 from vqkit.config import JsonConfig
 from vqkit.errors import ConfigError
 from vqkit.runs import checkpoint as ckpt
+from vqkit.training.averaging import WeightAverage
 from vqkit.training.loop import CLOCKS, TensorBoard, TrainingError
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,11 @@ class RunConfig(precision.PlacementConfig):
 class Run:
     """A run ready to train.
 
-    ``model`` is the placed module that checkpoints save; ``forward`` is what the training step
-    calls (``model.<method>`` wrapped for data-parallel training and compiled when asked);
-    ``step`` is where training starts (0, or the checkpoint resumed from).
+    ``model`` is the placed module that the optimizer steps; ``forward`` is what the training
+    step calls (``model.<method>`` wrapped for data-parallel training and compiled when asked);
+    ``step`` is where training starts (0, or the checkpoint resumed from); ``average``, for a
+    run that averages its weights, their running average, which checkpoints save as the run's
+    weights (``result``).
     """
 
     folder: Path
@@ -90,11 +93,18 @@ class Run:
     step: int
     placement: precision.Placement
     board: TensorBoard
+    average: WeightAverage | None = None
+
+    @property
+    def result(self) -> nn.Module:
+        """The module whose weights are the run's: the average where there is one."""
+        return self.model if self.average is None else self.average.module
 
 
 def start_run(folder: str | Path, kind: str, model_config: JsonConfig, build: Callable[[], nn.Module],
               config, *, resume: bool = False, tensorboard: bool = True, data_field: str = "data",
-              method: str = "forward", unused_parameters: bool = False, extra: dict | None = None) -> Run:
+              method: str = "forward", unused_parameters: bool = False, extra: dict | None = None,
+              average_decay: float = 0.0) -> Run:
     """Set up the run of ``kind`` in ``folder`` for a model that ``build()`` makes from
     ``model_config``, trained as ``config`` says (a training configuration: ``seed``, ``lr``,
     ``batch_size``, ``compile`` and the placement fields; ``data_field`` names its data field,
@@ -112,6 +122,7 @@ def start_run(folder: str | Path, kind: str, model_config: JsonConfig, build: Ca
         method: the model's method the training step calls (``"forward"``, or ``"nll"`` for priors).
         unused_parameters: the model may hold parameters outside the loss (tells DDP to look).
         extra: further top-level entries of config.json (e.g. a prior's ``source``).
+        average_decay: > 0 averages the weights with this decay per step (``WeightAverage``).
     """
     folder = Path(folder)
     placement = config.placement()
@@ -119,6 +130,7 @@ def start_run(folder: str | Path, kind: str, model_config: JsonConfig, build: Ca
     torch.manual_seed(config.seed)
     model = precision.prepare_model(build(), placement)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    average = WeightAverage(model, average_decay) if average_decay else None
     step = 0
     where = folder / "config.json"
     if resume and (folder / "latest").exists():
@@ -134,7 +146,11 @@ def start_run(folder: str | Path, kind: str, model_config: JsonConfig, build: Ca
         if saved["train"].get(data_field) != getattr(config, data_field):
             log.warning("resuming %s on %s (it was trained on %s)", folder, getattr(config, data_field),
                         saved["train"].get(data_field))
-        step = ckpt.load_training_state(folder, model, optimizer).step
+        resumed = ckpt.load_training_state(folder, model, optimizer,
+                                           averaged=average.module if average is not None else None)
+        step = resumed.step
+        if average is not None and resumed.state.get("averaged"):
+            average.resumed(step)
         distributed.check_same(step, f"the step of {folder / 'latest'}",
                                "; every process must see the same run folder")
         log.info("resuming %s from step %d", folder, step)
@@ -148,4 +164,4 @@ def start_run(folder: str | Path, kind: str, model_config: JsonConfig, build: Ca
     forward = torch.compile(net) if config.compile else net
     board = TensorBoard(folder / "tensorboard", tensorboard and distributed.is_main())
     return Run(folder=folder, model=model, forward=forward, optimizer=optimizer, step=step,
-               placement=placement, board=board)
+               placement=placement, board=board, average=average)
