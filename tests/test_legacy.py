@@ -79,3 +79,13 @@ def test_code_sets_and_priors_load(tmp_path):
     # A version-1 file is not progressive, but decoded whole it still gives a preview of its top level.
     assert torch.equal(codec.decompress((LEGACY / "two.vq").read_bytes(), levels=1),
                        codec.decompress((tmp_path / "again.vq").read_bytes(), levels=1))
+
+
+def test_a_portable_file_written_on_another_cpu_kind_decodes_here(tmp_path):
+    """``two-v3.vq`` (format version 3) was coded on an Intel Xeon with AMX: its probabilities
+    are portable, so on every CPU kind it decodes to the pixels the earlier vqkit gave."""
+    assert (LEGACY / "two-v3.vq").read_bytes()[8] == 3
+    priors = [a for p in PRIORS for a in ("--prior", str(p))]
+    assert main(["decompress", str(LEGACY / "two"), str(LEGACY / "two-v3.vq"), *priors,
+                 "-o", str(tmp_path / "out.png")]) == 0
+    assert torch.equal(_pixels(tmp_path / "out.png"), _pixels(LEGACY / "two.vq.png"))
