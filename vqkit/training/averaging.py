@@ -49,7 +49,7 @@ class WeightAverage:
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must lie in (0, 1), got {decay!r}")
-        self.model, self.decay = model, decay
+        self.model = model
         self.averaged = AveragedModel(model, multi_avg_fn=ema_with_warmup(decay))
 
     @property
