@@ -3,12 +3,14 @@ and their resumption."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from vqkit.errors import UsageError
 from vqkit.runs import checkpoint as ckpt
-from vqkit.training.loop import StepOutput, TensorBoard, Validation, run_loop
+from vqkit.training.loop import StepOutput, TensorBoard, Validation, lr_factor, run_loop, run_progress
 
 
 def _run(run_dir, values, *, steps, every=1, patience=0, checkpoint_every=1000, start=None):
@@ -123,3 +125,71 @@ def test_the_time_budget_counts_the_chosen_clock(tmp_path, monkeypatch):
     result = run("cpu")
     assert result.stopped_by_time and 1 <= result.step < 10
     assert not run("wall").stopped_by_time
+
+
+def test_schedule_factors_follow_the_cosine_and_clamp():
+    assert lr_factor("constant", 0.7) == 1.0
+    assert [lr_factor("cosine", p) for p in (0.0, 0.5, 1.0)] == pytest.approx([1.0, 0.5, 0.0])
+    assert lr_factor("cosine", 0.25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor("cosine", -1.0) == 1.0 and lr_factor("cosine", 3.0) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_factor("step", 0.5)
+    # The run ends at its steps or its budget, whichever comes first.
+    assert run_progress(30, 100, 5.0, None) == 0.3
+    assert run_progress(30, 100, 5.0, 10.0) == 0.5
+    assert run_progress(80, 100, 5.0, 10.0) == 0.8
+
+
+def _rates(run_dir, *, steps, time_budget=None, clock="wall", schedule="cosine", start=0, optimizer_lr=1.0):
+    """The learning rate each step of a cosine-scheduled run was taken with."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=optimizer_lr)
+    seen = []
+
+    def step_fn(step: int) -> StepOutput:
+        seen.append(optimizer.param_groups[0]["lr"])
+        return StepOutput(-model.weight.sum(), {})
+
+    result = run_loop(run_dir, model, optimizer, start, steps=steps, time_budget=time_budget, clock=clock,
+                      checkpoint_every=1000, log_every=1000, step_fn=step_fn,
+                      board=TensorBoard(run_dir / "tb", False), progress=False, lr=0.1, schedule=schedule)
+    return seen, result
+
+
+def test_the_cosine_runs_over_the_steps_from_the_base_lr_not_the_optimizer_s(tmp_path):
+    # The optimizer's own rate (as a resumed one holds: the last scheduled) is not the base.
+    seen, _ = _rates(tmp_path / "a", steps=4, optimizer_lr=0.003)
+    assert seen == pytest.approx([0.1 * lr_factor("cosine", k / 4) for k in range(4)])
+    # A resumed run goes on along the same cosine.
+    seen, _ = _rates(tmp_path / "b", steps=4, start=2, optimizer_lr=0.003)
+    assert seen == pytest.approx([0.05, 0.1 * lr_factor("cosine", 0.75)])
+    seen, _ = _rates(tmp_path / "c", steps=3, schedule="constant")
+    assert seen == [1.0, 1.0, 1.0]  # a constant schedule leaves the optimizer's rate alone
+
+
+def test_under_a_time_budget_the_cosine_ends_with_the_budget(tmp_path, monkeypatch):
+    """A fake clock that reads 10 s per step taken: with a 40 s budget and far more steps, step k
+    is taken at progress k / 4, and the run stops once the budget is spent."""
+    from vqkit.training import loop
+    steps_taken = []
+    monkeypatch.setitem(loop.CLOCKS, "cpu", lambda: 10.0 * len(steps_taken))
+    model = torch.nn.Linear(1, 1, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+
+    def step_fn(step: int) -> StepOutput:
+        steps_taken.append(optimizer.param_groups[0]["lr"])
+        return StepOutput(-model.weight.sum(), {})
+
+    result = run_loop(tmp_path, model, optimizer, 0, steps=1000, time_budget=40.0, clock="cpu",
+                      checkpoint_every=1000, log_every=1000, step_fn=step_fn,
+                      board=TensorBoard(tmp_path / "tb", False), progress=False, lr=0.1, schedule="cosine")
+    assert result.stopped_by_time and result.step == 5
+    assert steps_taken == pytest.approx([0.1 * lr_factor("cosine", k / 4) for k in range(5)])
+
+
+def test_a_schedule_needs_its_base_lr(tmp_path):
+    model = torch.nn.Linear(1, 1, bias=False)
+    with pytest.raises(ValueError, match="needs the base lr"):
+        run_loop(tmp_path, model, torch.optim.SGD(model.parameters(), lr=1.0), 0, steps=1, time_budget=None,
+                 checkpoint_every=1, log_every=1, step_fn=lambda _: None, board=TensorBoard(tmp_path, False),
+                 progress=False, schedule="cosine")

@@ -15,7 +15,7 @@ CONFIGS = [(TrainConfig, {"data": "x"}, "image_every"), (PriorTrainConfig, {"cod
 def test_both_training_configs_refuse_the_same_bad_values(cls, required, own):
     cls(**required)  # the defaults are valid
     for bad in ({"steps": -1}, {"batch_size": 0}, {"lr": 0.0}, {"time_budget": 0.0}, {"checkpoint_every": 0},
-                {"log_every": 0}, {own: 0}):
+                {"log_every": 0}, {"schedule": "step"}, {own: 0}):
         with pytest.raises(ConfigError):
             cls(**required, **bad)
     with pytest.raises(ConfigError, match=f"{own}=0"):

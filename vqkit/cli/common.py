@@ -8,10 +8,10 @@ from pathlib import Path
 from vqkit import distributed
 from vqkit.precision import PRECISIONS
 from vqkit.runs import checkpoint as ckpt
-from vqkit.training.loop import CLOCKS
+from vqkit.training.loop import CLOCKS, SCHEDULES
 
 # The values the fields of every training run (RunConfig) take.
-RUN_CHOICES = {"precision": PRECISIONS, "clock": tuple(CLOCKS)}
+RUN_CHOICES = {"precision": PRECISIONS, "clock": tuple(CLOCKS), "schedule": SCHEDULES}
 
 DATA_HELP = ("dataset as KIND:DIR with KIND one of mnist, fashion-mnist, cifar10, folder, prepared "
              "(a set made by vqkit prepare; e.g. cifar10:../shared/data/cifar10)")

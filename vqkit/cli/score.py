@@ -13,7 +13,6 @@ from vqkit.inspect.score import ScoreSettings, score_chain, table
 from vqkit.nn.classifier import ClassifierConfig
 from vqkit.runs import checkpoint as ckpt
 from vqkit.training.classifier import (
-    SCHEDULES,
     ClassifierTrainConfig,
     accuracy,
     classifier_config_for,
@@ -70,7 +69,7 @@ def add_parsers(sub) -> None:
     tc = sub.add_parser("train-classifier", help="train the image classifier that vqkit score and "
                                                   "vqkit sample --reject use, on a data set's training split")
     tc.add_argument("-o", "--out", required=True, type=Path, help="classifier run folder")
-    add_config_args(tc, ClassifierTrainConfig, choices={**RUN_CHOICES, "schedule": SCHEDULES})
+    add_config_args(tc, ClassifierTrainConfig, choices=RUN_CHOICES)
     model = tc.add_argument_group("the classifier's model (with --resume, the run's own)")
     add_config_args(model, ClassifierConfig, exclude=(*_FROM_DATA, "widths"))
     model.add_argument("--widths", type=int, nargs="+", metavar="W",

@@ -13,7 +13,6 @@ and photos, wrong for digits).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,6 @@ from vqkit.training.setup import RunConfig, start_run
 log = logging.getLogger(__name__)
 
 KIND = "classifier"
-SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -53,8 +51,8 @@ class ClassifierTrainConfig(JsonConfig, ReadConfig, RunConfig):
         flip: flip half the training images left to right.
         label_smoothing: cross-entropy label smoothing (Fashion-MNIST, depth 1, 2,000 steps: 0.1
             gave 90.7% test accuracy, 0 gave 90.2%).
-        schedule: the learning rate over the steps: constant, or cosine (from lr down to 0 at steps;
-            resuming with other steps changes it).
+        schedule: as every run's (``RunConfig``); a classifier's default is cosine (Fashion-MNIST,
+            depth 1, 2,000 steps: 90.2% test accuracy, 86.8% with a constant rate).
         batch_size: images per step (per process, when data-parallel).
     """
 
@@ -63,7 +61,7 @@ class ClassifierTrainConfig(JsonConfig, ReadConfig, RunConfig):
     shift: int = 0
     flip: bool = False
     label_smoothing: float = 0.1
-    schedule: str = "cosine"
+    schedule: str = field(default="cosine", kw_only=True)
     steps: int = field(default=2000, kw_only=True)
     batch_size: int = field(default=128, kw_only=True)
     lr: float = field(default=2e-3, kw_only=True)
@@ -74,14 +72,6 @@ class ClassifierTrainConfig(JsonConfig, ReadConfig, RunConfig):
             raise ConfigError(f"shift must be an integer >= 0, got {self.shift!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-
-    def lr_at(self, step: int) -> float:
-        """The learning rate of step ``step`` (0-based)."""
-        if self.schedule == "constant":
-            return self.lr
-        return 0.5 * self.lr * (1 + math.cos(math.pi * min(step, self.steps) / max(self.steps, 1)))
 
 
 def augment(images: torch.Tensor, shift: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -141,8 +131,6 @@ def train_classifier(run_dir: str | Path, model_config: ClassifierConfig, config
                           config.workers, placement.device)
 
     def step_fn(step: int) -> StepOutput:
-        for group in run.optimizer.param_groups:
-            group["lr"] = config.lr_at(step)
         images, labels = batches.get(step)
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 7919 + distributed.rank())
         x = precision.prepare_input(to_model(augment(images, config.shift, config.flip, g)), placement)
@@ -157,7 +145,7 @@ def train_classifier(run_dir: str | Path, model_config: ClassifierConfig, config
         return run_loop(run_dir, model, run.optimizer, run.step, steps=config.steps,
                         time_budget=config.time_budget, clock=config.clock, checkpoint_every=config.checkpoint_every,
                         log_every=config.log_every, step_fn=step_fn, board=run.board, progress=progress,
-                        desc="train-classifier")
+                        desc="train-classifier", lr=config.lr, schedule=config.schedule)
 
 
 def fit_classifier(run_dir: str | Path, images: torch.Tensor, labels: torch.Tensor,

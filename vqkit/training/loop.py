@@ -1,9 +1,10 @@
 """The training loop shared by stage 1 (``train``) and the priors (``train_prior``).
 
 It owns what every run needs and nothing model-specific: the step counter, the time budget,
-the non-finite-loss stop, atomic checkpoints, the progress bar and TensorBoard scalars; and,
-for a run that measures itself on held-out data (``Validation``), the history of that measure
-(``validation.json``), the best checkpoint (``best``) and early stopping.
+the learning-rate schedule, the non-finite-loss stop, atomic checkpoints, the progress bar and
+TensorBoard scalars; and, for a run that measures itself on held-out data (``Validation``),
+the history of that measure (``validation.json``), the best checkpoint (``best``) and early
+stopping.
 
 In data-parallel training (``vqkit.distributed``) every process runs the loop; the loss it
 checks and logs is the mean over the processes (so all stop together on a non-finite loss),
@@ -30,6 +31,27 @@ from vqkit.training.averaging import WeightAverage
 # The seconds a time budget can count (``RunConfig.clock``): wall time, or this process's CPU
 # seconds (all its threads), which other jobs on a shared machine slow less.
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.monotonic, "cpu": time.process_time}
+
+# The learning rate over a run (``RunConfig.schedule``): constant, or a cosine from lr down to
+# 0 at the run's end, which is whichever of its steps and its time budget comes first.
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, progress: float) -> float:
+    """The multiple of the base learning rate that ``schedule`` gives at ``progress`` (the
+    share of the run done: 0 at its start, 1 at its end; clamped to [0, 1])."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    raise ValueError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+
+
+def run_progress(step: int, steps: int, elapsed: float, time_budget: float | None) -> float:
+    """The share of a run done after ``step`` of ``steps`` and ``elapsed`` of ``time_budget``
+    seconds: the larger of the two, since the run ends at whichever comes first."""
+    done = step / max(steps, 1)
+    return done if time_budget is None else max(done, elapsed / time_budget)
 
 
 class TrainingError(VqkitError, RuntimeError):
@@ -168,7 +190,8 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
              step_fn: Callable[[int], StepOutput], board: TensorBoard, progress: bool = True,
              after_step: Callable[[int, StepOutput], None] | None = None,
              validation: Validation | None = None, desc: str = "train", clock: str = "wall",
-             average: WeightAverage | None = None) -> TrainResult:
+             average: WeightAverage | None = None, lr: float | None = None,
+             schedule: str = "constant") -> TrainResult:
     """Run ``step_fn`` from ``step`` up to ``steps`` (or until ``time_budget`` seconds), with
     a checkpoint every ``checkpoint_every`` steps and at the end. ``after_step`` runs on every
     process (it may all-reduce); ``board`` should be enabled on rank 0 only. With
@@ -176,7 +199,12 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     kept as ``best`` and training stops early when it stops improving. ``clock`` (one of
     ``CLOCKS``) is what ``time_budget`` counts. With ``average`` (of ``model``'s weights), the
     average is updated after every step and checkpoints save it as the run's weights, beside
-    the trained ones (the validation's ``measure`` should measure ``average.module``)."""
+    the trained ones (the validation's ``measure`` should measure ``average.module``).
+    ``schedule`` (one of ``SCHEDULES``) sets every parameter group's rate from ``lr`` before
+    each step; the run's end is its ``steps`` or its ``time_budget``, so a resumed run with a
+    budget schedules its new budget afresh (a warm restart)."""
+    if schedule != "constant" and lr is None:
+        raise ValueError(f"the {schedule} schedule needs the base lr")
     budget_clock = CLOCKS[clock]
     start_time = budget_clock()
     stopped_by_time = stopped_early = False
@@ -210,12 +238,17 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
 
     try:
         while step < steps:
-            if _time_is_up(budget_clock, start_time, time_budget):
+            elapsed = _elapsed(budget_clock, start_time, time_budget)
+            if time_budget is not None and elapsed > time_budget:
                 stopped_by_time = True
                 break
             if tracker is not None and tracker.exhausted:
                 stopped_early = True
                 break
+            if schedule != "constant":
+                rate = lr * lr_factor(schedule, run_progress(step, steps, elapsed, time_budget))
+                for group in optimizer.param_groups:
+                    group["lr"] = rate
             out = step_fn(step)
             loss_value = distributed.mean_over_ranks({"loss": float(out.loss.detach())})["loss"]
             if not math.isfinite(loss_value):
@@ -240,6 +273,8 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
                 postfix.update({k: f"{v:.4g}" for k, v in list(stats.items())[:3]})
                 bar.set_postfix(postfix)
                 board.scalars({f"train/{k}": v for k, v in stats.items()}, step)
+                if schedule != "constant":
+                    board.scalars({"train/lr": optimizer.param_groups[0]["lr"]}, step)
             if tracker is not None and step % validation.every == 0:
                 validate()
             if step % checkpoint_every == 0 and step != last_saved:
@@ -271,13 +306,10 @@ def _fit_bar_to_budget(bar: tqdm, step: int, steps: int, start_step: int, elapse
     bar.total = min(steps, max(reachable, step))
 
 
-def _time_is_up(budget_clock: Callable[[], float], start_time: float, time_budget: float | None) -> bool:
-    """Whether the budget is spent; in data-parallel training rank 0's clock decides for all,
-    so that every process runs the same number of steps."""
-    if time_budget is None:
-        return False
-    up = budget_clock() - start_time > time_budget
-    if distributed.active():
-        flag = torch.tensor([float(up)])
-        up = bool(distributed.broadcast(flag)[0])
-    return up
+def _elapsed(budget_clock: Callable[[], float], start_time: float, time_budget: float | None) -> float:
+    """The seconds spent so far; in data-parallel training under a time budget, rank 0's,
+    so that every process stops at the same step and schedules the same rate."""
+    elapsed = budget_clock() - start_time
+    if time_budget is not None and distributed.active():
+        elapsed = float(distributed.broadcast(torch.tensor([elapsed], dtype=torch.float64))[0])
+    return elapsed

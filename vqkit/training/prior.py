@@ -311,7 +311,7 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
     return run_loop(run_dir, prior, run.optimizer, run.step, steps=config.steps, time_budget=config.time_budget,
                     clock=config.clock, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
                     step_fn=step_fn, board=board, progress=progress, validation=validation,
-                    desc="train-prior", average=run.average)
+                    desc="train-prior", average=run.average, lr=config.lr, schedule=config.schedule)
 
 
 def evaluate_prior_run(run: str | Path, *, data: str | None = None, split: str = "test",

@@ -26,7 +26,7 @@ from vqkit.config import JsonConfig
 from vqkit.errors import ConfigError
 from vqkit.runs import checkpoint as ckpt
 from vqkit.training.averaging import WeightAverage
-from vqkit.training.loop import CLOCKS, TensorBoard, TrainingError
+from vqkit.training.loop import CLOCKS, SCHEDULES, TensorBoard, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,10 @@ class RunConfig(precision.PlacementConfig):
     Args:
         steps: train until this many steps in all (a resumed run continues up to it).
         batch_size: examples per step (per process, when data-parallel).
-        lr: Adam's learning rate.
+        lr: Adam's learning rate (its peak, under a schedule).
+        schedule: the learning rate over the run: "constant", or "cosine", from lr down to 0 at
+            the run's end (its steps or its time budget, whichever comes first; a resumed run
+            with a time budget starts a new cosine over that budget).
         seed: seeds the initialisation and, with the step, the data order.
         time_budget: stop after this many seconds (and save).
         clock: what time_budget counts: "wall" seconds, or "cpu", this process's CPU seconds
@@ -55,6 +58,7 @@ class RunConfig(precision.PlacementConfig):
     steps: int = 10_000
     batch_size: int = 64
     lr: float = 2e-4
+    schedule: str = "constant"
     seed: int = 0
     time_budget: float | None = None
     clock: str = "wall"
@@ -65,6 +69,8 @@ class RunConfig(precision.PlacementConfig):
         super().__post_init__()
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("steps must be >= 0, batch_size >= 1 and lr > 0")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.clock not in CLOCKS:
             raise ConfigError(f"clock must be one of {', '.join(CLOCKS)}, got {self.clock!r}")
         if self.time_budget is not None and self.time_budget <= 0:

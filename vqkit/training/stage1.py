@@ -121,7 +121,7 @@ def train(run_dir: str | Path, model_config: StageOneConfig | VAEConfig, config:
         return run_loop(run_dir, model, run.optimizer, run.step, steps=config.steps,
                         time_budget=config.time_budget, clock=config.clock, checkpoint_every=config.checkpoint_every,
                         log_every=config.log_every, step_fn=step_fn, after_step=after_step, board=board,
-                        progress=progress)
+                        progress=progress, lr=config.lr, schedule=config.schedule)
 
 
 def _build(model_config: StageOneConfig | VAEConfig) -> VQVAE | GaussianVAE:
