@@ -8,8 +8,8 @@ held-out NLL is far above its best one, or whose training loss is far below it, 
         --variant dropout=0 --variant dropout=0.25 --variant channels=32,dropout=0.25
 
 Each variant is ``field=value[,field=value...]`` over PriorConfig's sizes (channels, layers,
-dropout, ...) and PriorTrainConfig's schedule (lr, batch_size, seed, average_decay: 0 measures
-the trained weights rather than their running average); ``default`` is the sizes
+dropout, ...) and PriorTrainConfig's training settings (lr, schedule, batch_size, seed,
+average_decay: 0 measures the trained weights rather than their running average); ``default`` is the sizes
 ``prior_config_for`` picks for the code set. Runs go under --out (default: a folder in /tmp).
 """
 
@@ -27,7 +27,7 @@ from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import load_codes
 from vqkit.training.prior import PriorTrainConfig, prior_config_for, train_prior
 
-_SCHEDULE = {"lr": float, "batch_size": int, "seed": int, "average_decay": float}
+_SCHEDULE = {"lr": float, "batch_size": int, "seed": int, "average_decay": float, "schedule": str}
 
 
 def _parse(variant: str) -> tuple[dict, dict]:

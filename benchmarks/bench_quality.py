@@ -33,6 +33,7 @@ from vqkit.nn.quantizers import parse_quantizer
 from vqkit.nn.vqvae import VQVAE2Config, with_quantizer
 from vqkit.runs.checkpoint import load_model, read_model_config
 from vqkit.training.evaluate import evaluate
+from vqkit.training.loop import SCHEDULES
 from vqkit.training.stage1 import TrainConfig, train
 
 
@@ -46,6 +47,7 @@ def main() -> None:
     p.add_argument("--prefix-share", type=float, help="(hierarchies) override the model's prefix_share")
     p.add_argument("--budget", type=float, default=600.0, help="training seconds")
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant", help="the learning rate over the budget")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -63,8 +65,8 @@ def main() -> None:
     if out.exists() and args.out:
         shutil.rmtree(out)
     config = TrainConfig(data=args.data, steps=10**9, batch_size=args.batch_size, lr=args.lr,
-                         seed=args.seed, time_budget=args.budget, clock=args.clock, checkpoint_every=10**9,
-                       image_size=args.image_size)
+                         schedule=args.schedule, seed=args.seed, time_budget=args.budget, clock=args.clock,
+                         checkpoint_every=10**9, image_size=args.image_size)
     model_config = read_model_config(args.config) if args.config else preset(args.preset)
     if args.prefix_training:
         model_config = dataclasses.replace(model_config, prefix_training=args.prefix_training)
