@@ -132,6 +132,10 @@ def test_schedule_factors_follow_the_cosine_and_clamp():
     assert [lr_factor("cosine", p) for p in (0.0, 0.5, 1.0)] == pytest.approx([1.0, 0.5, 0.0])
     assert lr_factor("cosine", 0.25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
     assert lr_factor("cosine", -1.0) == 1.0 and lr_factor("cosine", 3.0) == pytest.approx(0.0)
+    # The cooldown: constant for the first 80%, then 1 - sqrt of the share of the last 20% done.
+    assert [lr_factor("cooldown", p) for p in (0.0, 0.5, 0.8)] == [1.0, 1.0, 1.0]
+    assert lr_factor("cooldown", 0.85) == pytest.approx(0.5)
+    assert lr_factor("cooldown", 1.0) == pytest.approx(0.0) == lr_factor("cooldown", 2.0)
     with pytest.raises(ValueError, match="unknown schedule"):
         lr_factor("step", 0.5)
     # The run ends at its steps or its budget, whichever comes first.

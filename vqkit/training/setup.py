@@ -41,9 +41,10 @@ class RunConfig(precision.PlacementConfig):
         steps: train until this many steps in all (a resumed run continues up to it).
         batch_size: examples per step (per process, when data-parallel).
         lr: Adam's learning rate (its peak, under a schedule).
-        schedule: the learning rate over the run: "constant", or "cosine", from lr down to 0 at
+        schedule: the learning rate over the run: "constant"; "cosine", from lr down to 0 at
             the run's end (its steps or its time budget, whichever comes first; a resumed run
-            with a time budget starts a new cosine over that budget).
+            with a time budget schedules that budget afresh); or "cooldown", constant and then
+            down to 0 over the run's last 20%.
         seed: seeds the initialisation and, with the step, the data order.
         time_budget: stop after this many seconds (and save).
         clock: what time_budget counts: "wall" seconds, or "cpu", this process's CPU seconds
