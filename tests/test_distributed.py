@@ -31,9 +31,9 @@ from vqkit.nn.quantize import VectorQuantizer, enable_sync
 from vqkit.nn.vqvae import VQVAEConfig
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes, load_codes
+from vqkit.training import loop
 from vqkit.training import prior as train_prior_module
 from vqkit.training import stage1 as train_module
-from vqkit.training.loop import batch_indices
 from vqkit.training.prior import PriorTrainConfig, prior_config_for, train_prior
 from vqkit.training.stage1 import TrainConfig, train
 
@@ -95,6 +95,24 @@ def _spy_on_ranks(root: Path, rank: int) -> None:
     VectorQuantizer._restart_dead_codes = restart
 
 
+def _scheduled_loop(root: Path, rank: int) -> None:
+    """A cosine-scheduled run under a time budget whose ranks' clocks disagree (rank 1's runs
+    3x as fast); its steps and rates go to ``root/scheduled-rankR.json``."""
+    rates = []
+    loop.CLOCKS["cpu"] = lambda: 10.0 * len(rates) * (1 + 2 * rank)
+    model = torch.nn.Linear(1, 1, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+
+    def step_fn(_: int) -> loop.StepOutput:
+        rates.append(optimizer.param_groups[0]["lr"])
+        return loop.StepOutput(-model.weight.sum(), {})
+
+    result = loop.run_loop(root / "scheduled", model, optimizer, 0, steps=1000, time_budget=40.0, clock="cpu",
+                           checkpoint_every=1000, log_every=1000, step_fn=step_fn,
+                           board=loop.TensorBoard(root, False), progress=False, lr=0.1, schedule="cosine")
+    (root / f"scheduled-rank{rank}.json").write_text(json.dumps({"step": result.step, "rates": rates}))
+
+
 def _worker(rank: int, root: str, codes_dir: str) -> None:
     torch.set_num_threads(1)
     root = Path(root)
@@ -105,6 +123,7 @@ def _worker(rank: int, root: str, codes_dir: str) -> None:
         _stage1(root / "resumed", STEPS // 2, PER_RANK)
         _stage1(root / "resumed", STEPS, PER_RANK, resume=True)
         _prior(root / "prior", Path(codes_dir), PER_RANK)
+        _scheduled_loop(root, rank)
         _stage1(root / "bf16", STEPS, PER_RANK, precision="bf16")
     finally:
         dist.destroy_process_group()
@@ -126,7 +145,7 @@ def codes_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, codes_dir) -> Path:
     root = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(str(root), str(codes_dir)), nprocs=WORLD)
+    _spawn(_worker, (str(root), str(codes_dir)), timeout=300)
     return root
 
 
@@ -178,12 +197,21 @@ def test_two_processes_of_batch_b_match_one_process_of_batch_2b(runs, tmp_path, 
         torch.testing.assert_close(value, single[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_rank0_s_clock_sets_every_rank_s_stop_and_learning_rate(runs):
+    # Rank 0 reads 10 s per step against a 40 s budget: steps 0..4 at progress k / 4. On its own
+    # clock rank 1 would stop after 2 steps, at other rates (and the ranks' collectives part).
+    expected = [0.1 * loop.lr_factor("cosine", k / 4) for k in range(5)]
+    for r in range(WORLD):
+        record = json.loads((runs / f"scheduled-rank{r}.json").read_text())
+        assert record["step"] == 5 and record["rates"] == pytest.approx(expected)
+
+
 def test_ranks_take_disjoint_slices_of_the_global_batch():
     for step in range(7):
-        whole = batch_indices(step, 50, 12, seed=1)
-        shards = [batch_indices(step, 50, 4, seed=1, rank=r, world_size=3) for r in range(3)]
+        whole = loop.batch_indices(step, 50, 12, seed=1)
+        shards = [loop.batch_indices(step, 50, 4, seed=1, rank=r, world_size=3) for r in range(3)]
         assert torch.equal(torch.cat(shards), whole)
-    assert torch.equal(batch_indices(3, 50, 8, seed=1), batch_indices(3, 50, 8, seed=1, rank=0, world_size=1))
+    assert torch.equal(loop.batch_indices(3, 50, 8, seed=1), loop.batch_indices(3, 50, 8, seed=1, rank=0, world_size=1))
 
 
 def test_resuming_needs_the_same_global_batch(runs, tmp_path):
