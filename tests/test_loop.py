@@ -144,19 +144,24 @@ def test_schedule_factors_follow_the_cosine_and_clamp():
     assert run_progress(80, 100, 5.0, 10.0) == 0.8
 
 
-def _rates(run_dir, *, steps, time_budget=None, clock="wall", schedule="cosine", start=0, optimizer_lr=1.0):
-    """The learning rate each step of a cosine-scheduled run was taken with."""
+def _rates(run_dir, *, steps, schedule="cosine", start=0, optimizer_lr=1.0, budget=None, monkeypatch=None):
+    """The learning rate each step of a scheduled run (base lr 0.1) was taken with, and how the
+    run ended. With ``budget``, the run counts a fake CPU clock that reads 10 s per step taken."""
+    from vqkit.training import loop
     model = torch.nn.Linear(1, 1, bias=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=optimizer_lr)
     seen = []
+    if budget is not None:
+        monkeypatch.setitem(loop.CLOCKS, "cpu", lambda: 10.0 * len(seen))
 
     def step_fn(step: int) -> StepOutput:
         seen.append(optimizer.param_groups[0]["lr"])
         return StepOutput(-model.weight.sum(), {})
 
-    result = run_loop(run_dir, model, optimizer, start, steps=steps, time_budget=time_budget, clock=clock,
-                      checkpoint_every=1000, log_every=1000, step_fn=step_fn,
-                      board=TensorBoard(run_dir / "tb", False), progress=False, lr=0.1, schedule=schedule)
+    result = run_loop(run_dir, model, optimizer, start, steps=steps, time_budget=budget,
+                      clock="wall" if budget is None else "cpu", checkpoint_every=1000, log_every=1000,
+                      step_fn=step_fn, board=TensorBoard(run_dir / "tb", False), progress=False, lr=0.1,
+                      schedule=schedule)
     return seen, result
 
 
@@ -172,21 +177,9 @@ def test_the_cosine_runs_over_the_steps_from_the_base_lr_not_the_optimizer_s(tmp
 
 
 def test_under_a_time_budget_the_cosine_ends_with_the_budget(tmp_path, monkeypatch):
-    """A fake clock that reads 10 s per step taken: with a 40 s budget and far more steps, step k
-    is taken at progress k / 4, and the run stops once the budget is spent."""
-    from vqkit.training import loop
-    steps_taken = []
-    monkeypatch.setitem(loop.CLOCKS, "cpu", lambda: 10.0 * len(steps_taken))
-    model = torch.nn.Linear(1, 1, bias=False)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-
-    def step_fn(step: int) -> StepOutput:
-        steps_taken.append(optimizer.param_groups[0]["lr"])
-        return StepOutput(-model.weight.sum(), {})
-
-    result = run_loop(tmp_path, model, optimizer, 0, steps=1000, time_budget=40.0, clock="cpu",
-                      checkpoint_every=1000, log_every=1000, step_fn=step_fn,
-                      board=TensorBoard(tmp_path / "tb", False), progress=False, lr=0.1, schedule="cosine")
+    """With 10 s per step, a 40 s budget and far more steps, step k is taken at progress k / 4,
+    and the run stops once the budget is spent."""
+    steps_taken, result = _rates(tmp_path, steps=1000, budget=40.0, monkeypatch=monkeypatch)
     assert result.stopped_by_time and result.step == 5
     assert steps_taken == pytest.approx([0.1 * lr_factor("cosine", k / 4) for k in range(5)])
 
