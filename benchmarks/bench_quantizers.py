@@ -7,7 +7,7 @@ Variants (vqkit / vector-quantize-pytorch):
   vq-factor8  VectorQuantizer(ema=True, factor_dim=8)    / VectorQuantize(codebook_dim=8, ...)
   vq-rotation VectorQuantizer(ema=True, rotation=True)   / VectorQuantize(rotation_trick=True)
   fsq         FSQ(levels, 64)                            / FSQ(levels=levels, dim=64)
-  lfq         LFQ(bits, 64) with the entropy penalty     / LFQ(dim=64, codebook_size=2**bits,
+  lfq         LFQ(bits, 64, temperature=0.01)            / LFQ(dim=64, codebook_size=2**bits,
                                                              commitment_loss_weight=0.25)
 Both sides: EMA decay 0.99, commitment 0.25, no k-means, no dead-code restarts; LFQ's entropy
 weight 0.1, diversity 1, temperature 0.01 (vector-quantize-pytorch's inverse temperature 100).
@@ -65,7 +65,7 @@ def build(impl: str, variant: str, size):
         if variant == "fsq":
             q = FSQ(size, D, channel_dim=-1)
         elif variant == "lfq":
-            q = LFQ(size, D, channel_dim=-1)
+            q = LFQ(size, D, temperature=0.01, channel_dim=-1)  # theirs, for equal maths
         else:
             q = VectorQuantizer(size, D, ema=True, decay=0.99, channel_dim=-1, **ours)
 

@@ -47,7 +47,8 @@ def test_specs_are_canonical_and_shared_or_per_level():
     assert canonical_spec({"rotation": True, "kind": "vq", "cosine": False}) == {"kind": "vq", "rotation": True}
     config = with_quantizer(TINY2, [{"kind": "fsq", "levels": [4, 3]}, {"kind": "lfq", "bits": 3}])
     assert config.codebook_sizes == [12, 8]
-    assert config.level_quantizers() == [{"kind": "fsq", "levels": [4, 3]}, {"kind": "lfq", "bits": 3}]
+    assert config.level_quantizers() == [{"kind": "fsq", "levels": [4, 3]},
+                                         {"kind": "lfq", "bits": 3, "temperature": 1}]
     shared = with_quantizer(TINY2, {"kind": "fsq", "levels": [2, 2, 2]})
     assert shared.quantizer == {"kind": "fsq", "levels": [2, 2, 2]} and shared.codebook_sizes == [8, 8]
     # A list whose entries agree is the shared spec.
@@ -59,10 +60,21 @@ def test_specs_are_canonical_and_shared_or_per_level():
     assert with_quantizer(shared, None).quantizer is None
 
 
+def test_lfq_temperature_is_always_written_so_saved_specs_hash_as_before():
+    # The README's LFQ runs spelt out "temperature": 1 when the default was 0.01: their config
+    # dicts (which .vq fingerprints hash) must not change now that 1 is the default.
+    saved = {"kind": "lfq", "bits": 10, "temperature": 1}
+    assert canonical_spec(saved) == saved == canonical_spec({"kind": "lfq", "bits": 10})
+    config = VQVAEConfig.from_dict({**OLD_CONFIG, "codebook_size": 1024, "quantizer": saved})
+    assert config.to_dict()["quantizer"] == saved
+    assert build_model(config).quantizers[0].temperature == 1 == LFQ(10, 4).temperature
+
+
 @pytest.mark.parametrize("text, spec", [
     ("fsq:8,5,5,5", {"kind": "fsq", "levels": [8, 5, 5, 5]}),
-    ("lfq:10", {"kind": "lfq", "bits": 10}),
-    ("lfq:bits=6,entropy_weight=0.2", {"kind": "lfq", "bits": 6, "entropy_weight": 0.2}),
+    ("lfq:10", {"kind": "lfq", "bits": 10, "temperature": 1}),
+    ("lfq:bits=6,entropy_weight=0.2", {"kind": "lfq", "bits": 6, "entropy_weight": 0.2, "temperature": 1}),
+    ("lfq:bits=6,temperature=0.01", {"kind": "lfq", "bits": 6, "temperature": 0.01}),
     ("vq:cosine,rotation,factor_dim=8", {"kind": "vq", "cosine": True, "factor_dim": 8, "rotation": True}),
     ("vq", {"kind": "vq"}),
     ('{"kind": "fsq", "levels": [5, 5]}', {"kind": "fsq", "levels": [5, 5]}),

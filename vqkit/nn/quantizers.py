@@ -9,11 +9,11 @@ A quantizer spec is a JSON object with a ``kind`` and that kind's options::
     {"kind": "residual", "stages": 2}               residual VQ, S stages of K codes (vqkit.nn.residual)
     {"kind": "residual", "stages": 4, "shared": true, "quantize_dropout": true, "cosine": true}
 
-``canonical_spec`` checks a spec and drops the options left at their defaults, so that two
-spellings of one quantizer compare (and fingerprint) equal. The options that every model
-config holds at its top level (``beta``, ``ema``, ``decay``, ``kmeans_init``,
-``restart_after``) go to the VQ kind and to every stage of a residual one, and ``beta`` (the
-commitment weight) to LFQ; FSQ has no loss and no state. ``parse_quantizer`` reads the command
+``canonical_spec`` checks a spec and drops the options left at their defaults (but for
+``ALWAYS_WRITTEN``'s), so that two spellings of one quantizer compare (and fingerprint) equal.
+The options that every model config holds at its top level (``beta``, ``ema``, ``decay``,
+``kmeans_init``, ``restart_after``) go to the VQ kind and to every stage of a residual one, and
+``beta`` (the commitment weight) to LFQ; FSQ has no loss and no state. ``parse_quantizer`` reads the command
 line's short form, ``vq:cosine,rotation,factor_dim=8``, ``fsq:8,5,5,5``, ``lfq:10``,
 ``lfq:bits=10,entropy_weight=0.2`` or ``residual:2,shared,quantize_dropout`` (or a JSON object).
 
@@ -40,7 +40,9 @@ _REQUIRED = object()
 OPTIONS: dict[str, dict[str, object]] = {
     "vq": {"cosine": False, "factor_dim": None, "rotation": False},
     "fsq": {"levels": _REQUIRED},
-    "lfq": {"bits": _REQUIRED, "entropy_weight": 0.1, "diversity": 1.0, "temperature": 0.01},
+    # LFQ's temperature was 0.01 (vector-quantize-pytorch's), which collapses to 32 of 1,024 codes
+    # on CIFAR-10 (README); at 1 every code is used.
+    "lfq": {"bits": _REQUIRED, "entropy_weight": 0.1, "diversity": 1.0, "temperature": 1},
     # No rotation or factor_dim: the stages pass one straight-through gradient over their sum and
     # quantize residuals in z_e's own space (vqkit.nn.residual).
     "residual": {"stages": _REQUIRED, "shared": False, "quantize_dropout": False, "cosine": False},
@@ -48,6 +50,11 @@ OPTIONS: dict[str, dict[str, object]] = {
 # The most stages a residual level may have: a .vq file holds at most 8 code maps in all.
 MAX_STAGES = 8
 DEFAULT = {"kind": "vq"}
+# Options a canonical spec always holds, even at their defaults. LFQ's temperature is one because
+# its default changed: the specs saved with the old default left it out, the ones that asked for 1
+# spelt it out, and writing it always keeps those (the good ones) hashing as they did when their
+# .vq files were written, while a spec that omits it now means the new default.
+ALWAYS_WRITTEN = {("lfq", "temperature")}
 
 
 def _is_int(value) -> bool:
@@ -101,9 +108,11 @@ def canonical_spec(spec, where: str = "quantizer") -> dict:
         if name not in spec:
             if default is _REQUIRED:
                 raise ConfigError(f"{where}: the {kind} quantizer needs {name!r}")
+            if (kind, name) in ALWAYS_WRITTEN:
+                out[name] = default
             continue
         value = _check_option(kind, name, spec[name], where)
-        if value != default or default is _REQUIRED:
+        if value != default or default is _REQUIRED or (kind, name) in ALWAYS_WRITTEN:
             out[name] = value
     return out
 
