@@ -13,9 +13,10 @@ A quantizer spec is a JSON object with a ``kind`` and that kind's options::
 ``ALWAYS_WRITTEN``'s), so that two spellings of one quantizer compare (and fingerprint) equal.
 The options that every model config holds at its top level (``beta``, ``ema``, ``decay``,
 ``kmeans_init``, ``restart_after``) go to the VQ kind and to every stage of a residual one, and
-``beta`` (the commitment weight) to LFQ; FSQ has no loss and no state. ``parse_quantizer`` reads the command
-line's short form, ``vq:cosine,rotation,factor_dim=8``, ``fsq:8,5,5,5``, ``lfq:10``,
-``lfq:bits=10,entropy_weight=0.2`` or ``residual:2,shared,quantize_dropout`` (or a JSON object).
+``beta`` (the commitment weight) to LFQ; FSQ has no loss and no state. ``parse_quantizer``
+reads the command line's short form, ``vq:cosine,rotation,factor_dim=8``, ``fsq:8,5,5,5``,
+``lfq:10``, ``lfq:bits=10,entropy_weight=0.2`` or ``residual:2,shared,quantize_dropout`` (or a
+JSON object).
 
 A residual level of S stages gives S code maps of one resolution (``spec_stages``), each of the
 level's codebook size K: a model's code maps are its levels' maps top-first, a residual level's
