@@ -120,6 +120,40 @@ def test_prefix_decoders_loss_is_each_prefixs_mse_through_its_own_decoder():
     torch.testing.assert_close(model.decode_levels(codes, 3), model.decode(codes))
 
 
+def test_prefix_scale_decodes_the_prefixes_smaller_and_upsamples_them_bilinearly():
+    model = _model("decoders", prefix_scale=2)  # the bottom map is 8x8 of 16x16 images: decoders stop at 8x8
+    assert all(len([m for m in dec.net if isinstance(m, torch.nn.ConvTranspose2d)]) == 0
+               for dec in model.prefix_decoders)
+    x = _images()
+    out = model(x)
+    with torch.no_grad():
+        z = [q.lookup(c) for q, c in zip(model.quantizers, out.codes)]
+        up = [model.upsamplers[level](z[level]) for level in range(2)]
+        for upto in (1, 2):
+            small = model.prefix_decoders[upto - 1](torch.cat(up[:upto], 1))
+            assert small.shape == (4, 3, 8, 8)
+            params = F.interpolate(small, size=(16, 16), mode="bilinear", align_corners=False)
+            torch.testing.assert_close(out.prefix_losses[upto], (params - x).square().mean())
+    model.eval()
+    codes = model.encode(x)
+    with torch.no_grad():
+        up = [model.upsamplers[level](model.quantizers[level].lookup(codes[level])) for level in range(2)]
+        small = model.prefix_decoders[0](up[0])
+        expected = F.interpolate(small, size=(16, 16), mode="bilinear", align_corners=False).clamp(-1, 1)
+    torch.testing.assert_close(model.decode_levels(codes, 1), expected)
+
+
+def test_prefix_scale_is_saved_unless_one_and_checked():
+    config = preset("faces-3level")
+    assert config.to_dict()["prefix_scale"] == 2 and VQVAE2Config.from_dict(config.to_dict()) == config
+    old = dataclasses.replace(config, prefix_scale=1).to_dict()
+    assert "prefix_scale" not in old  # earlier runs' fingerprints are unchanged
+    assert VQVAE2Config.from_dict(old).prefix_scale == 1
+    for bad in (0, 3, 8, 2.0, True):  # the faces' bottom map is 4x smaller than the image
+        with pytest.raises(ValueError, match="prefix_scale must be a power of two from 1 to 4"):
+            dataclasses.replace(config, prefix_scale=bad)
+
+
 @pytest.mark.parametrize("mode", ["decoders", "loss"])
 def test_the_top_prefix_does_not_see_the_lower_codes(mode):
     model = _model(mode, levels=2)

@@ -48,6 +48,9 @@ loss of every proper prefix ``p < L`` to eq. 3, in one of two ways:
 Measured at equal CPU time (README), the light decoders beat the shared one on every prefix of
 the 128x128 faces and cost less (a faces step 1.4x of ``"off"`` against 2.3x), and
 ``prefix_share`` (the share of each batch whose prefixes are decoded) makes either cheaper.
+``prefix_scale`` stops the light decoders at a fraction of the image's side, upsampling their
+output bilinearly: on the faces at scale 2, 0.41 dB more for the full model and 0.24 dB more
+for the top, the mean of three seeds (README).
 Level dropout (each batch decoded from a random prefix) lost on every prefix and is not offered.
 
 A model without prefix training (``"off"``, every run made before the field existed) decodes a
@@ -78,6 +81,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vqkit.config import JsonConfig
@@ -254,6 +258,11 @@ class VQVAE2Config(_Network, JsonConfig):
         prefix_share: with prefix training, the share of each batch whose proper prefixes are
             decoded and trained too (its first ``ceil(share * B)`` images; batches are
             shuffled): the prefix passes are most of the extra cost of a step.
+        prefix_scale: with ``"decoders"``, the prefix decoders stop at 1/prefix_scale of the
+            image's side (a power of two, at most the bottom map's downsampling) and their output is
+            upsampled bilinearly to it: a prefix's image is coarse, and their last transposed
+            convolutions at full size are most of their cost. 1 (the runs made before the field)
+            decodes at full size.
     """
 
     label: ClassVar[str] = "VQ-VAE-2 config"
@@ -265,6 +274,7 @@ class VQVAE2Config(_Network, JsonConfig):
     codebook_sizes: list[int] = field(default_factory=lambda: [512, 512])
     prefix_training: str = "off"
     prefix_share: float = 1.0
+    prefix_scale: int = 1
 
     def to_dict(self) -> dict:
         data = super().to_dict()
@@ -274,6 +284,8 @@ class VQVAE2Config(_Network, JsonConfig):
             del data["prefix_training"]
         if data["prefix_share"] == 1.0:
             del data["prefix_share"]
+        if data["prefix_scale"] == 1:
+            del data["prefix_scale"]
         return data
 
     def __post_init__(self):
@@ -300,6 +312,11 @@ class VQVAE2Config(_Network, JsonConfig):
                 or not 0 < self.prefix_share <= 1:
             raise ConfigError(f"prefix_share must be a number in (0, 1], got {self.prefix_share!r}")
         self.prefix_share = float(self.prefix_share)
+        scale = self.prefix_scale
+        if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1 or scale & (scale - 1) \
+                or scale > 2 ** self.strides[-1]:
+            raise ConfigError(f"prefix_scale must be a power of two from 1 to {2 ** self.strides[-1]} (the bottom "
+                              f"map's downsampling), got {scale!r}")
         self._check_quantizer()
 
 
@@ -447,8 +464,8 @@ class VQVAE(nn.Module, ImageModel, PretrainedMixin):
         # Half widths and one residual block: a prefix's image is coarse, and on the faces these
         # decoders beat the shared decoder at its prefixes for 1.4x a step instead of 2.3x.
         self.prefix_decoders = nn.ModuleList(
-            Decoder(p * d, max(c.hidden // 2, 1), max(c.res_hidden // 2, 1), 1, c.strides[-1],
-                    self.likelihood.decoder_channels)
+            Decoder(p * d, max(c.hidden // 2, 1), max(c.res_hidden // 2, 1), 1,
+                    c.strides[-1] - (getattr(c, "prefix_scale", 1).bit_length() - 1), self.likelihood.decoder_channels)
             for p in range(1, levels if self.prefix_training == "decoders" else 1))
         self._register_load_state_dict_pre_hook(_rename_legacy_keys)
 
@@ -528,7 +545,11 @@ class VQVAE(nn.Module, ImageModel, PretrainedMixin):
     def _prefix_decode(self, upsampled: list[torch.Tensor], upto: int) -> torch.Tensor:
         """The light decoder of the top ``upto < L`` levels on their upsampled maps (at least
         ``upto`` of them, each (B, D, h_{L-1}, w_{L-1})) -> likelihood parameters (B, *, H, W)."""
-        return self.prefix_decoders[upto - 1](torch.cat(upsampled[:upto], 1))
+        params = self.prefix_decoders[upto - 1](torch.cat(upsampled[:upto], 1))
+        if self.config.prefix_scale == 1:
+            return params
+        h, w = (side * 2 ** self.config.strides[-1] for side in upsampled[0].shape[-2:])
+        return F.interpolate(params, size=(h, w), mode="bilinear", align_corners=False)  # (B, *, H, W)
 
     def _recon_loss(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The training loss of a prefix's reconstruction, leaving the likelihood's running
