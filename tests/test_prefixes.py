@@ -28,6 +28,11 @@ def _model(mode: str, levels: int = 3, **fields) -> VQVAE2:
                                **{**fixed, **fields}))
 
 
+def _upsampled(model: VQVAE2, codes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The top two levels' z_q from their codes, each upsampled to the bottom map's size."""
+    return [model.upsamplers[level](model.quantizers[level].lookup(codes[level])) for level in range(2)]
+
+
 def _images(n: int = 4, side: int = 16) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return F.interpolate(torch.rand(n, 3, 4, 4, generator=g) * 2 - 1, size=side, mode="bilinear",
@@ -101,7 +106,7 @@ def test_prefix_decoders_loss_is_each_prefixs_mse_through_its_own_decoder():
     out = model(x)
     with torch.no_grad():
         z = [q.lookup(c) for q, c in zip(model.quantizers, out.codes)]
-        up = [model.upsamplers[level](z[level]) for level in range(2)]
+        up = _upsampled(model, out.codes)
         for upto in (1, 2):
             params = model.prefix_decoders[upto - 1](torch.cat(up[:upto], 1)[:2])
             torch.testing.assert_close(out.prefix_losses[upto], (params - x[:2]).square().mean())
@@ -113,7 +118,7 @@ def test_prefix_decoders_loss_is_each_prefixs_mse_through_its_own_decoder():
     model.eval()
     codes = model.encode(x)
     with torch.no_grad():
-        up = [model.upsamplers[level](model.quantizers[level].lookup(codes[level])) for level in range(2)]
+        up = _upsampled(model, codes)
         for upto in (1, 2):
             expected = model.prefix_decoders[upto - 1](torch.cat(up[:upto], 1)).clamp(-1, 1)
             torch.testing.assert_close(model.decode_levels(codes, upto), expected)
@@ -127,8 +132,7 @@ def test_prefix_scale_decodes_the_prefixes_smaller_and_upsamples_them_bilinearly
     x = _images()
     out = model(x)
     with torch.no_grad():
-        z = [q.lookup(c) for q, c in zip(model.quantizers, out.codes)]
-        up = [model.upsamplers[level](z[level]) for level in range(2)]
+        up = _upsampled(model, out.codes)
         for upto in (1, 2):
             small = model.prefix_decoders[upto - 1](torch.cat(up[:upto], 1))
             assert small.shape == (4, 3, 8, 8)
@@ -137,7 +141,7 @@ def test_prefix_scale_decodes_the_prefixes_smaller_and_upsamples_them_bilinearly
     model.eval()
     codes = model.encode(x)
     with torch.no_grad():
-        up = [model.upsamplers[level](model.quantizers[level].lookup(codes[level])) for level in range(2)]
+        up = _upsampled(model, codes)
         small = model.prefix_decoders[0](up[0])
         expected = F.interpolate(small, size=(16, 16), mode="bilinear", align_corners=False).clamp(-1, 1)
     torch.testing.assert_close(model.decode_levels(codes, 1), expected)

@@ -49,7 +49,7 @@ Measured at equal CPU time (README), the light decoders beat the shared one on e
 the 128x128 faces and cost less (a faces step 1.4x of ``"off"`` against 2.3x), and
 ``prefix_share`` (the share of each batch whose prefixes are decoded) makes either cheaper.
 ``prefix_scale`` stops the light decoders at a fraction of the image's side, upsampling their
-output bilinearly: on the faces at scale 2, 0.41 dB more for the full model and 0.24 dB more
+output bilinearly: on the faces at scale 2, 0.41 dB more for the full model and 0.22 dB more
 for the top, the mean of three seeds (README).
 Level dropout (each batch decoded from a random prefix) lost on every prefix and is not offered.
 
