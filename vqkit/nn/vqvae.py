@@ -465,7 +465,7 @@ class VQVAE(nn.Module, ImageModel, PretrainedMixin):
         # decoders beat the shared decoder at its prefixes for 1.4x a step instead of 2.3x.
         self.prefix_decoders = nn.ModuleList(
             Decoder(p * d, max(c.hidden // 2, 1), max(c.res_hidden // 2, 1), 1,
-                    c.strides[-1] - (getattr(c, "prefix_scale", 1).bit_length() - 1), self.likelihood.decoder_channels)
+                    c.strides[-1] - (c.prefix_scale.bit_length() - 1), self.likelihood.decoder_channels)
             for p in range(1, levels if self.prefix_training == "decoders" else 1))
         self._register_load_state_dict_pre_hook(_rename_legacy_keys)
 
@@ -546,10 +546,8 @@ class VQVAE(nn.Module, ImageModel, PretrainedMixin):
         """The light decoder of the top ``upto < L`` levels on their upsampled maps (at least
         ``upto`` of them, each (B, D, h_{L-1}, w_{L-1})) -> likelihood parameters (B, *, H, W)."""
         params = self.prefix_decoders[upto - 1](torch.cat(upsampled[:upto], 1))
-        if self.config.prefix_scale == 1:
-            return params
-        h, w = (side * 2 ** self.config.strides[-1] for side in upsampled[0].shape[-2:])
-        return F.interpolate(params, size=(h, w), mode="bilinear", align_corners=False)  # (B, *, H, W)
+        scale = self.config.prefix_scale
+        return params if scale == 1 else F.interpolate(params, scale_factor=scale, mode="bilinear", align_corners=False)
 
     def _recon_loss(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The training loss of a prefix's reconstruction, leaving the likelihood's running
