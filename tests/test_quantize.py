@@ -16,6 +16,43 @@ def test_nearest_codes_equals_brute_force_across_block_boundaries(monkeypatch):
     assert torch.equal(nearest_codes(z, codebook), brute)
 
 
+
+def _search_modes(monkeypatch, grouped: bool):
+    """Both searches of nearest_codes at small sizes: 4 codes a group, so that 33 codes are
+    8 groups and a padded ninth of one code and three +inf."""
+    monkeypatch.setattr(quantize, "_GROUP_WIDTH", 4)
+    monkeypatch.setattr(quantize, "_GROUPED_FROM_K", 1 if grouped else 1 << 30)
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["direct", "grouped"])
+def test_nearest_codes_returns_the_first_of_equally_near_codes(monkeypatch, grouped):
+    _search_modes(monkeypatch, grouped)
+    monkeypatch.setattr(quantize, "_CHUNK_ELEMENTS", 7 * 36)
+    g = torch.Generator().manual_seed(1)
+    # Small integers: the distances are exact in float32, so equal ones are true ties.
+    codebook = torch.randint(-2, 3, (33, 3), generator=g).float()
+    codebook[[9, 20, 32]] = codebook[2].clone()  # copies in later groups, the padded one included
+    z = torch.randint(-2, 3, (100, 3), generator=g).float()
+    z[:10] = codebook[2]
+    d = (z.double()[:, None] - codebook.double()[None]).square().sum(2)  # (100, 33)
+    first = torch.stack([torch.nonzero(row == row.min())[0, 0] for row in d])
+    codes = nearest_codes(z, codebook)
+    assert torch.equal(codes, first)
+    assert (codes[:10] == 2).all()
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["direct", "grouped"])
+def test_nearest_codes_nan_and_empty_batch_match_argmin(monkeypatch, grouped):
+    _search_modes(monkeypatch, grouped)
+    g = torch.Generator().manual_seed(2)
+    codebook = torch.randn(10, 3, generator=g)
+    z = torch.randn(6, 3, generator=g)
+    z[1, 0] = math.nan  # a row whose distances are all NaN: argmin's first, code 0
+    codebook[6, 2] = math.nan  # a NaN column in the second group: every row's first NaN
+    assert nearest_codes(z, codebook).tolist() == [6, 0, 6, 6, 6, 6]
+    assert nearest_codes(z[:0], codebook).shape == (0,)
+
+
 def _quantizer(**kw):
     torch.manual_seed(0)
     q = VectorQuantizer(8, 3, **kw)

@@ -106,6 +106,16 @@ from vqkit.errors import UsageError
 # (measured best of 2^14..2^22 in benchmarks/bench_quantizer.py).
 _CHUNK_ELEMENTS = 1 << 20
 
+# Codes per group of the two-pass argmin, and the smallest K that takes it. torch.argmin's
+# index-tracking reduction costs about as much as the matmul on Intel Xeons with AMX, where
+# torch.amin, which tracks no index, runs ~10x faster; so for large K the minimum of each
+# group of _GROUP_WIDTH distances comes first, and the index is searched only among the
+# groups' minima and then inside the one winning group. Measured at N=16384, D=64 on an
+# Intel Xeon with AMX (model 167), 1 and 2 threads: against torch.min 0.6-0.8x the time for
+# K of 512..16384, best of widths 16..256 within 10%; no faster below K=512.
+_GROUP_WIDTH = 64
+_GROUPED_FROM_K = 512
+
 
 @torch.no_grad()
 def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -113,21 +123,37 @@ def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
     Uses ``||z||^2 - 2 z.e + ||e||^2`` and drops ``||z||^2`` (constant per row), computing
     the distances in row blocks so memory stays O(N + block x K) instead of O(N x K).
-    Returns int64 (N,).
+    Returns int64 (N,): the first of equally near codes, as ``torch.argmin``, which also
+    returns the first NaN distance's code; both searches below give exactly its indices.
     """
     z = z.float()
     codebook = codebook.float()
     e_sq = codebook.square().sum(1)
     n, k = z.shape[0], codebook.shape[0]
-    rows = max(1, _CHUNK_ELEMENTS // k)
+    grouped = k >= _GROUPED_FROM_K
+    # Grouped: the block's columns padded with +inf up to a whole number of groups; the
+    # padding, never written by the matmul, is never the first minimum of a row.
+    groups = -(-k // _GROUP_WIDTH) if grouped else 1
+    width = groups * _GROUP_WIDTH if grouped else k
+    rows = max(1, _CHUNK_ELEMENTS // width)
     codes = torch.empty(n, dtype=torch.long, device=z.device)
-    dist = torch.empty(min(rows, n), k, dtype=torch.float32, device=z.device)
+    dist = torch.full((min(rows, n), width), math.inf, dtype=torch.float32, device=z.device)
+    nearest = torch.empty(min(rows, n), dtype=torch.float32, device=z.device)
+    row_index = torch.arange(min(rows, n), device=z.device)
     codebook_t = codebook.t()
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        block = dist[: stop - start]
-        torch.addmm(e_sq, z[start:stop], codebook_t, beta=1.0, alpha=-2.0, out=block)
-        torch.argmin(block, dim=1, out=codes[start:stop])
+        m = stop - start
+        block = dist[:m]
+        torch.addmm(e_sq, z[start:stop], codebook_t, beta=1.0, alpha=-2.0, out=block[:, :k])
+        if not grouped:
+            # torch.min's indices are torch.argmin's, in about 0.8x its time.
+            torch.min(block, dim=1, out=(nearest[:m], codes[start:stop]))
+            continue
+        by_group = block.view(m, groups, _GROUP_WIDTH)
+        group = by_group.amin(2).argmin(1)  # (m,) first group holding the row's minimum
+        inner = by_group[row_index[:m], group].argmin(1)  # (m,) its place in that group
+        torch.add(inner, group, alpha=_GROUP_WIDTH, out=codes[start:stop])
     return codes
 
 
