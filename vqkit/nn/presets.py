@@ -56,7 +56,7 @@ PRESETS: dict[str, StageOneConfig | VAEConfig] = {
     "mnist-2level": VQVAE2Config(in_channels=1, hidden=64, res_hidden=32, num_res_blocks=2,
                                  strides=[1, 1], code_dim=32, codebook_sizes=[256, 256],
                                  prefix_training="decoders"),
-    # 128x128 faces -> 32x32 bottom, 16x16 middle, 8x8 top. The 1,800 training faces give a
+    # 128x128 faces -> 32x32 bottom, 16x16 middle, 8x8 top. The 1,800 training faces give a batch-32
     # CPU run a few hundred steps, so unused codes are restarted after 20 steps instead of 100:
     # with 100, a 600 s run left a quarter of the top codebook dead. Prefix decoders at 64x64:
     # better on every level than at 128x128 over three seeds, and cheaper (README). Train it with
