@@ -45,6 +45,8 @@ def main() -> None:
     p.add_argument("--prefix-training", choices=VQVAE2Config.PREFIX_TRAINING,
                    help="(hierarchies) override the model's prefix_training")
     p.add_argument("--prefix-share", type=float, help="(hierarchies) override the model's prefix_share")
+    p.add_argument("--prefix-cooldown", type=float, default=0.0,
+                   help="(hierarchies with prefix training) TrainConfig.prefix_cooldown")
     p.add_argument("--budget", type=float, default=600.0, help="training seconds")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--schedule", choices=SCHEDULES, default="constant", help="the learning rate over the budget")
@@ -66,7 +68,7 @@ def main() -> None:
         shutil.rmtree(out)
     config = TrainConfig(data=args.data, steps=10**9, batch_size=args.batch_size, lr=args.lr,
                          schedule=args.schedule, seed=args.seed, time_budget=args.budget, clock=args.clock,
-                         checkpoint_every=10**9, image_size=args.image_size)
+                         checkpoint_every=10**9, image_size=args.image_size, prefix_cooldown=args.prefix_cooldown)
     model_config = read_model_config(args.config) if args.config else preset(args.preset)
     if args.prefix_training:
         model_config = dataclasses.replace(model_config, prefix_training=args.prefix_training)
@@ -85,7 +87,7 @@ def main() -> None:
     model, _ = load_model(out)
     metrics = evaluate(model, load_dataset(args.data, "test", image_size=args.image_size), progress=False)
     print(json.dumps({"preset": str(args.config or args.preset), "model": model_config.to_dict(),
-                      "data": args.data, "lr": args.lr,
+                      "data": args.data, "lr": args.lr, "prefix_cooldown": args.prefix_cooldown,
                       "batch_size": args.batch_size, "threads": args.threads,
                       "clock": args.clock, "seconds": round(result.seconds, 1), "wall_seconds": round(wall, 1),
                       "steps": result.step,

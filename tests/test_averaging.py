@@ -64,7 +64,7 @@ def _train(folder, steps, resume=False, decay=0.5):
                     data_field="codes", average_decay=decay)
     model = run.model
     run_loop(folder, model, run.optimizer, run.step, steps=steps, time_budget=None, checkpoint_every=1000,
-             log_every=1000, step_fn=lambda _: StepOutput(-model.weight.sum(), {}),
+             log_every=1000, step_fn=lambda *_: StepOutput(-model.weight.sum(), {}),
              board=TensorBoard(folder, False), progress=False, average=run.average)
     return run
 

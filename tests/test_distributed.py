@@ -103,7 +103,7 @@ def _scheduled_loop(root: Path, rank: int) -> None:
     model = torch.nn.Linear(1, 1, bias=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
 
-    def step_fn(_: int) -> loop.StepOutput:
+    def step_fn(*_) -> loop.StepOutput:
         rates.append(optimizer.param_groups[0]["lr"])
         return loop.StepOutput(-model.weight.sum(), {})
 

@@ -25,7 +25,7 @@ def _run(run_dir, values, *, steps, every=1, patience=0, checkpoint_every=1000, 
         torch.nn.init.zeros_(model.weight)
     measured = iter(values)
 
-    def step_fn(_: int) -> StepOutput:
+    def step_fn(*_) -> StepOutput:
         return StepOutput(-model.weight.sum(), {})  # SGD adds 1 to the weight per step
 
     validation = Validation("nll", lambda: next(measured), every=every, patience=patience)
@@ -120,7 +120,7 @@ def test_the_time_budget_counts_the_chosen_clock(tmp_path, monkeypatch):
 
     def run(clock: str):
         return run_loop(tmp_path, model, optimizer, 0, steps=50, time_budget=5.0, checkpoint_every=1000,
-                        log_every=1000, step_fn=lambda _: StepOutput(-model.weight.sum(), {}),
+                        log_every=1000, step_fn=lambda *_: StepOutput(-model.weight.sum(), {}),
                         board=TensorBoard(tmp_path / "tb", False), progress=False, clock=clock)
     result = run("cpu")
     assert result.stopped_by_time and 1 <= result.step < 10
@@ -154,7 +154,7 @@ def _rates(run_dir, *, steps, schedule="cosine", start=0, optimizer_lr=1.0, budg
     if budget is not None:
         monkeypatch.setitem(loop.CLOCKS, "cpu", lambda: 10.0 * len(seen))
 
-    def step_fn(step: int) -> StepOutput:
+    def step_fn(step: int, _progress: float) -> StepOutput:
         seen.append(optimizer.param_groups[0]["lr"])
         return StepOutput(-model.weight.sum(), {})
 
@@ -184,9 +184,33 @@ def test_under_a_time_budget_the_cosine_ends_with_the_budget(tmp_path, monkeypat
     assert steps_taken == pytest.approx([0.1 * lr_factor("cosine", k / 4) for k in range(5)])
 
 
+def test_each_step_is_told_the_share_of_the_run_done(tmp_path, monkeypatch):
+    """``step_fn`` gets ``run_progress`` before each step: step k of 4 at k / 4; under a 40 s
+    budget (a fake CPU clock reading 10 s per step taken) with far more steps, k / 4 too,
+    the budget's share, up to the step that spends it."""
+    from vqkit.training import loop
+
+    def progresses(run_dir, steps, budget=None):
+        seen = []
+        monkeypatch.setitem(loop.CLOCKS, "cpu", lambda: 10.0 * len(seen))
+        model = torch.nn.Linear(1, 1, bias=False)
+
+        def step_fn(step: int, progress: float) -> StepOutput:
+            seen.append(progress)
+            return StepOutput(-model.weight.sum(), {})
+
+        run_loop(run_dir, model, torch.optim.SGD(model.parameters(), lr=0.1), 0, steps=steps, time_budget=budget,
+                 clock="cpu", checkpoint_every=1000, log_every=1000, step_fn=step_fn,
+                 board=TensorBoard(run_dir / "tb", False), progress=False)
+        return seen
+
+    assert progresses(tmp_path / "steps", 4) == pytest.approx([0.0, 0.25, 0.5, 0.75])
+    assert progresses(tmp_path / "budget", 1000, budget=40.0) == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+
+
 def test_a_schedule_needs_its_base_lr(tmp_path):
     model = torch.nn.Linear(1, 1, bias=False)
     with pytest.raises(ValueError, match="needs the base lr"):
         run_loop(tmp_path, model, torch.optim.SGD(model.parameters(), lr=1.0), 0, steps=1, time_budget=None,
-                 checkpoint_every=1, log_every=1, step_fn=lambda _: None, board=TensorBoard(tmp_path, False),
+                 checkpoint_every=1, log_every=1, step_fn=lambda *_: None, board=TensorBoard(tmp_path, False),
                  progress=False, schedule="cosine")

@@ -125,6 +125,74 @@ def test_prefix_decoders_loss_is_each_prefixs_mse_through_its_own_decoder():
     torch.testing.assert_close(model.decode_levels(codes, 3), model.decode(codes))
 
 
+@pytest.mark.parametrize("mode", ["decoders", "loss"])
+def test_prefix_weight_scales_the_proper_prefixes_losses_only(mode):
+    """recon_loss = the full model's loss + w * the proper prefixes' (the losses themselves
+    unchanged); with their own decoders, the prefix decoders' gradients scale by w exactly."""
+    x = _images()
+    whole, weighted = _model(mode), _model(mode)
+    out, low = whole(x), weighted(x, prefix_weight=0.25)
+    for upto in (1, 2, 3):
+        torch.testing.assert_close(low.prefix_losses[upto], out.prefix_losses[upto])
+    proper = out.prefix_losses[1] + out.prefix_losses[2]
+    torch.testing.assert_close(low.recon_loss, out.prefix_losses[3] + 0.25 * proper)
+    torch.testing.assert_close(low.loss - low.recon_loss, out.loss - out.recon_loss)  # the VQ losses as they were
+    out.loss.backward()
+    low.loss.backward()
+    if mode == "decoders":
+        for a, b in zip(whole.prefix_decoders.parameters(), weighted.prefix_decoders.parameters()):
+            torch.testing.assert_close(b.grad, 0.25 * a.grad)
+    # The shared decoder: only the full model's loss reaches it with "decoders", every prefix's with "loss".
+    same = [torch.equal(a.grad, b.grad) for a, b in zip(whole.decoder.parameters(), weighted.decoder.parameters())
+            if a.grad.any()]  # (a residual block's zero-initialised output holds the layers before it still)
+    assert all(same) if mode == "decoders" else not any(same), same
+
+
+def test_the_prefix_cooldown_is_flat_then_linear_down_to_the_floor():
+    from vqkit.training.stage1 import PREFIX_FLOOR, prefix_weight
+    assert PREFIX_FLOOR == 0.1
+    assert [prefix_weight(p, 0.3) for p in (-1.0, 0.0, 0.5, 0.7)] == [1.0, 1.0, 1.0, 1.0]
+    assert prefix_weight(0.85, 0.3) == pytest.approx(0.55)
+    assert prefix_weight(1.0, 0.3) == pytest.approx(0.1) == prefix_weight(2.0, 0.3)
+    assert prefix_weight(0.5, 1.0) == pytest.approx(0.55)  # the whole run ramps
+    assert prefix_weight(1.0, 0.0) == 1.0  # no cooldown
+
+
+def test_a_run_with_a_prefix_cooldown_weights_each_step_by_its_progress(tmp_path, tiny2, monkeypatch):
+    """4 steps with a cooldown over the last half: steps 0 to 2 at weight 1, step 3 (progress
+    3/4) at 0.55; each step's recon_loss is the bottom's plus the weight times the top's."""
+    from vqkit.training import stage1
+    seen = []
+    real_loop = stage1.run_loop
+
+    def recording_loop(*args, step_fn, **kwargs):
+        def recorded(step, progress):
+            out = step_fn(step, progress)
+            seen.append({k: float(v.detach()) for k, v in out.stats.items()})
+            return out
+        return real_loop(*args, step_fn=recorded, **kwargs)
+
+    monkeypatch.setattr(stage1, "run_loop", recording_loop)
+    config = dataclasses.replace(tiny2, prefix_training="decoders")
+    train(tmp_path / "run", config, TrainConfig(data=DATA, steps=4, batch_size=8, prefix_cooldown=0.5),
+          progress=False, tensorboard=False)
+    assert [s["prefix_weight"] for s in seen] == pytest.approx([1.0, 1.0, 1.0, 0.55])
+    for s in seen:
+        expected = s["recon_loss_upto_bottom"] + s["prefix_weight"] * s["recon_loss_upto_top"]
+        assert s["recon_loss"] == pytest.approx(expected)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["prefix_cooldown"] == 0.5
+
+
+def test_a_prefix_cooldown_needs_a_model_that_trains_its_prefixes(tmp_path, tiny2):
+    with pytest.raises(ValueError, match="prefix_cooldown must be a share of the run from 0 to 1"):
+        TrainConfig(data=DATA, prefix_cooldown=1.5)
+    off = dataclasses.replace(tiny2, prefix_training="off")
+    with pytest.raises(ValueError, match="prefix_cooldown=0.3 needs a hierarchy that trains its prefixes"):
+        train(tmp_path / "run", off, TrainConfig(data=DATA, steps=1, prefix_cooldown=0.3), progress=False,
+              tensorboard=False)
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
 def test_prefix_scale_decodes_the_prefixes_smaller_and_upsamples_them_bilinearly():
     model = _model("decoders", prefix_scale=2)  # the bottom map is 8x8 of 16x16 images: decoders stop at 8x8
     assert all(len([m for m in dec.net if isinstance(m, torch.nn.ConvTranspose2d)]) == 0

@@ -377,7 +377,8 @@ class VQVAEOutput:
     perplexity 1).
 
     With prefix training, in training mode: ``prefix_losses`` holds the reconstruction loss of
-    each prefix, keyed by its number of levels; ``recon_loss`` is their sum.
+    each prefix, keyed by its number of levels; ``recon_loss`` is their sum, the proper
+    prefixes' weighted by ``forward``'s ``prefix_weight``.
     """
 
     loss: torch.Tensor
@@ -556,9 +557,16 @@ class VQVAE(nn.Module, ImageModel, PretrainedMixin):
             return (params.float() - x).square().mean()
         return self.likelihood(params, x).loss
 
-    def forward(self, x: torch.Tensor) -> VQVAEOutput:
+    def forward(self, x: torch.Tensor, prefix_weight: float = 1.0) -> VQVAEOutput:
         """Images (B, C, H, W) in [-1, 1] -> losses, reconstruction and codes of every level
-        (in training mode with prefix training, the prefixes' losses too: ``VQVAEOutput``)."""
+        (in training mode with prefix training, the prefixes' losses too: ``VQVAEOutput``).
+
+        Args:
+            x: the images.
+            prefix_weight: with prefix training, the weight of the proper prefixes' losses in
+                ``recon_loss`` and ``loss`` (the full model's is 1; ``TrainConfig.prefix_cooldown``
+                schedules it).
+        """
         self._check_input(x)
 
         def quantize(level: int, z_e: torch.Tensor):
@@ -587,7 +595,7 @@ class VQVAE(nn.Module, ImageModel, PretrainedMixin):
             prefix_losses = {levels - i: self._recon_loss(p, x[:n]) for i, p in enumerate(shorter, 1)}
         else:
             rec = self.likelihood(self._decode_z_q(z_qs), x)
-        recon_loss = rec.loss + sum(prefix_losses.values())
+        recon_loss = rec.loss + prefix_weight * sum(prefix_losses.values())
         if prefix_losses:
             prefix_losses[levels] = rec.loss
         vq_loss = torch.stack([q.loss for q in qs]).sum()

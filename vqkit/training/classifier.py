@@ -130,7 +130,7 @@ def train_classifier(run_dir: str | Path, model_config: ClassifierConfig, config
     batches = StepBatches(dataset, step_indices(len(dataset), config.batch_size, config.seed), config.steps,
                           config.workers, placement.device)
 
-    def step_fn(step: int) -> StepOutput:
+    def step_fn(step: int, _progress: float) -> StepOutput:
         images, labels = batches.get(step)
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 7919 + distributed.rank())
         x = precision.prepare_input(to_model(augment(images, config.shift, config.flip, g)), placement)

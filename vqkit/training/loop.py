@@ -194,13 +194,14 @@ class TensorBoard:
 
 def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, *,
              steps: int, time_budget: float | None, checkpoint_every: int, log_every: int,
-             step_fn: Callable[[int], StepOutput], board: TensorBoard, progress: bool = True,
+             step_fn: Callable[[int, float], StepOutput], board: TensorBoard, progress: bool = True,
              after_step: Callable[[int, StepOutput], None] | None = None,
              validation: Validation | None = None, desc: str = "train", clock: str = "wall",
              average: WeightAverage | None = None, lr: float | None = None,
              schedule: str = "constant") -> TrainResult:
-    """Run ``step_fn`` from ``step`` up to ``steps`` (or until ``time_budget`` seconds), with
-    a checkpoint every ``checkpoint_every`` steps and at the end. ``after_step`` runs on every
+    """Run ``step_fn(step, progress)`` from ``step`` up to ``steps`` (or until ``time_budget``
+    seconds), where ``progress`` is the share of the run done (``run_progress``), with a
+    checkpoint every ``checkpoint_every`` steps and at the end. ``after_step`` runs on every
     process (it may all-reduce); ``board`` should be enabled on rank 0 only. With
     ``validation``, the model is measured on held-out data as it says, the best checkpoint is
     kept as ``best`` and training stops early when it stops improving. ``clock`` (one of
@@ -252,11 +253,12 @@ def run_loop(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
             if tracker is not None and tracker.exhausted:
                 stopped_early = True
                 break
+            progress_now = run_progress(step, steps, elapsed, time_budget)
             if schedule != "constant":
-                rate = lr * lr_factor(schedule, run_progress(step, steps, elapsed, time_budget))
+                rate = lr * lr_factor(schedule, progress_now)
                 for group in optimizer.param_groups:
                     group["lr"] = rate
-            out = step_fn(step)
+            out = step_fn(step, progress_now)
             loss_value = distributed.mean_over_ranks({"loss": float(out.loss.detach())})["loss"]
             if not math.isfinite(loss_value):
                 kept = (f"the last good checkpoint (step {last_saved}) is kept in {run_dir}"

@@ -296,7 +296,7 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
     prior, forward, placement, board = run.model, run.forward, run.placement, run.board
     eval_idx = val_idx[:1024]
 
-    def step_fn(step: int) -> StepOutput:
+    def step_fn(step: int, _progress: float) -> StepOutput:
         picks = train_idx[batch_indices(step, len(train_idx), config.batch_size, config.seed,
                                         distributed.rank(), distributed.world_size())]
         batch, labels = codes.batch(picks)

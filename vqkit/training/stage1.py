@@ -24,6 +24,7 @@ from vqkit.config import JsonConfig
 from vqkit.data.datasets import ImageSet, from_model, in_memory, load_dataset, to_model
 from vqkit.data.images import make_grid
 from vqkit.data.loader import ReadConfig, StepBatches
+from vqkit.errors import ConfigError
 from vqkit.nn.quantize import CodebookUsage, enable_sync
 from vqkit.nn.vae import GaussianVAE, VAEConfig
 from vqkit.nn.vqvae import VQVAE, StageOneConfig, build_model, level_names
@@ -31,6 +32,22 @@ from vqkit.training.loop import StepOutput, TrainingError, TrainResult, run_loop
 from vqkit.training.setup import RunConfig, start_run
 
 log = logging.getLogger(__name__)
+
+# The weight of the proper prefixes' reconstruction losses at the end of a prefix cooldown
+# (``TrainConfig.prefix_cooldown``): not 0, so that the prefix decoders keep following the
+# encoders as they move (Adam's step hardly depends on the scale of a loss, so a tenth of it
+# still trains those decoders while the shared encoders now serve mostly the full model).
+PREFIX_FLOOR = 0.1
+
+
+def prefix_weight(progress: float, cooldown: float) -> float:
+    """The weight of the proper prefixes' losses at ``progress`` (the share of the run done)
+    under a cooldown over the run's last ``cooldown`` share: 1, then linearly down to
+    ``PREFIX_FLOOR`` at the run's end (1 throughout when ``cooldown`` is 0)."""
+    if cooldown <= 0.0:
+        return 1.0
+    into = (min(max(progress, 0.0), 1.0) - (1.0 - cooldown)) / cooldown
+    return 1.0 if into <= 0.0 else 1.0 - (1.0 - PREFIX_FLOOR) * into
 
 
 @dataclass
@@ -46,6 +63,10 @@ class TrainConfig(JsonConfig, ReadConfig, RunConfig):
         image_every: log a reconstruction grid every this many steps.
         image_size: centre-crop and resize folder images to this side.
         skip_bad: skip unreadable image files (counted in the log).
+        prefix_cooldown: for a hierarchy that trains its prefixes (``prefix_training``), the
+            share of the run at its end over which the weight of the proper prefixes' losses
+            goes linearly from 1 down to 0.1, so that the shared encoders finish serving the
+            full model (0: full weight throughout).
     """
 
     intervals: ClassVar[tuple[str, ...]] = (*RunConfig.intervals, "image_every")
@@ -54,6 +75,12 @@ class TrainConfig(JsonConfig, ReadConfig, RunConfig):
     image_every: int = 1000
     image_size: int | None = None
     skip_bad: bool = False
+    prefix_cooldown: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.prefix_cooldown <= 1.0:
+            raise ConfigError(f"prefix_cooldown must be a share of the run from 0 to 1, got {self.prefix_cooldown}")
 
 
 def train(run_dir: str | Path, model_config: StageOneConfig | VAEConfig, config: TrainConfig, resume: bool = False,
@@ -62,6 +89,10 @@ def train(run_dir: str | Path, model_config: StageOneConfig | VAEConfig, config:
     a ``VQVAE2Config`` trains a hierarchy, with per-level statistics in the logs, a
     ``VAEConfig`` a Gaussian VAE, with its KL per latent in the logs."""
     run_dir = Path(run_dir)
+    per_prefix = getattr(model_config, "prefix_training", "off") != "off"
+    if config.prefix_cooldown and not per_prefix:
+        raise ConfigError(f"prefix_cooldown={config.prefix_cooldown} needs a hierarchy that trains its prefixes "
+                          "(prefix_training 'decoders' or 'loss'); this model does not")
     distributed.setup()
     if dataset is None:
         dataset = load_dataset(config.data, "train", image_size=config.image_size, skip_bad=config.skip_bad)
@@ -86,20 +117,23 @@ def train(run_dir: str | Path, model_config: StageOneConfig | VAEConfig, config:
     code_maps = [] if vae else model_config.code_maps()
     suffixes = [""] if len(code_maps) <= 1 else [f"_{m.name}" for m in code_maps]
     epoch_usage = [CodebookUsage(m.codebook_size) for m in code_maps]
-    per_prefix = getattr(model_config, "prefix_training", "off") != "off"
 
     batches = StepBatches(dataset, step_indices(len(dataset), config.batch_size, config.seed), config.steps,
                           config.workers, placement.device)
 
-    def step_fn(step: int) -> StepOutput:
+    def step_fn(step: int, progress: float) -> StepOutput:
         images, _ = batches.get(step)
+        x = precision.prepare_input(to_model(images), placement)
+        weight = prefix_weight(progress, config.prefix_cooldown)
         with precision.autocast(placement):
-            out = forward(precision.prepare_input(to_model(images), placement))
+            out = forward(x, prefix_weight=weight) if per_prefix else forward(x)
         if vae:  # the KL per latent over training is what shows a posterior collapsing
             return StepOutput(out.loss, {"recon_loss": out.recon_loss, "kl_per_latent": out.kl_per_latent})
         stats = {"recon_loss": out.recon_loss, "commitment_loss": out.commitment_loss}
         if per_prefix:
             stats.update({f"recon_loss_upto_{names[upto - 1]}": loss for upto, loss in out.prefix_losses.items()})
+        if config.prefix_cooldown:
+            stats["prefix_weight"] = torch.tensor(weight)
         for suffix, codes, ppl, usage, counter in zip(suffixes, out.codes, out.perplexity, out.usage,
                                                       epoch_usage):
             counter.update(codes)
