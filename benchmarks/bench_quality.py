@@ -45,8 +45,8 @@ def main() -> None:
     p.add_argument("--prefix-training", choices=VQVAE2Config.PREFIX_TRAINING,
                    help="(hierarchies) override the model's prefix_training")
     p.add_argument("--prefix-share", type=float, help="(hierarchies) override the model's prefix_share")
-    p.add_argument("--prefix-cooldown", type=float, default=0.0,
-                   help="(hierarchies with prefix training) TrainConfig.prefix_cooldown")
+    p.add_argument("--prefix-cooldown", type=float,
+                   help="(hierarchies with prefix training) TrainConfig.prefix_cooldown instead of its default")
     p.add_argument("--budget", type=float, default=600.0, help="training seconds")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--schedule", choices=SCHEDULES, default="constant", help="the learning rate over the budget")
@@ -85,9 +85,10 @@ def main() -> None:
     result = train(out, model_config, config, progress=False)
     wall = time.monotonic() - wall
     model, _ = load_model(out)
+    cooldown = json.loads((out / "config.json").read_text())["train"]["prefix_cooldown"]  # the value used
     metrics = evaluate(model, load_dataset(args.data, "test", image_size=args.image_size), progress=False)
     print(json.dumps({"preset": str(args.config or args.preset), "model": model_config.to_dict(),
-                      "data": args.data, "lr": args.lr, "prefix_cooldown": args.prefix_cooldown,
+                      "data": args.data, "lr": args.lr, "prefix_cooldown": cooldown,
                       "batch_size": args.batch_size, "threads": args.threads,
                       "clock": args.clock, "seconds": round(result.seconds, 1), "wall_seconds": round(wall, 1),
                       "steps": result.step,

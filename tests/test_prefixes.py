@@ -16,6 +16,7 @@ from conftest import DATA
 from vqkit.nn.presets import preset
 from vqkit.nn.vqvae import VQVAE2, VQVAE2Config
 from vqkit.runs import checkpoint as ckpt
+from vqkit.training import stage1
 from vqkit.training.evaluate import evaluate
 from vqkit.training.stage1 import TrainConfig, train
 
@@ -149,8 +150,8 @@ def test_prefix_weight_scales_the_proper_prefixes_losses_only(mode):
 
 
 def test_the_prefix_cooldown_is_flat_then_linear_down_to_the_floor():
-    from vqkit.training.stage1 import PREFIX_FLOOR, prefix_weight
-    assert PREFIX_FLOOR == 0.1
+    prefix_weight = stage1.prefix_weight
+    assert stage1.PREFIX_FLOOR == 0.1
     assert [prefix_weight(p, 0.3) for p in (-1.0, 0.0, 0.5, 0.7)] == [1.0, 1.0, 1.0, 1.0]
     assert prefix_weight(0.85, 0.3) == pytest.approx(0.55)
     assert prefix_weight(1.0, 0.3) == pytest.approx(0.1) == prefix_weight(2.0, 0.3)
@@ -161,7 +162,6 @@ def test_the_prefix_cooldown_is_flat_then_linear_down_to_the_floor():
 def test_a_run_with_a_prefix_cooldown_weights_each_step_by_its_progress(tmp_path, tiny2, monkeypatch):
     """4 steps with a cooldown over the last half: steps 0 to 2 at weight 1, step 3 (progress
     3/4) at 0.55; each step's recon_loss is the bottom's plus the weight times the top's."""
-    from vqkit.training import stage1
     seen = []
     real_loop = stage1.run_loop
 
@@ -268,15 +268,17 @@ def test_a_run_trained_with_prefixes_saves_the_field_and_reloads(tmp_path, tiny2
     config = dataclasses.replace(tiny2, prefix_training=mode)
     train(tmp_path / "run", config, TrainConfig(data=DATA, steps=3, batch_size=8), progress=False,
           tensorboard=False)
-    saved = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
-    assert saved["prefix_training"] == mode
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"]["prefix_training"] == mode
+    assert saved["train"]["prefix_cooldown"] == stage1.PREFIX_COOLDOWN == 0.3  # unset: the default, recorded
     model, _ = ckpt.load_model(tmp_path / "run")  # strict: the prefix decoders' or absent inputs' weights
     assert model.prefix_training == mode
     assert (len(model.absent), len(model.prefix_decoders)) == ((1, 0) if mode == "loss" else (0, 1))
     from vqkit.data.datasets import load_dataset
     assert evaluate(model, load_dataset(DATA, "test"), limit=16).levels[0].psnr_upto > 0
     train(tmp_path / "old", tiny2, TrainConfig(data=DATA, steps=1, batch_size=8), progress=False, tensorboard=False)
-    assert "prefix_training" not in json.loads((tmp_path / "old" / "config.json").read_text())["model"]
+    saved = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert "prefix_training" not in saved["model"] and saved["train"]["prefix_cooldown"] == 0.0
 
 
 def test_cli_train_takes_prefix_training_for_a_hierarchy_only(tmp_path, tiny2, tiny, capsys):

@@ -12,6 +12,7 @@ between them, and a run resumes with any split of the same global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,11 @@ log = logging.getLogger(__name__)
 # encoders as they move (Adam's step hardly depends on the scale of a loss, so a tenth of it
 # still trains those decoders while the shared encoders now serve mostly the full model).
 PREFIX_FLOOR = 0.1
+
+# The prefix cooldown of a run that trains its prefixes and sets none: measured against none
+# and 0.5 at equal CPU budget (+0.72 dB on the faces' full model over three seeds, +0.38 dB on
+# CIFAR-10's over two, each prefix ahead too; README, "Every prefix decodes").
+PREFIX_COOLDOWN = 0.3
 
 
 def prefix_weight(progress: float, cooldown: float) -> float:
@@ -66,7 +72,8 @@ class TrainConfig(JsonConfig, ReadConfig, RunConfig):
         prefix_cooldown: for a hierarchy that trains its prefixes (``prefix_training``), the
             share of the run at its end over which the weight of the proper prefixes' losses
             goes linearly from 1 down to 0.1, so that the shared encoders finish serving the
-            full model (0: full weight throughout).
+            full model; 0 keeps full weight throughout. Unset, 0.3 for such a model and 0 for
+            any other (config.json records the value used).
     """
 
     intervals: ClassVar[tuple[str, ...]] = (*RunConfig.intervals, "image_every")
@@ -75,11 +82,11 @@ class TrainConfig(JsonConfig, ReadConfig, RunConfig):
     image_every: int = 1000
     image_size: int | None = None
     skip_bad: bool = False
-    prefix_cooldown: float = 0.0
+    prefix_cooldown: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 <= self.prefix_cooldown <= 1.0:
+        if self.prefix_cooldown is not None and not 0.0 <= self.prefix_cooldown <= 1.0:
             raise ConfigError(f"prefix_cooldown must be a share of the run from 0 to 1, got {self.prefix_cooldown}")
 
 
@@ -90,7 +97,9 @@ def train(run_dir: str | Path, model_config: StageOneConfig | VAEConfig, config:
     ``VAEConfig`` a Gaussian VAE, with its KL per latent in the logs."""
     run_dir = Path(run_dir)
     per_prefix = getattr(model_config, "prefix_training", "off") != "off"
-    if config.prefix_cooldown and not per_prefix:
+    if config.prefix_cooldown is None:
+        config = dataclasses.replace(config, prefix_cooldown=PREFIX_COOLDOWN if per_prefix else 0.0)
+    elif config.prefix_cooldown and not per_prefix:
         raise ConfigError(f"prefix_cooldown={config.prefix_cooldown} needs a hierarchy that trains its prefixes "
                           "(prefix_training 'decoders' or 'loss'); this model does not")
     distributed.setup()
