@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 # The weight of the proper prefixes' reconstruction losses at the end of a prefix cooldown
 # (``TrainConfig.prefix_cooldown``): not 0, so that the prefix decoders keep following the
 # encoders as they move (Adam's step hardly depends on the scale of a loss, so a tenth of it
-# still trains those decoders while the shared encoders now serve mostly the full model).
+# still trains those decoders while the shared encoders now serve mostly the full model). Measured
+# against 0 on the faces at 600 CPU s: 0 lost 0.40 dB on all levels and left 7% of the top
+# codebook unused (README, "the faces' recipe").
 PREFIX_FLOOR = 0.1
 
 # The prefix cooldown of a run that trains its prefixes and sets none: measured against none
