@@ -54,15 +54,17 @@ def _images() -> TensorImageSet:
 
 
 def _stage1(run: Path, steps: int, batch_size: int, resume: bool = False, precision: str = "fp32"):
+    # On the CPU also where CUDA is present: the ranks of these tests share one machine's cores,
+    # and CUDA's atomic-add kernels would not give the bit-identical results they compare.
     config = TrainConfig(data="sample", steps=steps, batch_size=batch_size, lr=1e-3, seed=3,
-                         precision=precision)
+                         precision=precision, device="cpu")
     return train(run, STAGE1, config, resume=resume, dataset=_images(), progress=False, tensorboard=False)
 
 
 def _prior(run: Path, codes_dir: Path, batch_size: int):
     codes = load_codes(codes_dir)
     config = PriorTrainConfig(codes=str(codes_dir), steps=PRIOR_STEPS, batch_size=batch_size, lr=3e-3,
-                              eval_every=2, precision="fp32")
+                              eval_every=2, precision="fp32", device="cpu")
     # No dropout: its masks are drawn per process, so two processes of B and one of 2B differ.
     sizes = dict(channels=8, layers=1, dropout=0.0)
     return train_prior(run, prior_config_for(codes, "pixelsnail", False, **sizes), config,
@@ -133,7 +135,7 @@ def _worker(rank: int, root: str, codes_dir: str) -> None:
 def codes_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("codes")
     config = dataclasses.replace(STAGE1, restart_after=0)
-    train(root / "run", config, TrainConfig(data="sample", steps=5, batch_size=8), dataset=_images(),
+    train(root / "run", config, TrainConfig(data="sample", steps=5, batch_size=8, device="cpu"), dataset=_images(),
           progress=False, tensorboard=False)
     model, checkpoint = ckpt.load_model(root / "run")
     source = {"run": str(root / "run"), "fingerprint": checkpoint.state["fingerprint"], "data": DATA,
@@ -233,7 +235,7 @@ def _cli(*args: str, env_extra: dict | None = None, script: list[str] | None = N
 def test_cli_nproc_launches_torchrun(tmp_path):
     out = tmp_path / "run"
     result = _cli("train", "--data", DATA, "--preset", "demo", "-o", str(out), "--steps", "4",
-                  "--batch-size", "4", "--nproc", "2", "--no-tensorboard")
+                  "--batch-size", "4", "--nproc", "2", "--no-tensorboard", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("done: step 4") == 1  # rank 0 alone reports
     assert ckpt.read_config(out)["processes"] == 2 and ckpt.latest_checkpoint(out).step == 4
@@ -260,8 +262,37 @@ def _failing_job(tmp_path: Path, failure: str, timeout: float) -> subprocess.Com
     script = Path(__file__).with_name("ddp_failing_rank.py")
     return _cli("--standalone", "--nproc_per_node=2", str(script), "train", "--data", DATA,
                 "--preset", "demo", "-o", str(tmp_path / "run"), "--steps", "20", "--batch-size", "4",
-                "--no-tensorboard", "--dist-timeout", str(timeout), env_extra={"FAILURE": failure},
+                "--no-tensorboard", "--device", "cpu", "--dist-timeout", str(timeout), env_extra={"FAILURE": failure},
                 script=["-m", "torch.distributed.run"], timeout=45)
+
+
+def test_setup_gives_each_process_a_gpu_of_its_own_or_refuses(monkeypatch):
+    """Under torchrun a process takes the GPU of its LOCAL_RANK; one without a GPU is a clear
+    error before any collective, unless the run is on the CPU, whose processes join over gloo."""
+    joined, taken = [], []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "active", lambda group=None: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", taken.append)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: joined.append(backend))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    refusal = r"process 1 .* 1 CUDA device\(s\) for 2 processes.*--device cpu"
+    with pytest.raises(distributed.DistributedError, match=refusal):
+        distributed.setup(device="auto")
+    assert joined == [] and taken == []
+    assert distributed.setup(device="cpu") and joined == ["gloo"] and taken == []
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert distributed.setup(device="cuda") and joined == ["gloo", "cpu:gloo,cuda:nccl"] and taken == [0]
+
+
+def test_ddp_is_built_without_the_buffer_broadcast_on_this_torch():
+    """The keyword that turns DDP's buffer broadcast off exists in this torch's DDP (its name
+    changed in torch 2.13): an unknown one is a TypeError at the first distributed run."""
+    import inspect
+    [(name, value)] = distributed._NO_BUFFER_SYNC.items()
+    assert value is False and name in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
 
 
 def test_helpers_are_no_ops_in_one_process():

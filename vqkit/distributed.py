@@ -26,6 +26,7 @@ None, is the group of all processes, as in ``torch.distributed``.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import subprocess
 import sys
@@ -72,16 +73,24 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def setup(timeout: float = DEFAULT_TIMEOUT) -> bool:
+def setup(timeout: float = DEFAULT_TIMEOUT, device: str = "auto") -> bool:
     """Join the process group that ``torchrun`` describes in the environment, once; a no-op
     when not launched by ``torchrun`` or already joined. Returns whether training is
-    distributed. ``timeout`` (seconds) bounds every collective."""
+    distributed. ``timeout`` (seconds) bounds every collective; ``device`` is the run's
+    setting: unless it is ``cpu``, each process takes the GPU of its ``LOCAL_RANK``, and a
+    process that has none is an error (two processes on one GPU would fail inside NCCL)."""
     if active() or not launched():
         return active()
     if timeout <= 0:
         raise UsageError(f"the distributed timeout must be positive, got {timeout}")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if device != "cpu" and torch.cuda.is_available():
+        local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= gpus:
+            raise DistributedError(
+                f"process {local} of this machine has no GPU of its own: {gpus} CUDA device(s) for "
+                f"{os.environ.get('LOCAL_WORLD_SIZE', '?')} processes; start at most {gpus} (--nproc), "
+                "or train on the CPU (--device cpu)")
+        torch.cuda.set_device(local)
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
@@ -253,7 +262,14 @@ def wrap(model: nn.Module, method: str = "forward", unused_parameters: bool = Fa
                                "leave --device at auto or cuda")
     return nn.parallel.DistributedDataParallel(
         module, device_ids=[where.index] if where.type == "cuda" else None,
-        forward_sync_buffers=False, find_unused_parameters=unused_parameters)
+        find_unused_parameters=unused_parameters, **_NO_BUFFER_SYNC)
+
+
+# torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers (the old name warns there);
+# earlier versions know only the old one.
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
 
 
 def launch(nproc: int, argv: list[str]) -> int:

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return distributed.launch(nproc, _without_nproc(argv))
     try:
         if distributed.launched() and hasattr(args, "dist_timeout"):
-            distributed.setup(timeout=args.dist_timeout)
+            distributed.setup(timeout=args.dist_timeout, device=getattr(args, "device", "auto"))
         args.func(args)
         distributed.shutdown()
     except (VqkitError, OSError) as e:
