@@ -39,7 +39,7 @@ def test_images():
 
 def test_usage_equals_a_bincount_of_vqkit_encode(run, tmp_path, capsys):
     codes_path, out = tmp_path / "codes.npy", tmp_path / "inspect"
-    assert main(["encode", str(run), "--data", DATA, "--limit", "150", "-o", str(codes_path)]) == 0
+    assert main(["encode", str(run), "--data", DATA, "--limit", "150", "--device", "cpu", "-o", str(codes_path)]) == 0
     assert main(["inspect", str(run), "--data", DATA, "--limit", "150", "--batch-size", "40",
                  "-o", str(out)]) == 0
     printed = capsys.readouterr().out

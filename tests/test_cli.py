@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import cli_ok
 from PIL import Image
 
@@ -87,7 +88,8 @@ def test_reconstruct_grid(run, capsys, tmp_path):
 
 def test_encode_then_decode(run, capsys, tmp_path):
     codes_path = tmp_path / "codes.npy"
-    cli_ok(capsys, ["encode", run, "--data", DATA, "--limit", "5", "-o", codes_path])
+    # The references are computed here, on the CPU: so are the commands, also where CUDA is present.
+    cli_ok(capsys, ["encode", run, "--data", DATA, "--limit", "5", "--device", "cpu", "-o", codes_path])
     codes = np.load(codes_path, allow_pickle=False)
     assert codes.shape == (5, 7, 7) and codes.dtype == np.uint16
 
@@ -98,7 +100,7 @@ def test_encode_then_decode(run, capsys, tmp_path):
     expected = from_model(model.decode([expected_codes]))
 
     grid = tmp_path / "out.png"
-    cli_ok(capsys, ["decode", run, codes_path, "-o", grid])
+    cli_ok(capsys, ["decode", run, codes_path, "--device", "cpu", "-o", grid])
     with Image.open(grid) as img:
         pixels = np.array(img)
     assert pixels.shape == (30 + 2, 5 * 30 + 2)
@@ -106,12 +108,34 @@ def test_encode_then_decode(run, capsys, tmp_path):
         assert np.array_equal(pixels[2:30, 2 + 30 * i:30 + 30 * i], expected[i, 0].numpy())
 
     folder = tmp_path / "dir"
-    cli_ok(capsys, ["decode", run, codes_path, "-o", f"{folder}/"])
+    cli_ok(capsys, ["decode", run, codes_path, "--device", "cpu", "-o", f"{folder}/"])
     files = sorted(folder.iterdir())
     assert [f.name for f in files] == [f"{i:06d}.png" for i in range(5)]
     for i, f in enumerate(files):
         with Image.open(f) as img:
             assert np.array_equal(np.array(img), expected[i, 0].numpy())
+
+
+@pytest.mark.parametrize("command", ["eval", "reconstruct", "levels", "encode", "decode", "extract", "sample"])
+def test_inference_commands_take_a_device(run, capsys, tmp_path, command):
+    """--device cpu runs where --device is not known would be an argparse error; a CUDA device
+    that is not there is one clear line, before any work."""
+    args = {"eval": [run, "--limit", "8"], "reconstruct": [run, "-n", "2", "-o", tmp_path / "r.png"],
+            "levels": [run, "-n", "2", "-o", tmp_path / "l.png"],
+            "encode": [run, "--data", DATA, "--limit", "2", "-o", tmp_path / "c.npy"],
+            "decode": [run, tmp_path / "c.npy", "-o", tmp_path / "d.png"],
+            "extract": [run, "--limit", "8", "-o", tmp_path / "codes"],
+            "sample": [tmp_path / "prior"]}[command]
+    if command == "decode":
+        np.save(tmp_path / "c.npy", np.zeros((2, 7, 7), np.uint16))
+    if command == "sample":
+        cli_ok(capsys, ["extract", run, "--limit", "16", "-o", tmp_path / "codes"])
+        cli_ok(capsys, ["train-prior", tmp_path / "codes", "--steps", "1", "--batch-size", "4", "--channels", "8",
+                        "--layers", "1", "--no-tensorboard", "--device", "cpu", "-o", tmp_path / "prior"])
+        args += ["-n", "2", "-o", tmp_path / "s.png"]
+    cli_ok(capsys, [command, *args, "--device", "cpu"])
+    if not torch.cuda.is_available():
+        _fails(capsys, [command, *args, "--device", "cuda"], "'cuda'", "CUDA is not available")
 
 
 def test_encode_image_files(run, capsys, tmp_path):

@@ -37,7 +37,7 @@ def stage2(tmp_path_factory):
     conditioned on the top map."""
     root = tmp_path_factory.mktemp("stage2")
     _stage1(root / "run", 8)
-    assert main(["extract", str(root / "run"), "--limit", str(N), "--batch-size", "16",
+    assert main(["extract", str(root / "run"), "--limit", str(N), "--batch-size", "16", "--device", "cpu",
                  "-o", str(root / "codes")]) == 0
     assert main(["train-prior", str(root / "codes" / "top"), "--arch", "pixelcnn", *PRIOR,
                  "-o", str(root / "top")]) == 0

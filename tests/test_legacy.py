@@ -35,16 +35,19 @@ def _pixels(path: Path) -> torch.Tensor:
 
 
 def test_one_level_run_encodes_to_the_codes_it_gave(tmp_path):
-    assert main(["encode", str(LEGACY / "one"), str(LEGACY / "image.png"), "-o", str(tmp_path / "c.npy")]) == 0
+    assert main(["encode", str(LEGACY / "one"), str(LEGACY / "image.png"), "--device", "cpu",
+                 "-o", str(tmp_path / "c.npy")]) == 0
     assert np.array_equal(np.load(tmp_path / "c.npy"), np.load(LEGACY / "one-codes.npy"))
 
 
 def test_two_level_run_encodes_and_decodes_as_it_did(tmp_path):
-    assert main(["encode", str(LEGACY / "two"), str(LEGACY / "image.png"), "-o", str(tmp_path / "c")]) == 0
+    assert main(["encode", str(LEGACY / "two"), str(LEGACY / "image.png"), "--device", "cpu",
+                 "-o", str(tmp_path / "c")]) == 0
     for level in ("top", "bottom"):
         assert np.array_equal(np.load(tmp_path / "c" / f"{level}.npy"),
                               np.load(LEGACY / "two-codes" / f"{level}.npy"))
-    assert main(["decode", str(LEGACY / "two"), str(LEGACY / "two-codes"), "-o", str(tmp_path / "d.png")]) == 0
+    assert main(["decode", str(LEGACY / "two"), str(LEGACY / "two-codes"), "--device", "cpu",
+                 "-o", str(tmp_path / "d.png")]) == 0
     assert torch.equal(_pixels(tmp_path / "d.png"), _pixels(LEGACY / "two-decoded.png"))
 
 

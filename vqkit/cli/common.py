@@ -25,6 +25,12 @@ def run_and_data(sp, need_data: bool = False) -> None:
     sp.add_argument("--split", default="test", choices=SPLITS)
 
 
+def device_arg(sp) -> None:
+    """--device: where a command's models run."""
+    sp.add_argument("--device", default="auto",
+                    help="where the models run: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N")
+
+
 def distributed_args(sp) -> None:
     sp.add_argument("--nproc", type=int, default=1,
                     help="train data-parallel in this many processes on this machine (launches "

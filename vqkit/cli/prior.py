@@ -9,9 +9,10 @@ import torch
 
 from vqkit import distributed
 from vqkit.cli.args import add_config_args, config_args, config_from_args
-from vqkit.cli.common import RUN_CHOICES, checkpoint_arg, distributed_args
+from vqkit.cli.common import RUN_CHOICES, checkpoint_arg, device_arg, distributed_args
 from vqkit.data.images import make_grid, save_png, side_by_side
 from vqkit.errors import UsageError
+from vqkit.precision import resolve_device
 from vqkit.prior import PriorConfig
 from vqkit.prior.config import ARCHS
 from vqkit.runs import checkpoint as ckpt
@@ -87,7 +88,8 @@ def _class_labels(value: str | None, n: int, nrow: int, config: dict) -> tuple[t
 def cmd_sample(args) -> None:
     if ckpt.run_kind(args.runs[0]) == "vae":
         return _sample_vae(args)
-    chain = [LevelPrior.load(run, args.checkpoint) for run in args.runs]
+    device = resolve_device(args.device)
+    chain = [LevelPrior.load(run, args.checkpoint, device) for run in args.runs]
     model = check_chain(chain)
     nrow = args.nrow or max(1, int(round(args.n ** 0.5)))
     # The labels follow the first class-conditional prior (the top one, when it is).
@@ -173,4 +175,5 @@ def add_parsers(sub) -> None:
                          "to their class with probability >= P, drawing more until n are kept")
     sm.add_argument("--classifier", type=Path, metavar="RUN", help="classifier run (vqkit train-classifier)")
     sm.add_argument("--max-draws", type=int, help="with --reject, draw at most this many samples (default: 20 n)")
+    device_arg(sm)
     sm.set_defaults(func=cmd_sample)

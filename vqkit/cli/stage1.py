@@ -15,6 +15,7 @@ from vqkit.cli.common import (
     RUN_CHOICES,
     SPLITS,
     checkpoint_arg,
+    device_arg,
     distributed_args,
     eval_data,
     image_size,
@@ -32,6 +33,7 @@ from vqkit.nn.presets import PRESETS, preset
 from vqkit.nn.quantizers import parse_quantizer
 from vqkit.nn.vae import GaussianVAE, VAEConfig
 from vqkit.nn.vqvae import StageOneConfig, VQVAE2Config, VQVAEConfig, with_quantizer
+from vqkit.precision import resolve_device
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.codes import extract_codes, read_maps, save_maps
 from vqkit.runs.generate import decode_codes
@@ -83,7 +85,7 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     if ckpt.run_kind(args.run) == "prior":
         return _eval_prior(args)
-    model, checkpoint = ckpt.load_model(args.run, kinds=ckpt.STAGE1_KINDS)
+    model, checkpoint = ckpt.load_model(args.run, resolve_device(args.device), kinds=ckpt.STAGE1_KINDS)
     data = load_dataset(eval_data(args, args.run), args.split, image_size=image_size(args.run))
     measure = evaluate_vae if isinstance(model, GaussianVAE) else evaluate
     result = measure(model, data, batch_size=args.batch_size, limit=args.limit, progress=not args.json,
@@ -99,7 +101,7 @@ def cmd_eval(args) -> None:
 def _eval_prior(args) -> None:
     record = evaluate_prior_run(args.run, data=args.data, split=args.split, codes=args.codes, cond=args.cond,
                                 limit=args.limit, batch_size=args.batch_size, progress=not args.json,
-                                which=args.checkpoint)
+                                which=args.checkpoint, device=resolve_device(args.device))
     save_eval_record(args.run, ckpt.chosen_checkpoint(args.run, args.checkpoint), record)
     if args.json:
         print(json.dumps(record, indent=2))
@@ -113,10 +115,10 @@ def _eval_prior(args) -> None:
 
 
 def cmd_reconstruct(args) -> None:
-    model, _ = ckpt.load_model(args.run, kinds=ckpt.STAGE1_KINDS)
+    model, _ = ckpt.load_model(args.run, resolve_device(args.device), kinds=ckpt.STAGE1_KINDS)
     data = load_dataset(eval_data(args, args.run), args.split, image_size=image_size(args.run))
     images, _ = data.batch(torch.arange(min(args.n, len(data))))
-    recon = from_model(model.decode(model.encode(to_model(images))))
+    recon = from_model(model.decode(model.encode(to_model(images).to(model.device))).cpu())
     save_png(make_grid(torch.cat([images, recon]), nrow=args.nrow or len(images)), args.out)
     print(f"wrote {args.out}: {len(images)} originals (top) and reconstructions (bottom)")
 
@@ -136,7 +138,7 @@ def _images_from_args(args, run: Path) -> torch.Tensor:
 def cmd_levels(args) -> None:
     from vqkit.inspect.figures import image_png
     from vqkit.inspect.levels import levels_image, levels_view
-    model, _ = ckpt.load_model(args.run)
+    model, _ = ckpt.load_model(args.run, resolve_device(args.device))
     data = load_dataset(eval_data(args, args.run), args.split, image_size=image_size(args.run))
     images, _ = data.batch(torch.arange(min(args.n, len(data))))
     view = levels_view(model, images)
@@ -149,10 +151,10 @@ def cmd_levels(args) -> None:
 
 
 def cmd_encode(args) -> None:
-    model, _ = ckpt.load_model(args.run)
+    model, _ = ckpt.load_model(args.run, resolve_device(args.device))
     images = _images_from_args(args, args.run)
-    batches = [model.encode(to_model(images[i:i + 256])) for i in range(0, len(images), 256)]
-    maps = [torch.cat(level) for level in zip(*batches)]
+    batches = [model.encode(to_model(images[i:i + 256]).to(model.device)) for i in range(0, len(images), 256)]
+    maps = [torch.cat(level).cpu() for level in zip(*batches)]
     save_maps(maps, args.out, model.config)
     shapes = ", ".join(f"{code_map.name} {m.shape[1]}x{m.shape[2]}, K = {code_map.codebook_size}"
                        for code_map, m in zip(model.config.code_maps(), maps))
@@ -160,7 +162,7 @@ def cmd_encode(args) -> None:
 
 
 def cmd_decode(args) -> None:
-    model, _ = ckpt.load_model(args.run)
+    model, _ = ckpt.load_model(args.run, resolve_device(args.device))
     images = decode_codes(model, read_maps(args.codes, model.config))
     out = Path(args.out)
     if out.suffix.lower() == ".png":
@@ -173,7 +175,7 @@ def cmd_decode(args) -> None:
 
 
 def cmd_extract(args) -> None:
-    model, checkpoint = ckpt.load_model(args.run)
+    model, checkpoint = ckpt.load_model(args.run, resolve_device(args.device))
     data = load_dataset(eval_data(args, args.run), args.split, image_size=image_size(args.run))
     source = {"run": str(Path(args.run).resolve()), "step": checkpoint.step,
               "fingerprint": checkpoint.state.get("fingerprint"), "data": data.spec,
@@ -234,6 +236,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--json", action="store_true", help="print machine-readable results")
     workers_arg(e)
     checkpoint_arg(e)
+    device_arg(e)
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("reconstruct", help="grid of originals above reconstructions")
@@ -241,6 +244,7 @@ def add_parsers(sub) -> None:
     r.add_argument("-n", type=int, default=16)
     r.add_argument("--nrow", type=int)
     r.add_argument("-o", "--out", required=True, type=Path)
+    device_arg(r)
     r.set_defaults(func=cmd_reconstruct)
 
     lv = sub.add_parser("levels", help="VQ-VAE-2 Figure 3: each image decoded from the top level "
@@ -249,6 +253,7 @@ def add_parsers(sub) -> None:
     lv.add_argument("-n", type=int, default=8)
     lv.add_argument("--side", type=int, default=128, help="width of each image in the figure, pixels")
     lv.add_argument("-o", "--out", required=True, type=Path)
+    device_arg(lv)
     lv.set_defaults(func=cmd_levels)
 
     en = sub.add_parser("encode", help="images to integer code maps (.npy, N x h x w; for a VQ-VAE-2, a folder "
@@ -258,6 +263,7 @@ def add_parsers(sub) -> None:
     en.add_argument("--limit", type=int)
     en.add_argument("--image-size", type=int)
     en.add_argument("-o", "--out", required=True, type=Path)
+    device_arg(en)
     en.set_defaults(func=cmd_encode)
 
     d = sub.add_parser("decode", help="code maps (.npy, or a VQ-VAE-2's folder from encode) back to images")
@@ -265,6 +271,7 @@ def add_parsers(sub) -> None:
     d.add_argument("codes", type=Path)
     d.add_argument("-o", "--out", required=True, help="a .png grid, or a folder for one PNG per map")
     d.add_argument("--nrow", type=int)
+    device_arg(d)
     d.set_defaults(func=cmd_decode)
 
     x = sub.add_parser("extract", help="a dataset's code maps, stored for training a prior (for a "
@@ -282,4 +289,5 @@ def add_parsers(sub) -> None:
                    help="also store the codes of every image mirrored left to right (after the "
                         "originals): exact augmentation for the prior, which holds out originals only")
     workers_arg(x)
+    device_arg(x)
     x.set_defaults(func=cmd_extract)

@@ -53,6 +53,8 @@ def sample(prior: Prior, n: int, labels: torch.Tensor | None = None, cond: torch
     u = torch.rand(n, c.height, c.width, generator=generator, dtype=torch.float64,
                    device=generator.device if generator is not None else device).to(device)
     codes = torch.zeros(n, c.height, c.width, dtype=torch.long, device=device)
+    labels, cond = (None if t is None else t.to(device) for t in (labels, cond))
+    cond_codes = None if cond_codes is None else [m.to(device) for m in cond_codes]
     was_training = prior.training
     prior.eval()
     try:

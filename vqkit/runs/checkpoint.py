@@ -328,8 +328,9 @@ def load_prior(run_dir: str | Path, which: str = BEST) -> tuple[Prior, dict]:
     return prior, config
 
 
-def load_prior_checkpoint(run_dir: str | Path, which: str = BEST) -> tuple[Prior, dict, Checkpoint]:
-    """``load_prior``, and the checkpoint it loaded (whose fingerprint names the weights)."""
+def load_prior_checkpoint(run_dir: str | Path, which: str = BEST,
+                          device: str | torch.device = "cpu") -> tuple[Prior, dict, Checkpoint]:
+    """``load_prior`` (on ``device``), and the checkpoint it loaded (whose fingerprint names the weights)."""
     config = read_config(run_dir, kind="prior")
     try:
         prior_config = PriorConfig.from_dict(config["model"])
@@ -338,7 +339,7 @@ def load_prior_checkpoint(run_dir: str | Path, which: str = BEST) -> tuple[Prior
     prior = build_prior(prior_config)
     checkpoint = chosen_checkpoint(run_dir, which)
     load_weights_of(checkpoint, prior)
-    return prior.eval(), config, checkpoint
+    return prior.to(device).eval(), config, checkpoint
 
 
 def load_classifier(run_dir: str | Path) -> tuple[Classifier, dict]:

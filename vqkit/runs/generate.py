@@ -29,13 +29,13 @@ from vqkit.prior.sampling import sample
 from vqkit.runs import checkpoint as ckpt
 
 
-def stage1_of(prior_config: dict, prior_run: Path) -> VQVAE:
-    """The stage-1 model whose codes the prior was fitted to, checked by fingerprint."""
+def stage1_of(prior_config: dict, prior_run: Path, device: str | torch.device = "cpu") -> VQVAE:
+    """The stage-1 model whose codes the prior was fitted to, on ``device``, checked by fingerprint."""
     source = prior_config.get("source") or {}
     run = source.get("run")
     if not run:
         raise ckpt.CheckpointError(f"{Path(prior_run) / 'config.json'}: does not name its stage-1 run")
-    model, checkpoint = ckpt.load_model(Path(run))
+    model, checkpoint = ckpt.load_model(Path(run), device)
     if source.get("fingerprint") and checkpoint.state.get("fingerprint") != source["fingerprint"]:
         raise ckpt.CheckpointError(
             f"{run}: its latest checkpoint is not the model the prior's codes came from "
@@ -56,9 +56,9 @@ class LevelPrior:
     checkpoint: ckpt.Checkpoint | None = None
 
     @classmethod
-    def load(cls, run: str | Path, which: str = ckpt.BEST) -> "LevelPrior":
-        """The prior of ``run`` at its checkpoint ``which`` (``best`` or ``latest``)."""
-        return cls(Path(run), *ckpt.load_prior_checkpoint(run, which))
+    def load(cls, run: str | Path, which: str = ckpt.BEST, device: str | torch.device = "cpu") -> "LevelPrior":
+        """The prior of ``run`` at its checkpoint ``which`` (``best`` or ``latest``), on ``device``."""
+        return cls(Path(run), *ckpt.load_prior_checkpoint(run, which, device))
 
     @property
     def fingerprint(self) -> str:
@@ -81,11 +81,12 @@ def check_chain(chain: list[LevelPrior], model: VQVAE | None = None) -> VQVAE:
     """Check that ``chain`` is one prior per code map of one stage-1 model, top-first, each
     conditioned on maps the priors above it draw; return that model (loaded from the run the
     priors name and checked by fingerprint, unless the caller gives the model it loaded and
-    checked itself). Raises CheckpointError naming the prior run that does not fit."""
+    checked itself), on the device of the first prior. Raises CheckpointError naming the prior run
+    that does not fit."""
     if not chain:
         raise UsageError("give at least one prior run")
     first = chain[0]
-    model = model if model is not None else stage1_of(first.run_config, first.run)
+    model = model if model is not None else stage1_of(first.run_config, first.run, first.prior.device)
     code_maps = model.config.code_maps()
     levels = len(code_maps)
     names = [m.name for m in code_maps]

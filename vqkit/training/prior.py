@@ -317,17 +317,17 @@ def train_prior(run_dir: str | Path, prior_config: PriorConfig, config: PriorTra
 def evaluate_prior_run(run: str | Path, *, data: str | None = None, split: str = "test",
                        codes: str | Path | None = None, cond: Sequence[str | Path] = (),
                        limit: int | None = None, batch_size: int = 256, progress: bool = False,
-                       which: str = ckpt.BEST) -> dict:
+                       which: str = ckpt.BEST, device: str | torch.device = "cpu") -> dict:
     """What ``vqkit eval PRIOR_RUN`` reports: the prior's held-out NLL in bits per code, and the
     stage-1 model's bits/dim on ``data`` (default: its training data), ``split``, with the
     prior's NLL in place of the uniform log K term of its own level.
 
     The held-out maps are ``codes`` (a code set, with the sets ``cond`` of the levels the prior
     is conditioned on, top-first) or else those the prior held out in training; ``limit`` caps
-    both the maps and the images; ``which`` picks the prior's checkpoint (``best`` or ``latest``).
-    Returns a JSON-ready record (also kept as ``RUN/eval.json`` by the command line).
+    both the maps and the images; ``which`` picks the prior's checkpoint (``best`` or ``latest``);
+    both models run on ``device``. Returns a JSON-ready record (also kept as ``RUN/eval.json`` by the command line).
     """
-    prior, config, checkpoint = ckpt.load_prior_checkpoint(run, which)
+    prior, config, checkpoint = ckpt.load_prior_checkpoint(run, which, device)
     train_config = PriorTrainConfig(**config["train"])
     if codes is not None:
         val = load_codes(codes)
@@ -341,7 +341,7 @@ def evaluate_prior_run(run: str | Path, *, data: str | None = None, split: str =
     if limit is not None:
         val_idx = val_idx[:limit]
     result = evaluate_prior(prior, val, val_idx, cond=val_cond)
-    model = stage1_of(config, Path(run))
+    model = stage1_of(config, Path(run), device)
     stage1_run = Path(config["source"]["run"])
     stage1_train = ckpt.read_config(stage1_run)["train"]
     dataset = load_dataset(data or stage1_train["data"], split, image_size=stage1_train.get("image_size"))
