@@ -94,23 +94,40 @@ def build(impl: str, variant: str, size):
     return q.train(), step
 
 
-def run_case(impl: str, variant: str, size, repeats: int) -> dict:
+def run_case(impl: str, variant: str, size, repeats: int, device: str = "cpu") -> dict:
     torch.manual_seed(0)
     q, step = build(impl, variant, size)
-    z = torch.randn(1, N, D, requires_grad=True)  # (B, N, D), channels last on both sides
-    upstream = torch.randn(1, N, D)  # the decoder's gradient w.r.t. z_q
+    q.to(device)
+    z = torch.randn(1, N, D, device=device, requires_grad=True)  # (B, N, D), channels last on both sides
+    upstream = torch.randn(1, N, D, device=device)  # the decoder's gradient w.r.t. z_q
+    cuda = z.device.type == "cuda"
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step(z, upstream)  # warm-up
     times = []
     for _ in range(repeats):
         z.grad = None
+        if cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         step(z, upstream)
+        if cuda:
+            torch.cuda.synchronize()  # the kernels are asynchronous: wait for the step's last one
         times.append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     z.grad = None
-    return {"ms": 1000 * min(times), "tensor_mib": peak_tensor_bytes(lambda: step(z, upstream)) / 2 ** 20,
-            "rss_mib": max(peak - base, 0) / 1024}
+    tensors = peak_cuda_bytes(lambda: step(z, upstream)) if cuda else peak_tensor_bytes(lambda: step(z, upstream))
+    return {"ms": 1000 * min(times), "tensor_mib": tensors / 2 ** 20, "rss_mib": max(peak - base, 0) / 1024}
+
+
+def peak_cuda_bytes(fn) -> int:
+    """The most bytes of CUDA tensors alive at once while ``fn`` runs, those alive before excluded
+    (the caching allocator's own peak counter, which sees every allocation on the device)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
 
 
 def peak_tensor_bytes(fn) -> int:
@@ -126,21 +143,27 @@ def peak_tensor_bytes(fn) -> int:
     return peak
 
 
-def run_interleaved(variant: str, size, repeats: int) -> dict:
+def run_interleaved(variant: str, size, repeats: int, device: str = "cpu") -> dict:
     """Both implementations in one process, their steps alternated (A B B A ...) on one input, so
     that the drift of a shared machine falls on both alike: min and median milliseconds."""
     torch.manual_seed(0)
-    steps = {impl: build(impl, variant, size)[1] for impl in ("vqkit", "lucidrains")}
-    z = torch.randn(1, N, D, requires_grad=True)
-    upstream = torch.randn(1, N, D)
+    steps = {}
+    for impl in ("vqkit", "lucidrains"):
+        q, steps[impl] = build(impl, variant, size)
+        q.to(device)
+    z = torch.randn(1, N, D, device=device, requires_grad=True)
+    upstream = torch.randn(1, N, D, device=device)
+    sync = torch.cuda.synchronize if z.device.type == "cuda" else lambda: None
     for step in steps.values():
         step(z, upstream)  # warm-up
     times = {impl: [] for impl in steps}
     for repeat in range(repeats):
         for impl, step in sorted(steps.items(), reverse=repeat % 2 == 1):
             z.grad = None
+            sync()
             t = time.perf_counter()
             step(z, upstream)
+            sync()
             times[impl].append(1000 * (time.perf_counter() - t))
     return {impl: {"min": min(t), "median": statistics.median(t)} for impl, t in times.items()}
 
@@ -156,7 +179,8 @@ def label(variant: str, size) -> str:
 
 def measure(python: str, impl: str, variant: str, size, args) -> dict | str:
     """One case in a subprocess of ``python``: its figures, or why there are none."""
-    cmd = [python, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats), "--case",
+    cmd = [python, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats),
+           "--device", args.device, "--case",
            json.dumps([impl, variant, size])]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -172,29 +196,36 @@ def main() -> None:
     p.add_argument("--peer-python", default=sys.executable,
                    help="the interpreter that has vector-quantize-pytorch (default: this one)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--vq-ks", type=int, nargs="+", help="codebook sizes for the vq variants (default 512 2048)")
     p.add_argument("--interleave", action="store_true",
                    help="time both implementations in one process of --peer-python, steps alternated "
                         "(steadier ratios on a busy machine; no memory figures)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda; on CUDA the memory is the caching allocator's peak, not RSS")
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--ab-case", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.vq_ks:
+        for variant, (ours, theirs, _) in VARIANTS.items():
+            if variant.startswith("vq"):
+                VARIANTS[variant] = (ours, theirs, args.vq_ks)
     if args.case:
         impl, variant, size = json.loads(args.case)
-        print(json.dumps(run_case(impl, variant, size, args.repeats)))
+        print(json.dumps(run_case(impl, variant, size, args.repeats, args.device)))
         return
     if args.ab_case:
-        print(json.dumps(run_interleaved(*json.loads(args.ab_case), args.repeats)))
+        print(json.dumps(run_interleaved(*json.loads(args.ab_case), args.repeats, args.device)))
         return
     if args.interleave:
-        print(f"one training step, N={N}, D={D}, {args.threads} thread(s), {args.repeats} alternated "
-              f"repeats in one process; torch {torch.__version__}")
+        print(f"one training step, N={N}, D={D}, {args.device}, {args.threads} thread(s), {args.repeats} "
+              f"alternated repeats in one process; torch {torch.__version__}")
         print("| variant | vqkit min / median | vector-quantize-pytorch min / median | speed-up (min, median) |")
         print("| --- | --- | --- | --- |")
         for variant in args.variants:
             for size in VARIANTS[variant][2]:
                 cmd = [args.peer_python, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats),
-                       "--ab-case", json.dumps([variant, size])]
+                       "--device", args.device, "--ab-case", json.dumps([variant, size])]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode:
                     print(f"| {label(variant, size)} | {(done.stderr.strip().splitlines() or ['failed'])[-1][:60]} |")
@@ -205,8 +236,8 @@ def main() -> None:
                       f"{theirs['min']:,.1f} / {theirs['median']:,.1f} ms | {theirs['min'] / ours['min']:.1f}x, "
                       f"{theirs['median'] / ours['median']:.1f}x |", flush=True)
         return
-    print(f"one training step (forward + backward + EMA), N={N}, D={D}, {args.threads} thread(s), "
-          f"best of {args.repeats}; torch {torch.__version__}")
+    print(f"one training step (forward + backward + EMA), N={N}, D={D}, {args.device}, {args.threads} "
+          f"thread(s), best of {args.repeats}; torch {torch.__version__}")
     print("| variant | vqkit: time, peak tensors (RSS growth) | vector-quantize-pytorch | speed-up | memory |")
     print("| --- | --- | --- | --- | --- |")
     for variant in args.variants:

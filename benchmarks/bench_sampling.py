@@ -28,12 +28,19 @@ from vqkit.prior.sampling import sample_codes
 BATCH, K = 8, 512
 
 
+def _sync() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # CUDA kernels are asynchronous: wait for the last one
+
+
 def _seconds(fn, repeats: int) -> float:
     """Best of ``repeats`` runs: on a shared machine the fastest run is the least disturbed."""
     times = []
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -41,8 +48,8 @@ def _seconds(fn, repeats: int) -> float:
 @torch.no_grad()
 def _naive_steps(prior, size: int, steps: int) -> None:
     """The naive sampler's loop body (a full forward pass, then the pick) for ``steps`` positions."""
-    codes = torch.zeros(BATCH, size, size, dtype=torch.long)
-    u = torch.rand(BATCH, size, size, dtype=torch.float64)
+    codes = torch.zeros(BATCH, size, size, dtype=torch.long, device=prior.device)
+    u = torch.rand(BATCH, size, size, dtype=torch.float64, device=prior.device)
     for t in range(steps):
         i, j = divmod(t, size)
         logits = prior(codes)[:, :, i, j]
@@ -52,8 +59,8 @@ def _naive_steps(prior, size: int, steps: int) -> None:
 def bench_sampling(arch: str, size: int, args) -> dict:
     torch.manual_seed(0)
     prior = build_prior(PriorConfig(arch=arch, codebook_size=K, height=size, width=size,
-                                    channels=args.channels, layers=args.layers)).eval()
-    codes = torch.randint(K, (BATCH, size, size))
+                                    channels=args.channels, layers=args.layers)).eval().to(args.device)
+    codes = torch.randint(K, (BATCH, size, size), device=args.device)
     with torch.no_grad():
         prior(codes)  # warm-up
         forward = _seconds(lambda: prior(codes), 3)
@@ -72,9 +79,9 @@ def bench_sampling(arch: str, size: int, args) -> dict:
 def bench_training(arch: str, args, steps: int = 10) -> float:
     torch.manual_seed(0)
     prior = build_prior(PriorConfig(arch=arch, codebook_size=K, height=16, width=16,
-                                    channels=args.channels, layers=args.layers))
+                                    channels=args.channels, layers=args.layers)).to(args.device)
     optimizer = torch.optim.Adam(prior.parameters(), lr=3e-4)
-    codes = torch.randint(K, (32, 16, 16))
+    codes = torch.randint(K, (32, 16, 16), device=args.device)
 
     def step():
         loss = prior.nll(codes).mean()
@@ -93,11 +100,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--archs", nargs="+", default=["pixelcnn", "pixelsnail"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (float32 either way)")
     parser.add_argument("--naive-full", type=int, default=256, help="largest H*W sampled naively in full")
     parser.add_argument("--naive-positions", type=int, default=32, help="steps timed beyond that")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"batch {BATCH}, K {K}, channels {args.channels}, layers {args.layers}, kernel 3, "
+    print(f"batch {BATCH}, K {K}, channels {args.channels}, layers {args.layers}, kernel 3, {args.device}, "
           f"{args.threads} threads, torch {torch.__version__}")
     print(f"{'prior':<11} {'map':>5} {'forward s':>10} {'incr. s':>9} {'naive s':>10} "
           f"{'naive/incr':>11} {'incr/forward':>13}")
