@@ -26,6 +26,7 @@ imported its column says so and the rest still runs.
         && /work/bench-venv/bin/pip install vector-quantize-pytorch
     OMP_NUM_THREADS=1 python benchmarks/bench_quantizers.py --threads 1 --peer-python /work/bench-venv/bin/python
     ... --interleave --variants fsq --repeats 30     # both in one process, steps alternated
+    ... --device cuda --variants vq --chunk-elements 20 22 24 26   # vqkit's block size, 2^20..2^26
 """
 
 from __future__ import annotations
@@ -94,7 +95,12 @@ def build(impl: str, variant: str, size):
     return q.train(), step
 
 
-def run_case(impl: str, variant: str, size, repeats: int, device: str = "cpu") -> dict:
+def run_case(impl: str, variant: str, size, repeats: int, device: str = "cpu",
+             chunk_log2: int | None = None) -> dict:
+    if chunk_log2 is not None:
+        sys.path.insert(0, str(ROOT))
+        from vqkit.nn import quantize
+        quantize._CHUNK_ELEMENTS = 1 << chunk_log2  # the distance block, tuned for a CPU's cache
     torch.manual_seed(0)
     q, step = build(impl, variant, size)
     q.to(device)
@@ -177,16 +183,28 @@ def label(variant: str, size) -> str:
     return f"{variant} K={size}"
 
 
-def measure(python: str, impl: str, variant: str, size, args) -> dict | str:
+def measure(python: str, impl: str, variant: str, size, args, chunk_log2: int | None = None) -> dict | str:
     """One case in a subprocess of ``python``: its figures, or why there are none."""
     cmd = [python, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats),
-           "--device", args.device, "--case",
-           json.dumps([impl, variant, size])]
+           "--device", args.device, "--case", json.dumps([impl, variant, size, chunk_log2])]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["failed"])[-1]
         return "not importable" if "No module named 'vector_quantize_pytorch'" in done.stderr else last[:60]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def sweep_chunks(args) -> None:
+    """vqkit's VQ variants with each distance block size: time and peak tensors per size."""
+    print("| variant | " + " | ".join(f"2^{c} elements" for c in args.chunk_elements) + " |")
+    print("| --- |" + " --- |" * len(args.chunk_elements))
+    for variant in (v for v in args.variants if v.startswith("vq")):
+        for size in VARIANTS[variant][2]:
+            cells = []
+            for chunk_log2 in args.chunk_elements:
+                r = measure(sys.executable, "vqkit", variant, size, args, chunk_log2)
+                cells.append(r if isinstance(r, str) else f"{r['ms']:,.1f} ms, {r['tensor_mib']:,.0f} MiB")
+            print(f"| {label(variant, size)} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main() -> None:
@@ -197,6 +215,9 @@ def main() -> None:
                    help="the interpreter that has vector-quantize-pytorch (default: this one)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--vq-ks", type=int, nargs="+", help="codebook sizes for the vq variants (default 512 2048)")
+    p.add_argument("--chunk-elements", type=int, nargs="+", metavar="LOG2",
+                   help="instead of the peer, time vqkit's VQ variants with distance blocks of 2^LOG2 "
+                        "elements each (the constant _CHUNK_ELEMENTS, 2^20, was measured on CPUs)")
     p.add_argument("--interleave", action="store_true",
                    help="time both implementations in one process of --peer-python, steps alternated "
                         "(steadier ratios on a busy machine; no memory figures)")
@@ -211,8 +232,8 @@ def main() -> None:
             if variant.startswith("vq"):
                 VARIANTS[variant] = (ours, theirs, args.vq_ks)
     if args.case:
-        impl, variant, size = json.loads(args.case)
-        print(json.dumps(run_case(impl, variant, size, args.repeats, args.device)))
+        impl, variant, size, chunk_log2 = json.loads(args.case)
+        print(json.dumps(run_case(impl, variant, size, args.repeats, args.device, chunk_log2)))
         return
     if args.ab_case:
         print(json.dumps(run_interleaved(*json.loads(args.ab_case), args.repeats, args.device)))
@@ -238,6 +259,9 @@ def main() -> None:
         return
     print(f"one training step (forward + backward + EMA), N={N}, D={D}, {args.device}, {args.threads} "
           f"thread(s), best of {args.repeats}; torch {torch.__version__}")
+    if args.chunk_elements:
+        sweep_chunks(args)
+        return
     print("| variant | vqkit: time, peak tensors (RSS growth) | vector-quantize-pytorch | speed-up | memory |")
     print("| --- | --- | --- | --- | --- |")
     for variant in args.variants:

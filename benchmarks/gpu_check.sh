@@ -89,8 +89,13 @@ if [[ " $SECTIONS " == *" batch32 "* ]]; then
 fi
 
 if [[ " $SECTIONS " == *" bench "* ]]; then
-    step quantizers 200 python3 benchmarks/bench_quantizers.py --device cuda --repeats 10 --vq-ks 1024 8192
+    step quantizers 300 python3 benchmarks/bench_quantizers.py --device cuda --repeats 10 --vq-ks 1024 8192
     sed -n '/^=== quantizers/,$p' "$LOG" | grep "^|"
+    # vqkit's distance block was sized for a CPU's cache; on the H200 (2026-12-04) VQ ran 3-5x
+    # slower than vector-quantize-pytorch's one full matrix, in many small launches.
+    step chunks 200 python3 benchmarks/bench_quantizers.py --device cuda --repeats 10 --vq-ks 1024 8192 \
+        --variants vq vq-rotation --chunk-elements 20 22 24 26
+    sed -n '/^=== chunks/,$p' "$LOG" | grep "^|"
     step sampling 90 python3 benchmarks/bench_sampling.py --device cuda --sizes 8 16 32 --naive-positions 16
     sed -n '/^=== sampling/,$p' "$LOG" | tail -12
 fi
