@@ -36,7 +36,8 @@ def sample(prior: Prior, n: int, labels: torch.Tensor | None = None, cond: torch
     map (n, cond_channels, H, W) and/or the code maps of coarser levels [(n, h, w), ...] (e.g.
     ``cond_codes=[top]`` for a VQ-VAE-2 bottom prior) when the prior takes them.
 
-    The prior runs in eval mode (no dropout) and is put back in its previous mode afterwards.
+    The prior runs in eval mode (no dropout) and is put back in its previous mode afterwards;
+    the labels and maps given are moved to its device, where the codes are drawn and returned.
     """
     if method not in METHODS:
         raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
