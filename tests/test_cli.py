@@ -116,7 +116,8 @@ def test_encode_then_decode(run, capsys, tmp_path):
             assert np.array_equal(np.array(img), expected[i, 0].numpy())
 
 
-@pytest.mark.parametrize("command", ["eval", "reconstruct", "levels", "encode", "decode", "extract", "sample"])
+@pytest.mark.parametrize("command", ["eval", "reconstruct", "levels", "encode", "decode", "extract", "sample",
+                                     "inspect"])
 def test_inference_commands_take_a_device(run, capsys, tmp_path, command):
     """--device cpu runs where --device is not known would be an argparse error; a CUDA device
     that is not there is one clear line, before any work."""
@@ -125,7 +126,7 @@ def test_inference_commands_take_a_device(run, capsys, tmp_path, command):
             "encode": [run, "--data", DATA, "--limit", "2", "-o", tmp_path / "c.npy"],
             "decode": [run, tmp_path / "c.npy", "-o", tmp_path / "d.png"],
             "extract": [run, "--limit", "8", "-o", tmp_path / "codes"],
-            "sample": [tmp_path / "prior"]}[command]
+            "sample": [tmp_path / "prior"], "inspect": [run, "--limit", "8", "-o", tmp_path / "inspect"]}[command]
     if command == "decode":
         np.save(tmp_path / "c.npy", np.zeros((2, 7, 7), np.uint16))
     if command == "sample":

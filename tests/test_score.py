@@ -180,3 +180,16 @@ def test_building_the_score_options_loads_no_matplotlib():
             "print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False"]
+
+
+def test_the_command_runs_on_the_device_it_is_given(runs, tmp_path, capsys):
+    """--device cpu scores (and score.json records it); a CUDA device that is not there is one
+    clear line before any work."""
+    argv = ["score", str(runs / "prior"), "--classifier", str(runs / "clf"), "-n", "20", "--no-cas", "--json"]
+    assert main([*argv, "-o", str(tmp_path / "a"), "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["device"] == "cpu"
+    if not torch.cuda.is_available():
+        assert main([*argv, "-o", str(tmp_path / "b"), "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vqkit: error: ") and "CUDA is not available" in err and "Traceback" not in err
+        assert not (tmp_path / "b" / "score.json").exists()

@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from vqkit.cli.args import add_config_args, config_from_args
-from vqkit.cli.common import RUN_CHOICES, run_and_data
+from vqkit.cli.common import RUN_CHOICES, device_arg, run_and_data
 from vqkit.inspect.collapse import DECODERS, CollapseSettings
+from vqkit.precision import resolve_device
 
 
 def cmd_inspect(args) -> None:
     from vqkit.inspect.atlas import inspect_run
     result = inspect_run(args.run, args.out, data=args.data, split=args.split, limit=args.limit,
                          batch_size=args.batch_size, exemplars=args.exemplars, maps=args.maps,
-                         max_codes=args.max_codes)
+                         max_codes=args.max_codes, device=resolve_device(args.device))
     ins = result.inspection
     print(f"{ins.num_images} images of {ins.data} ({ins.split}), checkpoint step {ins.step}:")
     for lv in ins.levels:
@@ -51,6 +52,7 @@ def add_parsers(sub) -> None:
     ins.add_argument("--maps", type=int, default=8, help="images shown with their code maps")
     ins.add_argument("--max-codes", type=int, help="show only the N most used codes in the atlas")
     ins.add_argument("-o", "--out", required=True, type=Path, help="folder for the PNGs and inspect.json")
+    device_arg(ins)
     ins.set_defaults(func=cmd_inspect)
 
     rp = sub.add_parser("report", help="one self-contained HTML page: config, training curves, last "

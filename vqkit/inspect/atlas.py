@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from vqkit.data.datasets import ImageSet, load_dataset
 from vqkit.errors import UsageError
 from vqkit.fsutil import atomic_path, atomic_write_text
@@ -29,15 +31,16 @@ class InspectOutput:
     files: list[Path] = field(default_factory=list)
 
 
-def load_complete(run: Path, attempts: int = 3) -> tuple[VQVAE, ckpt.Checkpoint]:
-    """The latest complete checkpoint of ``run``, which may still be training: ``latest`` only
-    ever names a checkpoint whose files are all in place, but training may prune it while we
-    read it; then ``latest`` has moved on and we read the newer one."""
+def load_complete(run: Path, attempts: int = 3,
+                  device: str | torch.device = "cpu") -> tuple[VQVAE, ckpt.Checkpoint]:
+    """The latest complete checkpoint of ``run`` (on ``device``), which may still be training:
+    ``latest`` only ever names a checkpoint whose files are all in place, but training may prune
+    it while we read it; then ``latest`` has moved on and we read the newer one."""
     for attempt in range(attempts):
         pointer = Path(run) / "latest"
         before = pointer.read_text().strip() if pointer.exists() else None
         try:
-            return ckpt.load_model(run)
+            return ckpt.load_model(run, device)
         except ckpt.CheckpointError:
             after = pointer.read_text().strip() if pointer.exists() else None
             if attempt == attempts - 1 or before == after:
@@ -47,12 +50,14 @@ def load_complete(run: Path, attempts: int = 3) -> tuple[VQVAE, ckpt.Checkpoint]
 
 def inspect_run(run: str | Path, out: str | Path, *, data: str | None = None, split: str = "test",
                 limit: int | None = None, batch_size: int = 256, exemplars: int = 6, maps: int = 8,
-                max_codes: int | None = None, progress: bool = True) -> InspectOutput:
+                max_codes: int | None = None, progress: bool = True,
+                device: str | torch.device = "cpu") -> InspectOutput:
     """Inspect the latest complete checkpoint of stage-1 run ``run`` on ``data`` (default: its
-    training data) and write into ``out``: ``atlas_<level>.png`` per level, ``usage.png``,
-    ``code_maps.png``, ``pca.png`` and ``inspect.json`` (every figure's numbers)."""
+    training data), the model on ``device``, and write into ``out``: ``atlas_<level>.png`` per
+    level, ``usage.png``, ``code_maps.png``, ``pca.png`` and ``inspect.json`` (every figure's
+    numbers)."""
     run, out = Path(run), Path(out)
-    model, checkpoint = load_complete(run)
+    model, checkpoint = load_complete(run, device=device)
     dataset = run_dataset(run, data, split, model.config.in_channels)
     inspection = inspect_model(model, dataset, batch_size=batch_size, limit=limit, exemplars=exemplars,
                                maps=maps, progress=progress, split=split, checkpoint=checkpoint)

@@ -55,6 +55,7 @@ from vqkit.fsutil import atomic_write_bytes, atomic_write_text
 from vqkit.inspect.metrics import frechet_distance_of, precision_recall
 from vqkit.nn.classifier import Classifier
 from vqkit.nn.vqvae import VQVAE
+from vqkit.precision import resolve_device
 from vqkit.runs import checkpoint as ckpt
 from vqkit.runs.generate import (
     LevelPrior,
@@ -95,6 +96,8 @@ class ScoreSettings:
         sweep: also plot precision against recall over rejection thresholds, temperatures and top-k.
         k: neighbours of the precision/recall manifolds.
         batch_size: images per batch when decoding, classifying and sampling.
+        device: where the priors, the stage-1 model and the classifiers run: auto (CUDA when
+            present, else the CPU), cpu, cuda or cuda:N.
     """
 
     n: int = 2000
@@ -109,6 +112,7 @@ class ScoreSettings:
     sweep: bool = False
     k: int = 3
     batch_size: int = 256
+    device: str = "auto"
 
     def __post_init__(self):
         if self.n <= self.k:
@@ -160,7 +164,7 @@ class _Context:
                                          "steps": self.settings.cas_steps, "time_budget": None,
                                          "batch_size": min(saved["train"]["batch_size"], len(images)),
                                          "checkpoint_every": self.settings.cas_steps,
-                                         "seed": self.settings.seed})
+                                         "seed": self.settings.seed, "device": self.settings.device})
         run = self.work / name.replace(" ", "-").replace(",", "")
         model = fit_classifier(run, images, labels, self.classifier.config, train, self.class_names)
         return accuracy(model, self.test_images, self.test_labels)
@@ -218,9 +222,11 @@ def score_chain(prior_runs: Sequence[str | Path], classifier_run: str | Path, ou
     docstring)."""
     settings = settings or ScoreSettings()
     out, classifier_run = Path(out), Path(classifier_run)
-    chain = [LevelPrior.load(run, which) for run in prior_runs]
+    device = resolve_device(settings.device)
+    chain = [LevelPrior.load(run, which, device) for run in prior_runs]
     model = check_chain(chain)
     classifier, classifier_config = ckpt.load_classifier(classifier_run)
+    classifier.to(device)
     train_set, test_set = _stage1_data(chain)
     conditional = next((link for link in chain if link.prior.config.num_classes), None)
     num_classes = conditional.prior.config.num_classes if conditional else None
