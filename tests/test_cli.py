@@ -45,6 +45,14 @@ def run(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.parametrize("precision, says", [("fp32", "training on cpu, fp32\n"),
+                                              ("bf16", "training on cpu, bf16 autocast, channels_last\n")])
+def test_train_says_where_it_runs(capsys, tmp_path, precision, says):
+    out = cli_ok(capsys, ["train", "--preset", "demo", "--steps", "1", "--batch-size", "4", "--no-tensorboard",
+                          "--device", "cpu", "--precision", precision, "-o", tmp_path / "run", "--data", DATA])
+    assert out.startswith(says)
+
+
 def test_train_writes_a_loadable_run(run):
     model, ck = ckpt.load_model(run)
     assert ck.step == 3

@@ -31,6 +31,13 @@ def device_arg(sp) -> None:
                     help="where the models run: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N")
 
 
+def announce_placement(config) -> None:
+    """Print, once per job, where a training run's steps will run (device, number format and
+    layout): a GPU user's first question, which the logs answer only with --verbose."""
+    if distributed.is_main():
+        print(f"training on {config.placement().describe()}")
+
+
 def distributed_args(sp) -> None:
     sp.add_argument("--nproc", type=int, default=1,
                     help="train data-parallel in this many processes on this machine (launches "

@@ -9,7 +9,7 @@ import torch
 
 from vqkit import distributed
 from vqkit.cli.args import add_config_args, config_args, config_from_args
-from vqkit.cli.common import RUN_CHOICES, checkpoint_arg, device_arg, distributed_args
+from vqkit.cli.common import RUN_CHOICES, announce_placement, checkpoint_arg, device_arg, distributed_args
 from vqkit.data.images import make_grid, save_png, side_by_side
 from vqkit.errors import UsageError
 from vqkit.precision import resolve_device
@@ -57,6 +57,7 @@ def cmd_train_prior(args) -> None:
         if chosen and distributed.is_main():
             print(f"{', '.join(chosen)}: the sizes for a code set of {len(codes)} maps (set them with "
                   f"{', '.join('--' + name for name in SIZED_BY_MAPS)})")
+    announce_placement(config)
     result = train_prior(args.out, prior_config, config, resume=args.resume,
                          tensorboard=not args.no_tensorboard)
     if not distributed.is_main():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from vqkit import distributed
 from vqkit.cli.args import add_config_args, config_args, config_from_args, field_help
-from vqkit.cli.common import DATA_HELP, RUN_CHOICES, checkpoint_arg, distributed_args
+from vqkit.cli.common import DATA_HELP, RUN_CHOICES, announce_placement, checkpoint_arg, distributed_args
 from vqkit.data.datasets import load_dataset
 from vqkit.inspect.score import ScoreSettings, score_chain, table
 from vqkit.nn.classifier import ClassifierConfig
@@ -33,6 +33,7 @@ def cmd_train_classifier(args) -> None:
         train = load_dataset(config.data, "train", image_size=config.image_size)
         sizes = config_args(ClassifierConfig, args)
         model_config = classifier_config_for(train, **sizes, widths=args.widths or _WIDTHS)
+    announce_placement(config)
     result = train_classifier(args.out, model_config, config, resume=args.resume, dataset=train,
                               tensorboard=not args.no_tensorboard)
     if not distributed.is_main():

@@ -14,6 +14,7 @@ from vqkit.cli.common import (
     DATA_HELP,
     RUN_CHOICES,
     SPLITS,
+    announce_placement,
     checkpoint_arg,
     device_arg,
     distributed_args,
@@ -73,8 +74,9 @@ def _model_config(args) -> StageOneConfig | VAEConfig:
 
 
 def cmd_train(args) -> None:
-    result = train(args.out, _model_config(args), config_from_args(TrainConfig, args), resume=args.resume,
-                   tensorboard=not args.no_tensorboard)
+    model_config, config = _model_config(args), config_from_args(TrainConfig, args)
+    announce_placement(config)
+    result = train(args.out, model_config, config, resume=args.resume, tensorboard=not args.no_tensorboard)
     if not distributed.is_main():
         return
     why = "time budget reached" if result.stopped_by_time else "done"
