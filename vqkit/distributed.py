@@ -238,6 +238,12 @@ class _Method(nn.Module):
         return getattr(self.module, self.method)(*args, **kwargs)
 
 
+# torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers (the old name warns there);
+# earlier versions know only the old one.
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
+
 def wrap(model: nn.Module, method: str = "forward", unused_parameters: bool = False):
     """``model`` in ``DistributedDataParallel`` when training is distributed, else the callable
     ``model.<method>`` itself. Call the result instead of the model in the training step.
@@ -264,12 +270,6 @@ def wrap(model: nn.Module, method: str = "forward", unused_parameters: bool = Fa
         module, device_ids=[where.index] if where.type == "cuda" else None,
         find_unused_parameters=unused_parameters, **_NO_BUFFER_SYNC)
 
-
-# torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers (the old name warns there);
-# earlier versions know only the old one.
-_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
-                   if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
-                   else {"broadcast_buffers": False})
 
 
 def launch(nproc: int, argv: list[str]) -> int:

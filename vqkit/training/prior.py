@@ -325,7 +325,8 @@ def evaluate_prior_run(run: str | Path, *, data: str | None = None, split: str =
     The held-out maps are ``codes`` (a code set, with the sets ``cond`` of the levels the prior
     is conditioned on, top-first) or else those the prior held out in training; ``limit`` caps
     both the maps and the images; ``which`` picks the prior's checkpoint (``best`` or ``latest``);
-    both models run on ``device``. Returns a JSON-ready record (also kept as ``RUN/eval.json`` by the command line).
+    both models run on ``device``. Returns a JSON-ready record (also kept as ``RUN/eval.json`` by
+    the command line).
     """
     prior, config, checkpoint = ckpt.load_prior_checkpoint(run, which, device)
     train_config = PriorTrainConfig(**config["train"])
